@@ -1,0 +1,69 @@
+"""Everything the server can be told, with every default in one place.
+
+Field defaults match the Go derper's flags (spec §5.1) unless a comment says why not. The CLI
+fills a ``Config`` from flags and ``DERP_*`` variables; tests build one directly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+DEV_ADDR = "127.0.0.1:3340"  # Go's -dev binds every interface; a dev server should not
+CERT_MODES = ("letsencrypt", "manual")
+
+
+def default_certdir() -> str:
+    """Go's default: the user cache dir + tailscale/derper-certs."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "tailscale", "derper-certs")
+
+
+def default_key_path() -> Path:
+    """``/var/lib/derper/derper.key`` as root (as Go), else under the user's state directory."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/derper/derper.key")
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local",
+                                                             "state")
+    return Path(state) / "derper" / "derper.key"
+
+
+@dataclass
+class Config:
+    addr: str = ":443"
+    hostname: str = "derp.tailscale.com"
+    certmode: str = "letsencrypt"
+    certdir: str = ""  # "" → default_certdir()
+    config_path: str = ""  # -c; "" → default_key_path(), or a throwaway key with -dev
+    dev: bool = False
+    http_port: int = 80
+    stun: bool = True
+    stun_port: int = 3478
+    derp: bool = True
+    home: str = ""
+    bootstrap_dns_names: str = ""
+    mesh_psk_file: str = ""
+    tcp_keepalive_time: float = 600.0
+    tcp_user_timeout: float = 15.0
+    tcp_write_timeout: float = 2.0
+    accept_connection_limit: float = math.inf
+    accept_connection_burst: int = sys.maxsize
+    log_level: str = "info"
+    # Not flags: protocol timers and sizes that tests (and the Go debug env knob
+    # TS_DEBUG_DERP_PER_CLIENT_SEND_QUEUE_DEPTH) may change.
+    keepalive_interval: float = 60.0
+    handshake_timeout: float = 10.0  # TLS handshake + HTTP head, and again for the DERP handshake
+    queue_depth: int = 32
+    shutdown_grace: float = 2.0  # time to flush Restarting frames before closing
+
+    @property
+    def tls(self) -> bool:
+        """TLS always, except -dev (plain HTTP) unless -certmode manual was asked for."""
+        return not self.dev or self.certmode == "manual"
+
+    @property
+    def certdir_path(self) -> Path:
+        return Path(self.certdir or default_certdir())

@@ -1,0 +1,163 @@
+"""Curve25519 node keys: the text forms Tailscale uses and the derper key file.
+
+A node key is 32 raw bytes on the wire. People meet it as ``nodekey:<hex>`` (public) and
+``privkey:<hex>`` (private); the Go derper keeps its private key in a JSON file
+``{"PrivateKey": "privkey:..."}`` written with mode 0600. A key file we cannot read or parse is
+an error the operator must see: we never overwrite it, because the key is the server's identity
+and clients may have it pinned.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from nacl.bindings import crypto_scalarmult_base
+
+KEY_LEN = 32
+PUBLIC_PREFIX = "nodekey:"
+PRIVATE_PREFIX = "privkey:"
+ZERO_KEY = bytes(KEY_LEN)
+
+
+class KeyFormatError(ValueError):
+    """A key in text form (or a key file) is malformed."""
+
+
+def _parse_hex32(text: str, what: str) -> bytes:
+    if len(text) != 2 * KEY_LEN:
+        raise KeyFormatError(f"{what}: expected 64 hex digits, got {len(text)} characters")
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise KeyFormatError(f"{what}: not hexadecimal") from None
+
+
+def parse_public(text: str) -> bytes:
+    """``nodekey:<64 hex>`` (any case) → 32 raw bytes."""
+    text = text.strip()
+    if text[: len(PUBLIC_PREFIX)].lower() != PUBLIC_PREFIX:
+        raise KeyFormatError(f"public key must start with {PUBLIC_PREFIX!r}")
+    return _parse_hex32(text[len(PUBLIC_PREFIX):], "public key")
+
+
+def parse_private(text: str) -> bytes:
+    """``privkey:<64 hex>`` (any case) → 32 raw bytes."""
+    text = text.strip()
+    if text[: len(PRIVATE_PREFIX)].lower() != PRIVATE_PREFIX:
+        raise KeyFormatError(f"private key must start with {PRIVATE_PREFIX!r}")
+    return _parse_hex32(text[len(PRIVATE_PREFIX):], "private key")
+
+
+def parse_mesh_key(text: str) -> bytes:
+    """A mesh pre-shared key: 64 hex digits, surrounding whitespace ignored."""
+    return _parse_hex32(text.strip(), "mesh key")
+
+
+def public_text(raw: bytes) -> str:
+    return PUBLIC_PREFIX + raw.hex()
+
+
+def short(raw: bytes) -> str:
+    """The ``[abcde]`` form Tailscale prints in logs, so log lines can be matched across tools."""
+    return "[" + base64.b64encode(raw).decode()[:5] + "]"
+
+
+def generate_private() -> bytes:
+    """32 random bytes, clamped the way Go's key.NewNode does (X25519 clamps anyway)."""
+    k = bytearray(secrets.token_bytes(KEY_LEN))
+    k[0] &= 248
+    k[31] = (k[31] & 127) | 64
+    return bytes(k)
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """A node private key and its public half."""
+
+    private: bytes
+
+    @property
+    def public(self) -> bytes:
+        return _public_of(self.private)
+
+    @classmethod
+    def generate(cls) -> "KeyPair":
+        return cls(generate_private())
+
+    def private_text(self) -> str:
+        return PRIVATE_PREFIX + self.private.hex()
+
+    def __repr__(self) -> str:  # never print the private half
+        return f"KeyPair(public={public_text(self.public)})"
+
+
+_public_cache: dict[bytes, bytes] = {}
+
+
+def _public_of(private: bytes) -> bytes:
+    pub = _public_cache.get(private)
+    if pub is None:
+        pub = _public_cache[private] = crypto_scalarmult_base(private)
+    return pub
+
+
+class KeyFileError(Exception):
+    """The server key file exists but cannot be used; the message says why and what to do."""
+
+
+def load_or_create_key_file(path: Path) -> tuple[KeyPair, bool]:
+    """Load the derper key file, or create it (mode 0600) if it does not exist.
+
+    Returns the key pair and whether it was newly created.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return _create_key_file(path), True
+    except OSError as e:
+        raise KeyFileError(f"cannot read server key file {path}: {e.strerror}") from None
+    return KeyPair(_parse_key_file(path, data)), False
+
+
+def _parse_key_file(path: Path, data: bytes) -> bytes:
+    hint = f"fix or remove {path} (removing it gives the server a new identity)"
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise KeyFileError(f"server key file {path} is not valid JSON; {hint}") from None
+    if not isinstance(obj, dict):
+        raise KeyFileError(f"server key file {path} must hold a JSON object; {hint}")
+    # Go's JSON decoding matches field names case-insensitively.
+    value = next((v for k, v in obj.items() if k.lower() == "privatekey"), None)
+    if not isinstance(value, str):
+        raise KeyFileError(f'server key file {path} has no "PrivateKey" string; {hint}')
+    try:
+        return parse_private(value)
+    except KeyFormatError as e:
+        raise KeyFileError(f"server key file {path}: {e}; {hint}") from None
+
+
+def _create_key_file(path: Path) -> KeyPair:
+    pair = KeyPair.generate()
+    body = json.dumps({"PrivateKey": pair.private_text()}, indent="\t").encode()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        # link() publishes the complete file atomically and fails if someone created it meanwhile,
+        # so a crash can never leave a half-written key that we would then refuse to load.
+        os.link(tmp, path)
+    except OSError as e:
+        raise KeyFileError(f"cannot create server key file {path}: {e.strerror}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return pair

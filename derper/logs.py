@@ -1,0 +1,89 @@
+"""One log line per event, ``key=value``, that journald and grep both read well.
+
+Under systemd (``JOURNAL_STREAM`` set) lines carry a ``<N>`` syslog priority prefix instead of a
+timestamp, so journald records the right level and does not show two clocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+          "error": logging.ERROR}
+_SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                    logging.CRITICAL: 2}
+
+
+def _quote(value: object) -> str:
+    text = str(value)
+    if text and not any(c in text for c in ' "=\\\n\t'):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+class KeyValueFormatter(logging.Formatter):
+    def __init__(self, journald: bool) -> None:
+        super().__init__()
+        self.journald = journald
+
+    def format(self, record: logging.LogRecord) -> str:
+        parts = []
+        if self.journald:
+            parts.append(f"<{_SYSLOG_PRIORITY.get(record.levelno, 6)}>")
+        else:
+            t = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            parts.append(f"time={t}.{int(record.msecs):03d}Z")
+        parts.append(f"level={record.levelname.lower()}")
+        parts.append(f"logger={record.name}")
+        parts.append(f"msg={_quote(record.getMessage())}")
+        for k, v in getattr(record, "fields", {}).items():
+            if v is not None:
+                parts.append(f"{k}={_quote(v)}")
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            parts.append(f"exception={_quote(f'{type(exc).__name__}: {exc}')}")
+        return " ".join(parts)
+
+
+def setup(level: str = "info", stream=None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(KeyValueFormatter(journald=bool(os.environ.get("JOURNAL_STREAM"))))
+    root = logging.getLogger("derper")
+    root.handlers[:] = [handler]
+    root.setLevel(LEVELS[level])
+    root.propagate = False
+
+
+class EventLogger:
+    """``log.info("client connected", key=..., remote=...)``: the message plus fields."""
+
+    __slots__ = ("_log",)
+
+    def __init__(self, name: str) -> None:
+        self._log = logging.getLogger(name)
+
+    def _emit(self, level: int, msg: str, fields: dict, exc_info=None) -> None:
+        if self._log.isEnabledFor(level):
+            self._log.log(level, msg, extra={"fields": fields}, exc_info=exc_info)
+
+    def debug(self, msg: str, **fields) -> None:
+        self._emit(logging.DEBUG, msg, fields)
+
+    def info(self, msg: str, **fields) -> None:
+        self._emit(logging.INFO, msg, fields)
+
+    def warning(self, msg: str, **fields) -> None:
+        self._emit(logging.WARNING, msg, fields)
+
+    def error(self, msg: str, **fields) -> None:
+        self._emit(logging.ERROR, msg, fields)
+
+    def exception(self, msg: str, **fields) -> None:
+        self._emit(logging.ERROR, msg, fields, exc_info=True)
+
+
+def get(name: str) -> EventLogger:
+    return EventLogger(name)

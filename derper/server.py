@@ -1,0 +1,212 @@
+"""Wiring: one nursery holding the listeners, the connection tasks and the background jobs.
+
+Every connection runs behind a crash barrier: whatever one peer sends, the worst outcome is a
+log line and that one connection closed.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+from functools import partial
+
+import trio
+
+from . import logs, metacert, wire
+from .bootstrap_dns import BootstrapDNS, parse_names
+from .certs import CertError, derp_node_json, ensure_ip_cert, load_manual, parse_ip
+from .config import CERT_MODES, Config
+from .endpoints import Endpoints, https_redirect
+from .http_server import serve_http
+from .keys import KeyPair, public_text
+from .limits import TokenBucket
+from .listener import (accept_loop, bound_port, host_literal, open_listener, parse_addr,
+                       peer_address, tune)
+from .relay import Relay
+from .tls import ServerTLS
+from .tls_stream import TLSStream
+
+log = logs.get("derper.server")
+
+# What Restarting tells clients on shutdown: come back in a second, keep trying for 30 s
+# (a systemd or Docker restart takes a few seconds).
+RESTART_RECONNECT_MS = 1000
+RESTART_TRY_FOR_MS = 30000
+
+
+class ConfigError(Exception):
+    """The configuration cannot work; the message says what to change."""
+
+
+class Server:
+    def __init__(self, config: Config, keypair: KeyPair, *, mesh_key: bytes | None = None) -> None:
+        self.config = config
+        if config.certmode not in CERT_MODES:
+            raise ConfigError(f"-certmode must be one of {', '.join(CERT_MODES)}, "
+                              f"not {config.certmode!r}")
+        for name, port in (("-http-port", config.http_port), ("-stun-port", config.stun_port)):
+            if not -1 <= port <= 65535:
+                raise ConfigError(f"{name} must be a port number (or -1 to disable), not {port}")
+        self.bootstrap = BootstrapDNS(parse_names(config.bootstrap_dns_names))
+        try:
+            self.listen_host, self.listen_port = parse_addr(config.addr)
+            self.endpoints = Endpoints(home=config.home, derp_enabled=config.derp,
+                                       bootstrap_body=lambda: self.bootstrap.body)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.relay = Relay(keypair, mesh_key, keepalive_interval=config.keepalive_interval,
+                           write_timeout=config.tcp_write_timeout,
+                           handshake_timeout=config.handshake_timeout,
+                           queue_depth=config.queue_depth)
+        self.tls = self._load_tls() if config.tls else None
+        self.main_port: int | None = None
+        self.http_port: int | None = None
+        self._listeners: list[trio.SocketListener] = []
+        self._nursery: trio.Nursery | None = None
+        self._shutting_down = False
+
+    # ---- certificates -------------------------------------------------------------------------
+
+    def _load_tls(self) -> ServerTLS:
+        config = self.config
+        if config.certmode == "letsencrypt":
+            raise ConfigError(
+                "-certmode letsencrypt (the default) is not available yet. Use -certmode manual "
+                "with <certdir>/<hostname>.crt and .key, or an IP address as -hostname to get a "
+                "self-signed certificate, or -dev for plain HTTP on 127.0.0.1:3340")
+        certdir, hostname = config.certdir_path, config.hostname
+        ip = parse_ip(hostname)
+        try:
+            if ip is not None and ensure_ip_cert(certdir, hostname):
+                log.info("created a self-signed certificate for the IP hostname",
+                         hostname=hostname, certdir=certdir)
+            tls = ServerTLS(partial(load_manual, certdir, hostname),
+                            metacert.build(self.relay.public_key),
+                            required_sni=None if ip is not None else hostname)
+        except CertError as e:
+            raise ConfigError(str(e)) from None
+        if ip is not None and tls.bundle.self_signed:
+            node = derp_node_json(hostname, tls.bundle.pin)
+            log.info("self-signed certificate: pin it in your DERP map with this node", node=node)
+            print(node, flush=True)
+        return tls
+
+    def reload(self) -> None:
+        """SIGHUP: re-read what lives on disk."""
+        if self.tls is not None:
+            self.tls.reload()
+
+    # ---- running ------------------------------------------------------------------------------
+
+    async def run(self, *, handle_signals: bool = False,
+                  task_status=trio.TASK_STATUS_IGNORED) -> None:
+        config = self.config
+        # Bind before the nursery so a bind error reaches the caller as a plain OSError.
+        main = await open_listener(self.listen_host, self.listen_port)
+        self._listeners.append(main)
+        self.main_port = bound_port(main)
+        helper = None
+        try:
+            if self.tls is not None and config.http_port >= 0:
+                helper = await open_listener(self.listen_host, config.http_port)
+                self._listeners.append(helper)
+                self.http_port = bound_port(helper)
+        except BaseException:
+            await main.aclose()
+            raise
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            limiter = None
+            if not math.isinf(config.accept_connection_limit):
+                limiter = TokenBucket(config.accept_connection_limit,
+                                      config.accept_connection_burst, trio.current_time())
+            stats = self.relay.stats
+            nursery.start_soon(partial(accept_loop, main, nursery, self._serve_main,
+                                       stats=stats, limiter=limiter))
+            if helper is not None:
+                nursery.start_soon(partial(accept_loop, helper, nursery, self._serve_helper,
+                                           stats=stats))
+            if self.bootstrap.names:
+                nursery.start_soon(self.bootstrap.refresh_forever)
+            if handle_signals:
+                nursery.start_soon(self._signal_loop)
+            where = host_literal(self.listen_host)
+            log.info("derper listening", addr=f"{where}:{self.main_port}",
+                     scheme="https" if self.tls else "http",
+                     http_helper=f"{where}:{self.http_port}" if helper else None,
+                     derp="on" if config.derp else "off",
+                     server_key=public_text(self.relay.public_key))
+            task_status.started(self)
+
+    async def _signal_loop(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    log.info("SIGHUP: reloading certificates")
+                    self.reload()
+                else:
+                    log.info("shutting down", signal=signal.Signals(signum).name)
+                    await self.shutdown()
+                    return
+
+    async def shutdown(self) -> None:
+        """Stop accepting, tell every client we are restarting, then close everything."""
+        if self._shutting_down or self._nursery is None:
+            return
+        self._shutting_down = True
+        for listener in self._listeners:
+            await listener.aclose()
+        frame = wire.restarting(RESTART_RECONNECT_MS, RESTART_TRY_FOR_MS)
+        sessions = [s for conns in self.relay.router.conns.values() for s in conns]
+        for s in sessions:
+            s.send_restarting(frame)
+        with trio.move_on_after(self.config.shutdown_grace):
+            while any(s.restart_pending for s in sessions):
+                await trio.sleep(0.02)
+        self._nursery.cancel_scope.cancel()
+
+    # ---- connections --------------------------------------------------------------------------
+
+    async def _serve_main(self, stream: trio.SocketStream) -> None:
+        config = self.config
+        tune(stream, config.tcp_keepalive_time, config.tcp_user_timeout)
+        ip, port = peer_address(stream)
+        conn: trio.abc.Stream = stream
+        try:
+            if self.tls is not None:
+                conn = TLSStream(stream, self.tls.context, server_side=True)
+                try:
+                    with trio.fail_after(config.handshake_timeout):
+                        await conn.do_handshake()
+                except trio.TooSlowError:
+                    log.info("closing connection: TLS handshake timed out", remote=f"{ip}:{port}")
+                    return
+                except trio.BrokenResourceError as e:
+                    log.info("closing connection: TLS handshake failed", remote=f"{ip}:{port}",
+                             error=str(e))
+                    return
+            await serve_http(conn, ip, port, head_timeout=config.handshake_timeout,
+                             handle=self.endpoints.handle,
+                             relay=self.relay if config.derp else None)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the peer went away mid-request; nothing to report
+        except Exception:
+            log.exception("internal error on a connection; closed it", remote=f"{ip}:{port}")
+        finally:
+            with trio.CancelScope(shield=True):
+                await conn.aclose()
+
+    async def _serve_helper(self, stream: trio.SocketStream) -> None:
+        config = self.config
+        ip, port = peer_address(stream)
+        try:
+            await serve_http(stream, ip, port, head_timeout=config.handshake_timeout,
+                             handle=partial(https_redirect, hostname=config.hostname,
+                                            tls_port=self.main_port))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception:
+            log.exception("internal error on an HTTP helper connection; closed it",
+                          remote=f"{ip}:{port}")
+        finally:
+            await stream.aclose()

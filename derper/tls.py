@@ -1,0 +1,72 @@
+"""The server's TLS configuration: an SSLContext per certificate, swapped whole on reload.
+
+Every new connection takes ``ServerTLS.context`` at accept time, so a reload never touches a
+live connection and a broken new certificate simply never replaces the working one.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import tempfile
+from typing import Callable
+
+from . import logs
+from .certs import CertBundle, CertError
+
+log = logs.get("derper.tls")
+
+
+def make_context(bundle: CertBundle, meta_pem: bytes, required_sni: str | None) -> ssl.SSLContext:
+    """TLS ≥ 1.2, ALPN ``http/1.1`` only (``/derp`` needs the raw HTTP/1.1 stream), the meta
+    certificate last in the chain, and, for a DNS hostname, SNI that must name it (as Go does)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
+    ctx.set_alpn_protocols(["http/1.1"])
+    # load_cert_chain only reads files: hand it a private temporary one.
+    fd, path = tempfile.mkstemp(prefix="derper-chain-", suffix=".pem")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(bundle.chain_pem.rstrip(b"\n") + b"\n" + meta_pem + bundle.key_pem)
+        ctx.load_cert_chain(path)
+    except ssl.SSLError as e:
+        raise CertError(f"OpenSSL refused the certificate: {e.reason or e}") from None
+    finally:
+        os.unlink(path)
+    if required_sni:
+        wanted = required_sni.lower().rstrip(".")
+
+        def check_sni(_obj, server_name, _ctx):
+            if server_name is None or server_name.lower().rstrip(".") != wanted:
+                return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+            return None
+
+        ctx.sni_callback = check_sni
+    return ctx
+
+
+class ServerTLS:
+    """The current server context, rebuilt from ``load`` on ``reload``."""
+
+    def __init__(self, load: Callable[[], CertBundle], meta_pem: bytes,
+                 required_sni: str | None) -> None:
+        self._load = load
+        self._meta_pem = meta_pem
+        self._required_sni = required_sni
+        self.bundle = load()
+        self.context = make_context(self.bundle, meta_pem, required_sni)
+
+    def reload(self) -> bool:
+        """Re-read the certificate; keep serving the old one if the new one is unusable."""
+        try:
+            bundle = self._load()
+            context = make_context(bundle, self._meta_pem, self._required_sni)
+        except CertError as e:
+            log.error("certificate reload failed; still serving the previous certificate",
+                      error=str(e))
+            return False
+        self.bundle, self.context = bundle, context
+        log.info("certificate reloaded", subject=bundle.leaf.subject.rfc4514_string(),
+                 not_after=bundle.not_after.isoformat())
+        return True
