@@ -116,7 +116,8 @@ def build_config(argv: list[str], environ: Mapping[str, str]) -> tuple[Config, s
     depth = environ.get("TS_DEBUG_DERP_PER_CLIENT_SEND_QUEUE_DEPTH")
     if depth:
         try:
-            config.queue_depth = int(depth)
+            if int(depth) > 0:  # as in Go, zero or less means "use the default"
+                config.queue_depth = int(depth)
         except ValueError:
             raise UsageError("TS_DEBUG_DERP_PER_CLIENT_SEND_QUEUE_DEPTH must be an integer") \
                 from None

@@ -13,6 +13,7 @@ import hashlib
 import ssl
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import AsyncIterator
 from urllib.parse import urlsplit
 
@@ -224,23 +225,47 @@ async def connect(url: str, keypair: KeyPair | None = None, *,
     host = parsed.hostname or ""
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     dial_host, dial_port = dial or (host, port)
-    async with trio.open_nursery() as nursery:
-        try:
-            with trio.fail_after(timeout):
-                client = await _connect(nursery, parsed, keypair, ssl_context, cert_pin,
-                                        server_hostname or host, dial_host, dial_port,
-                                        fast_start, websocket, mesh_key, is_prober,
-                                        can_ack_pings, ideal_node)
-        except trio.TooSlowError:
-            raise DerpClientError(f"timed out connecting to {url} after {timeout:g}s") from None
-        except (OSError, trio.BrokenResourceError) as e:
-            raise DerpClientError(f"cannot connect to {url}: {e}") from None
+    establish = partial(_establish, parsed, keypair, ssl_context, cert_pin,
+                        server_hostname or host, dial_host, dial_port, fast_start, mesh_key,
+                        is_prober, can_ack_pings, ideal_node, timeout)
+    if not websocket:
+        client = await establish(None)
         try:
             yield client
         finally:
             with trio.CancelScope(shield=True):
                 await client.aclose()
-            nursery.cancel_scope.cancel()
+        return
+    # trio-websocket needs a nursery for its reader task. Errors leaving a nursery come
+    # wrapped in an ExceptionGroup; callers get the one exception, as with the other transports.
+    try:
+        async with trio.open_nursery() as nursery:
+            client = await establish(nursery)
+            try:
+                yield client
+            finally:
+                with trio.CancelScope(shield=True):
+                    await client.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+
+
+async def _establish(url, keypair, ssl_context, cert_pin, server_hostname, dial_host, dial_port,
+                     fast_start, mesh_key, is_prober, can_ack_pings, ideal_node, timeout,
+                     nursery: trio.Nursery | None) -> DerpClient:
+    try:
+        with trio.fail_after(timeout):
+            return await _connect(nursery, url, keypair, ssl_context, cert_pin, server_hostname,
+                                  dial_host, dial_port, fast_start, nursery is not None,
+                                  mesh_key, is_prober, can_ack_pings, ideal_node)
+    except trio.TooSlowError:
+        raise DerpClientError(f"timed out connecting to {url.geturl()} after {timeout:g}s") \
+            from None
+    except (OSError, trio.BrokenResourceError) as e:
+        raise DerpClientError(f"cannot connect to {url.geturl()}: {e}") from None
 
 
 async def _connect(nursery, url, keypair, ssl_context, cert_pin, server_hostname, dial_host,

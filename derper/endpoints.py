@@ -19,7 +19,7 @@ BROWSER_HEADERS = [
     ("X-Content-Type-Options", "nosniff"),
 ]
 NO_CACHE = "no-cache, no-store, must-revalidate, no-transform, max-age=0"
-_CHALLENGE_RE = re.compile(rb"[A-Za-z0-9._:-]{0,64}")
+_CHALLENGE_RE = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
 PROBE_PATHS = ("/derp/probe", "/derp/latency-check")
 
 
@@ -136,7 +136,8 @@ def https_redirect(req: Request, hostname: str, tls_port: int) -> Response:
         return generate_204(req)
     if req.method not in ("GET", "HEAD"):
         return error(400, "Use HTTPS")
-    host = f"[{hostname}]" if ":" in hostname else hostname
+    host = hostname.strip("[]")
+    host = f"[{host}]" if ":" in host else host
     port = "" if tls_port == 443 else f":{tls_port}"
     target = req.target if req.target.startswith("/") else "/"
     return Response(302, [("Location", f"https://{host}{port}{target}"),

@@ -58,6 +58,8 @@ def parse_duration(text: str) -> float:
 
 def format_duration(seconds: float) -> str:
     """Go's Duration.String for whole-second values (``10m0s``, ``15s``, ``2s``)."""
+    if seconds < 0:
+        return "-" + format_duration(-seconds)
     if seconds == 0:
         return "0s"
     if seconds < 1:
@@ -88,6 +90,8 @@ def parse_value(flag: Flag, text: str) -> Any:
         return parse_bool(text)
     if flag.kind == "int":
         try:
+            if re.fullmatch(r"[+-]?0[0-7]+", text):  # Go reads a leading 0 as octal
+                return int(text, 8)
             return int(text, 0)
         except ValueError:
             raise ValueError(f"invalid integer {text!r}") from None

@@ -8,18 +8,16 @@ client's and the server's static node keys; on the wire a sealed message is
 from __future__ import annotations
 
 import hmac
-import json
 import secrets
 from dataclasses import dataclass
 
 from nacl.bindings import crypto_box, crypto_box_open
 from nacl.exceptions import CryptoError
 
-from . import wire
-from .keys import ZERO_KEY
+from . import gojson, wire
+from .keys import ZERO_KEY, parse_hex32
 
 NONCE_LEN = wire.NONCE_LEN
-MESH_KEY_HEX_LEN = 64
 
 
 class HandshakeError(ValueError):
@@ -68,13 +66,9 @@ def _open(sealed: bytes, peer_public: bytes, own_private: bytes, what: str) -> b
 
 def _json_object(plaintext: bytes, what: str) -> dict:
     try:
-        obj = json.loads(plaintext)
-    except (ValueError, UnicodeDecodeError):
-        raise HandshakeError(f"{what} is not valid JSON") from None
-    if not isinstance(obj, dict):
-        raise HandshakeError(f"{what} JSON is not an object")
-    # Go's decoder matches field names case-insensitively; the last match wins.
-    return {k.lower(): v for k, v in obj.items()}
+        return gojson.load_object(plaintext)
+    except ValueError as e:
+        raise HandshakeError(f"{what} is {e}") from None
 
 
 def _field(obj: dict, name: str, kind: type, default, what: str):
@@ -102,12 +96,12 @@ def open_client_info(payload: bytes, server_private: bytes) -> ClientInfo:
     mesh_text = obj.get("meshkey")
     mesh_key = None
     if mesh_text is not None:
-        if (not isinstance(mesh_text, str) or len(mesh_text) != MESH_KEY_HEX_LEN):
-            raise HandshakeError("ClientInfo meshKey is not 64 hex digits")
+        if not isinstance(mesh_text, str):
+            raise HandshakeError("ClientInfo meshKey is not a string")
         try:
-            mesh_key = bytes.fromhex(mesh_text)
-        except ValueError:
-            raise HandshakeError("ClientInfo meshKey is not 64 hex digits") from None
+            mesh_key = parse_hex32(mesh_text, "ClientInfo meshKey")
+        except ValueError as e:
+            raise HandshakeError(str(e)) from None
     return ClientInfo(
         key=key,
         version=_field(obj, "version", int, 0, "ClientInfo"),
@@ -144,7 +138,7 @@ def client_info_json(*, mesh_key: bytes | None = None, version: int = wire.PROTO
         obj["IsProber"] = True
     if app_name:
         obj["AppName"] = app_name
-    return json.dumps(obj, separators=(",", ":")).encode()
+    return gojson.dumps(obj)
 
 
 def client_info_frame(client_private: bytes, client_public: bytes, server_public: bytes,

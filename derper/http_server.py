@@ -135,16 +135,19 @@ async def serve_http(stream: trio.abc.Stream, remote_ip: str | None, remote_port
         if req is None:
             return
         if relay is not None and req.path == "/derp":
-            await _upgrade(http, req, relay, remote_ip, remote_port, head_timeout)
-            return
-        resp = handle(req)
+            resp = await _upgrade(http, req, relay, remote_ip, remote_port, head_timeout)
+            if resp is None:
+                return  # the connection was a DERP session and is over now
+        else:
+            resp = handle(req)
         await http.respond(req, resp)
         if resp.close or not http.reusable():
             return
 
 
 async def _upgrade(http: HttpConnection, req: Request, relay: Relay, remote_ip: str | None,
-                   remote_port: int, head_timeout: float) -> None:
+                   remote_port: int, head_timeout: float) -> Response | None:
+    """Serve the DERP session ``req`` asks for; or the response if it asks for none."""
     upgrade = (req.header(b"upgrade") or b"").strip().lower()
     protocols = req.header(b"sec-websocket-protocol") or b""
     not_ideal = req.header(b"ideal-node") is not None
@@ -158,4 +161,5 @@ async def _upgrade(http: HttpConnection, req: Request, relay: Relay, remote_ip: 
                          preamble=b"" if fast_start else derp_upgrade_response(relay.public_key),
                          not_ideal=not_ideal, transport="derp-fast-start" if fast_start else "derp")
     else:
-        await http.respond(req, error(426, "DERP requires connection upgrade"))
+        return error(426, "DERP requires connection upgrade")
+    return None

@@ -12,11 +12,14 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 from nacl.bindings import crypto_scalarmult_base
+
+from . import gojson
 
 KEY_LEN = 32
 PUBLIC_PREFIX = "nodekey:"
@@ -28,13 +31,14 @@ class KeyFormatError(ValueError):
     """A key in text form (or a key file) is malformed."""
 
 
-def _parse_hex32(text: str, what: str) -> bytes:
-    if len(text) != 2 * KEY_LEN:
-        raise KeyFormatError(f"{what}: expected 64 hex digits, got {len(text)} characters")
-    try:
-        return bytes.fromhex(text)
-    except ValueError:
-        raise KeyFormatError(f"{what}: not hexadecimal") from None
+_HEX32 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def parse_hex32(text: str, what: str) -> bytes:
+    """Exactly 64 hex digits → 32 bytes (``bytes.fromhex`` alone would skip spaces)."""
+    if not _HEX32.fullmatch(text):
+        raise KeyFormatError(f"{what}: expected 64 hex digits")
+    return bytes.fromhex(text)
 
 
 def parse_public(text: str) -> bytes:
@@ -42,7 +46,7 @@ def parse_public(text: str) -> bytes:
     text = text.strip()
     if text[: len(PUBLIC_PREFIX)].lower() != PUBLIC_PREFIX:
         raise KeyFormatError(f"public key must start with {PUBLIC_PREFIX!r}")
-    return _parse_hex32(text[len(PUBLIC_PREFIX):], "public key")
+    return parse_hex32(text[len(PUBLIC_PREFIX):], "public key")
 
 
 def parse_private(text: str) -> bytes:
@@ -50,12 +54,12 @@ def parse_private(text: str) -> bytes:
     text = text.strip()
     if text[: len(PRIVATE_PREFIX)].lower() != PRIVATE_PREFIX:
         raise KeyFormatError(f"private key must start with {PRIVATE_PREFIX!r}")
-    return _parse_hex32(text[len(PRIVATE_PREFIX):], "private key")
+    return parse_hex32(text[len(PRIVATE_PREFIX):], "private key")
 
 
 def parse_mesh_key(text: str) -> bytes:
     """A mesh pre-shared key: 64 hex digits, surrounding whitespace ignored."""
-    return _parse_hex32(text.strip(), "mesh key")
+    return parse_hex32(text.strip(), "mesh key")
 
 
 def public_text(raw: bytes) -> str:
@@ -127,13 +131,9 @@ def load_or_create_key_file(path: Path) -> tuple[KeyPair, bool]:
 def _parse_key_file(path: Path, data: bytes) -> bytes:
     hint = f"fix or remove {path} (removing it gives the server a new identity)"
     try:
-        obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise KeyFileError(f"server key file {path} is not valid JSON; {hint}") from None
-    if not isinstance(obj, dict):
-        raise KeyFileError(f"server key file {path} must hold a JSON object; {hint}")
-    # Go's JSON decoding matches field names case-insensitively.
-    value = next((v for k, v in obj.items() if k.lower() == "privatekey"), None)
+        value = gojson.load_object(data).get("privatekey")
+    except ValueError as e:
+        raise KeyFileError(f"server key file {path} is {e}; {hint}") from None
     if not isinstance(value, str):
         raise KeyFileError(f'server key file {path} has no "PrivateKey" string; {hint}')
     try:

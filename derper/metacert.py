@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import NameOID
 
+from .keys import parse_hex32
 from .wire import PROTOCOL_VERSION
 
 CN_PREFIX = "derpkey"
@@ -62,11 +63,8 @@ def parse(der: bytes) -> tuple[bytes, int] | None:
     cn = cns[0].value
     if not isinstance(cn, str) or not cn.startswith(CN_PREFIX):
         return None
-    hex_key = cn[len(CN_PREFIX):]
-    if len(hex_key) != 64:
-        return None
     try:
-        key = bytes.fromhex(hex_key)
+        key = parse_hex32(cn[len(CN_PREFIX):], "meta certificate key")
     except ValueError:
         return None
     serial = cert.serial_number

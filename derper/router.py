@@ -111,6 +111,8 @@ class Router:
             receivers = self._receivers_of.get(src)
             if receivers is not None:
                 receivers.pop(key, None)
+                if not receivers:
+                    del self._receivers_of[src]
         for dst_key, conn_id in self._receivers_of.pop(key, {}).items():
             senders = self._senders_to.get(dst_key)
             if senders is not None:

@@ -58,3 +58,13 @@ async def assert_relays(a: dc.DerpClient, b: dc.DerpClient, payload: bytes = b"p
     await a.send(b.public_key, payload)
     m = await recv_kind(b, dc.ReceivedPacket)
     assert (m.source, m.data) == (a.public_key, payload)
+
+
+async def expect_closed(client: dc.DerpClient) -> None:
+    """The server closes ``client`` (whatever it sends first is read and ignored)."""
+    with trio.fail_after(TIMEOUT):
+        try:
+            while True:
+                await client.recv()
+        except dc.DerpClientError:
+            return

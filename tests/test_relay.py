@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
 
@@ -14,8 +15,8 @@ from derper.keys import KeyPair
 from derper.metrics import DropReason
 from derper.tls_stream import TLSStream
 from tests.conftest import client_context, url
-from tests.relay_helpers import (assert_relays, connect_opts, messages_until_self_packet,
-                                 recv_kind, wait_until)
+from tests.relay_helpers import (assert_relays, connect_opts, expect_closed,
+                                 messages_until_self_packet, recv_kind, wait_until)
 
 DISCO = wire.DISCO_MAGIC + bytes(56)  # the smallest packet the server treats as disco
 
@@ -213,7 +214,27 @@ async def test_server_info_is_first_and_restarting_on_shutdown(start_server, ca)
         await server.shutdown()
         m = await recv_kind(a, dc.RestartingMessage)
         assert (m.reconnect_in_ms, m.try_for_ms) == (1000, 30000)
-        with pytest.raises(dc.DerpClientError):
-            with trio.fail_after(10):
-                while True:
-                    await a.recv()
+        await expect_closed(a)
+
+
+async def test_stalled_reader_is_cut_off_by_write_timeout_and_stalls_nobody(start_server, ca,
+                                                                            caplog):
+    caplog.set_level(logging.INFO, logger="derper")
+    server = await start_server(tcp_write_timeout=0.5)
+    stats = server.relay.stats
+    u = url(server)
+    async with dc.connect(u, **connect_opts(server, ca)) as a, \
+            dc.connect(u, **connect_opts(server, ca)) as b, \
+            dc.connect(u, **connect_opts(server, ca)) as stalled:
+        stalled.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        big = bytes(wire.MAX_PACKET_SIZE)
+        with trio.fail_after(30):
+            while stats.sclient_write_timeouts == 0:
+                await a.send_many([(stalled.public_key, big)] * 16)
+                await assert_relays(b, a, b"still flowing")  # a is not blocked, b is not
+                await trio.sleep(0.01)
+        await wait_until(lambda: stalled.public_key not in server.relay.router.conns)
+        await assert_relays(a, b)
+    assert stats.dropped(DropReason.WRITE_ERROR) > 0
+    assert any(r.getMessage() == "client disconnected" and "write timed out" in r.fields["reason"]
+               for r in caplog.records)

@@ -1,0 +1,71 @@
+"""Run the real ``derper`` console script as a child process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+DERPER = str(Path(sys.executable).with_name("derper"))
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DerperProcess:
+    def __init__(self, args: list[str], workdir: Path, env: dict | None = None) -> None:
+        self.log_path = workdir / f"derper-{len(list(workdir.glob('derper-*.log')))}.log"
+        self.out_path = self.log_path.with_suffix(".out")
+        self._log = open(self.log_path, "wb")
+        self._out = open(self.out_path, "wb")
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("DERP_")}
+        full_env.update(env or {})
+        self.proc = subprocess.Popen([DERPER, *args], stdout=self._out, stderr=self._log,
+                                     env=full_env)
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    @property
+    def stdout(self) -> str:
+        return self.out_path.read_text()
+
+    async def wait_for_log(self, text: str, timeout: float = 15) -> None:
+        with trio.fail_after(timeout):
+            while text not in self.log:
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"derper exited ({self.proc.returncode}):\n{self.log}")
+                await trio.sleep(0.02)
+
+    async def wait(self, timeout: float = 10) -> int:
+        with trio.fail_after(timeout):
+            while self.proc.poll() is None:
+                await trio.sleep(0.02)
+        return self.proc.returncode
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+        self._log.close()
+        self._out.close()
+
+
+def run_derper(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run derper to completion (for commands that must exit at once)."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("DERP_")}
+    full_env.update(env or {})
+    return subprocess.run([DERPER, *args], capture_output=True, text=True, timeout=30,
+                          env=full_env)

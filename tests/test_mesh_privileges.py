@@ -1,0 +1,63 @@
+"""Clients holding the mesh key: WatchConns, PeerPresent/PeerGone, ClosePeer, ForwardPacket."""
+
+from __future__ import annotations
+
+import os
+
+from derper import client as dc
+from derper import wire
+from derper.keys import KeyPair
+from derper.metrics import DropReason
+from derper.wire import PeerPresentFlags
+from tests.conftest import url
+from tests.relay_helpers import connect_opts, expect_closed, recv_kind, wait_until
+
+MESH_KEY = os.urandom(32)
+
+
+async def test_watcher_sees_presence_and_departures(start_server, ca):
+    server = await start_server(mesh_key=MESH_KEY)
+    u = url(server)
+    async with dc.connect(u, **connect_opts(server, ca)) as early:
+        async with dc.connect(u, **connect_opts(server, ca, mesh_key=MESH_KEY)) as watcher:
+            await watcher.watch_conns()
+            present = {}
+            while len(present) < 2:  # the early client and the watcher itself
+                m = await recv_kind(watcher, dc.PeerPresentMessage)
+                present[m.key] = m
+            assert present[early.public_key].ip == "127.0.0.1"
+            assert present[early.public_key].port == early.stream.socket.getsockname()[1]
+            assert present[early.public_key].flags == PeerPresentFlags.REGULAR
+            assert present[watcher.public_key].flags == PeerPresentFlags.MESH
+            async with dc.connect(u, **connect_opts(server, ca, is_prober=True,
+                                                    ideal_node="900a")) as late:
+                m = await recv_kind(watcher, dc.PeerPresentMessage)
+                assert m.key == late.public_key
+                assert m.flags == PeerPresentFlags.PROBER | PeerPresentFlags.NOT_IDEAL
+            m = await recv_kind(watcher, dc.PeerGoneMessage)
+            assert m == dc.PeerGoneMessage(late.public_key, wire.PeerGoneReason.DISCONNECTED)
+
+
+async def test_close_peer_and_forward_packet(start_server, ca):
+    server = await start_server(mesh_key=MESH_KEY)
+    u = url(server)
+    remote_sender = KeyPair.generate().public  # a client of another region node
+    async with dc.connect(u, **connect_opts(server, ca)) as local, \
+            dc.connect(u, **connect_opts(server, ca, mesh_key=MESH_KEY)) as mesh:
+        await mesh.forward(remote_sender, local.public_key, b"via the mesh")
+        m = await recv_kind(local, dc.ReceivedPacket)
+        assert (m.source, m.data) == (remote_sender, b"via the mesh")
+        await mesh.forward(remote_sender, KeyPair.generate().public, b"nobody")
+        await wait_until(lambda: server.relay.stats.dropped(DropReason.UNKNOWN_DEST_ON_FWD) == 1)
+        assert server.relay.stats.packets_forwarded_in == 2
+        assert server.relay.stats.packets_received == 0
+        await mesh.close_peer(local.public_key)
+        await expect_closed(local)
+        await wait_until(lambda: local.public_key not in server.relay.router.conns)
+
+
+async def test_wrong_mesh_key_gets_no_privileges(start_server, ca):
+    server = await start_server(mesh_key=MESH_KEY)
+    async with dc.connect(url(server), **connect_opts(server, ca, mesh_key=os.urandom(32))) as c:
+        await c.watch_conns()
+        await expect_closed(c)
