@@ -50,6 +50,9 @@ SERVE_FLAGS = [
          "-1 disables", ("DERP_HTTP_PORT",)),
     Flag("stun", "stun", "bool", "run the STUN server (UDP)", ("DERP_STUN",)),
     Flag("stun-port", "stun_port", "int", "UDP port of the STUN server", ("DERP_STUN_PORT",)),
+    Flag("stun-strict", "stun_strict", "bool",
+         "answer only Tailscale's STUN requests, like the Go derper (default: every RFC 5389/"
+         "8489 and RFC 3489 Binding request)", ("DERP_STUN_STRICT",)),
     Flag("derp", "derp", "bool",
          "serve DERP at /derp; false keeps STUN and the HTTP endpoints while decommissioning",
          ("DERP_DERP",)),
@@ -162,7 +165,9 @@ def _listen_error(e: OSError, config: Config) -> str:
         hint = " (another program already listens there)"
     elif e.errno == errno.EADDRNOTAVAIL:
         hint = " (that IP is not an address of this machine)"
-    return f"cannot listen: {e.strerror}{hint}; -a is {config.addr}, -http-port {config.http_port}"
+    stun = f", -stun-port {config.stun_port} (UDP)" if config.stun else ""
+    return (f"cannot listen: {e.strerror}{hint}; -a is {config.addr}, "
+            f"-http-port {config.http_port}{stun}")
 
 
 def run_serve(argv: list[str], environ: Mapping[str, str]) -> int:

@@ -42,6 +42,7 @@ class Config:
     http_port: int = 80
     stun: bool = True
     stun_port: int = 3478
+    stun_strict: bool = False  # answer only Tailscale's STUN requests, as the Go derper does
     derp: bool = True
     home: str = ""
     bootstrap_dns_names: str = ""

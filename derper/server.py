@@ -12,6 +12,9 @@ from functools import partial
 
 import trio
 
+from stun.counters import StunCounters
+from stun.server import open_stun_socket, serve_socket
+
 from . import logs, metacert, wire
 from .bootstrap_dns import BootstrapDNS, parse_names
 from .certs import CertError, derp_node_json, ensure_ip_cert, load_manual, parse_ip
@@ -59,8 +62,10 @@ class Server:
                            handshake_timeout=config.handshake_timeout,
                            queue_depth=config.queue_depth)
         self.tls = self._load_tls() if config.tls else None
+        self.stun_counters = StunCounters()
         self.main_port: int | None = None
         self.http_port: int | None = None
+        self.stun_port: int | None = None
         self._listeners: list[trio.SocketListener] = []
         self._nursery: trio.Nursery | None = None
         self._shutting_down = False
@@ -105,14 +110,18 @@ class Server:
         main = await open_listener(self.listen_host, self.listen_port)
         self._listeners.append(main)
         self.main_port = bound_port(main)
-        helper = None
+        helper = stun = None
         try:
             if self.tls is not None and config.http_port >= 0:
                 helper = await open_listener(self.listen_host, config.http_port)
                 self._listeners.append(helper)
                 self.http_port = bound_port(helper)
+            if config.stun and config.stun_port >= 0:
+                stun = await open_stun_socket(self.listen_host, config.stun_port)
+                self.stun_port = stun.getsockname()[1]
         except BaseException:
-            await main.aclose()
+            for listener in self._listeners:
+                await listener.aclose()
             raise
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -126,6 +135,9 @@ class Server:
             if helper is not None:
                 nursery.start_soon(partial(accept_loop, helper, nursery, self._serve_helper,
                                            stats=stats))
+            if stun is not None:
+                await nursery.start(partial(serve_socket, stun, strict=config.stun_strict,
+                                            counters=self.stun_counters))
             if self.bootstrap.names:
                 nursery.start_soon(self.bootstrap.refresh_forever)
             if handle_signals:
@@ -134,6 +146,7 @@ class Server:
             log.info("derper listening", addr=f"{where}:{self.main_port}",
                      scheme="https" if self.tls else "http",
                      http_helper=f"{where}:{self.http_port}" if helper else None,
+                     stun=f"{where}:{self.stun_port}/udp" if stun else None,
                      derp="on" if config.derp else "off",
                      server_key=public_text(self.relay.public_key))
             task_status.started(self)

@@ -14,6 +14,21 @@ import trio
 DERPER = str(Path(sys.executable).with_name("derper"))
 
 
+async def stun_query(port: int) -> None:
+    """A Tailscale STUN request to 127.0.0.1:``port`` must get Go's exact reply."""
+    from stun.message import respond, tailscale_request
+
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        await sock.bind(("127.0.0.1", 0))
+        request = tailscale_request(os.urandom(12))
+        await sock.sendto(request, ("127.0.0.1", port))
+        with trio.fail_after(5):
+            reply, _ = await sock.recvfrom(1500)
+        expected, _ = respond(request, "127.0.0.1", sock.getsockname()[1])
+        assert reply == expected
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from functools import partial
 
 import pytest
 import trio
@@ -138,3 +139,20 @@ async def test_client_vanishing_mid_frame_is_a_quiet_close(start_server, ca, cap
                 r.getMessage() == "client disconnected" for r in caplog.records):
             await trio.sleep(0.01)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_client_rejects_a_server_key_with_bad_magic(nursery):
+    """The magic only travels server → client: a client must refuse a bad one, clearly."""
+    async def fake_server(stream: trio.SocketStream) -> None:
+        await stream.receive_some()
+        await stream.send_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\n"
+                              b"Connection: Upgrade\r\n\r\n"
+                              + wire.frame(wire.FrameType.SERVER_KEY, b"DERP\x00\x00\x00\x00"
+                                           + bytes(32)))
+        await trio.sleep_forever()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, fake_server, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    with pytest.raises(dc.DerpClientError, match="lacks the DERP magic"):
+        async with dc.connect(f"http://127.0.0.1:{port}/derp"):
+            pass

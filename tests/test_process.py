@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import stat
 from contextlib import asynccontextmanager
 
@@ -15,7 +16,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from derper import client as dc
 from derper.certs import cert_pin
 from tests.conftest import client_context, write_cert
-from tests.process import DerperProcess, free_port, run_derper
+from tests.process import DerperProcess, free_port, run_derper, stun_query
 from tests.relay_helpers import assert_relays, recv_kind
 
 
@@ -38,6 +39,7 @@ async def test_dev_command_line_as_checked_and_sigterm_sends_restarting(tmp_path
         assert stat.S_IMODE(key.stat().st_mode) == 0o600
         saved = json.loads(key.read_text())["PrivateKey"]
         assert saved.startswith("privkey:") and len(saved) == 8 + 64
+        await stun_query(3478)
         async with dc.connect("http://127.0.0.1:3340/derp") as a, \
                 dc.connect("http://127.0.0.1:3340/derp") as b:
             await assert_relays(a, b)
@@ -70,6 +72,7 @@ async def test_tls_command_line_as_checked_and_sighup_reloads_certificates(tmp_p
         async with dc.connect(u, **opts) as a, dc.connect(u, **opts) as b:
             assert a.fast_start and a.tls_version == "TLSv1.3"
             await assert_relays(a, b)
+            await stun_query(3479)
             first_leaf = a.peer_chain[0]
             write_cert(ca, certdir, "localhost")  # certbot renewed it
             proc.signal(signal.SIGHUP)
@@ -158,15 +161,18 @@ def test_corrupt_key_file_is_an_error_and_left_alone(tmp_path):
     assert result.returncode == 1 and "cannot read server key file" in result.stderr
 
 
-async def test_port_in_use_is_a_clear_error(tmp_path):
-    port = free_port()
-    listener = trio.socket.socket()
-    await listener.bind(("127.0.0.1", port))
-    listener.listen()
-    result = run_derper(["-dev", "-a", f"127.0.0.1:{port}", "-stun=false"])
-    listener.close()
+@pytest.mark.parametrize("kind", ["tcp", "udp"])
+async def test_port_in_use_is_a_clear_error(tmp_path, kind):
+    port, stun_port = free_port(), free_port(socket.SOCK_DGRAM)
+    busy = trio.socket.socket(type=socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM)
+    await busy.bind(("127.0.0.1", port if kind == "tcp" else stun_port))
+    if kind == "tcp":
+        busy.listen()
+    result = run_derper(["-dev", "-a", f"127.0.0.1:{port}", "-stun-port", str(stun_port)])
+    busy.close()
     assert result.returncode == 1
     assert "cannot listen: Address already in use" in result.stderr
+    assert f"-stun-port {stun_port} (UDP)" in result.stderr
     assert "Traceback" not in result.stderr
 
 
