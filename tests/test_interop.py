@@ -18,7 +18,7 @@ from derper.keys import KeyPair, parse_private
 from derper.wire import ALL_TYPES, FrameReader, FrameType, is_disco
 from tests.relay_helpers import wait_until
 
-INTEROP = Path(__file__).resolve().parents[2] / "shared" / "interop"
+INTEROP = Path(__file__).resolve().parent / "data" / "interop"  # copied from the reference set
 RECORDINGS = ["tailscaled-http-session.json", "derp-client-http-session.json"]
 
 
