@@ -13,9 +13,8 @@ import hashlib
 import ssl
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from functools import partial
 from typing import AsyncIterator
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import h11
 import trio
@@ -205,6 +204,27 @@ def check_pin(chain: list[bytes], pin: str) -> None:
         raise DerpClientError("pinned certificate is outside its validity period")
 
 
+CLOSE_TIMEOUT = 1.0
+
+
+@dataclass(frozen=True)
+class _Options:
+    url: SplitResult
+    keypair: KeyPair
+    ssl_context: ssl.SSLContext | None
+    cert_pin: str | None
+    server_hostname: str
+    dial_host: str
+    dial_port: int
+    fast_start: bool
+    websocket: bool
+    mesh_key: bytes | None
+    is_prober: bool
+    can_ack_pings: bool
+    ideal_node: str | None
+    timeout: float
+
+
 @asynccontextmanager
 async def connect(url: str, keypair: KeyPair | None = None, *,
                   ssl_context: ssl.SSLContext | None = None, cert_pin: str | None = None,
@@ -221,31 +241,24 @@ async def connect(url: str, keypair: KeyPair | None = None, *,
     parsed = urlsplit(url)
     if parsed.scheme not in ("http", "https"):
         raise ValueError(f"DERP URL must be http:// or https://, not {url!r}")
-    keypair = keypair or KeyPair.generate()
     host = parsed.hostname or ""
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     dial_host, dial_port = dial or (host, port)
-    establish = partial(_establish, parsed, keypair, ssl_context, cert_pin,
-                        server_hostname or host, dial_host, dial_port, fast_start, mesh_key,
-                        is_prober, can_ack_pings, ideal_node, timeout)
+    opts = _Options(parsed, keypair or KeyPair.generate(), ssl_context, cert_pin,
+                    server_hostname or host, dial_host, dial_port, fast_start, websocket,
+                    mesh_key, is_prober, can_ack_pings, ideal_node, timeout)
     if not websocket:
-        client = await establish(None)
-        try:
+        async with _closing(await _establish(opts, None)) as client:
             yield client
-        finally:
-            with trio.CancelScope(shield=True):
-                await client.aclose()
         return
     # trio-websocket needs a nursery for its reader task. Errors leaving a nursery come
     # wrapped in an ExceptionGroup; callers get the one exception, as with the other transports.
     try:
         async with trio.open_nursery() as nursery:
-            client = await establish(nursery)
             try:
-                yield client
+                async with _closing(await _establish(opts, nursery)) as client:
+                    yield client
             finally:
-                with trio.CancelScope(shield=True):
-                    await client.aclose()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         if len(group.exceptions) == 1:
@@ -253,43 +266,50 @@ async def connect(url: str, keypair: KeyPair | None = None, *,
         raise
 
 
-async def _establish(url, keypair, ssl_context, cert_pin, server_hostname, dial_host, dial_port,
-                     fast_start, mesh_key, is_prober, can_ack_pings, ideal_node, timeout,
-                     nursery: trio.Nursery | None) -> DerpClient:
+@asynccontextmanager
+async def _closing(client: DerpClient) -> AsyncIterator[DerpClient]:
     try:
-        with trio.fail_after(timeout):
-            return await _connect(nursery, url, keypair, ssl_context, cert_pin, server_hostname,
-                                  dial_host, dial_port, fast_start, nursery is not None,
-                                  mesh_key, is_prober, can_ack_pings, ideal_node)
+        yield client
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+            await client.aclose()
+
+
+async def _establish(opts: _Options, nursery: trio.Nursery | None) -> DerpClient:
+    where = opts.url.geturl()
+    try:
+        with trio.fail_after(opts.timeout):
+            return await _connect(opts, nursery)
     except trio.TooSlowError:
-        raise DerpClientError(f"timed out connecting to {url.geturl()} after {timeout:g}s") \
+        raise DerpClientError(f"timed out connecting to {where} after {opts.timeout:g}s") \
             from None
     except (OSError, trio.BrokenResourceError) as e:
-        raise DerpClientError(f"cannot connect to {url.geturl()}: {e}") from None
+        raise DerpClientError(f"cannot connect to {where}: {e}") from None
 
 
-async def _connect(nursery, url, keypair, ssl_context, cert_pin, server_hostname, dial_host,
-                   dial_port, fast_start, websocket, mesh_key, is_prober, can_ack_pings,
-                   ideal_node) -> DerpClient:
-    stream: trio.abc.Stream = await trio.open_tcp_stream(dial_host, dial_port)
+async def _connect(opts: _Options, nursery: trio.Nursery | None) -> DerpClient:
+    url, keypair = opts.url, opts.keypair
+    stream: trio.abc.Stream = await trio.open_tcp_stream(opts.dial_host, opts.dial_port)
     tls_version, chain, meta = None, [], None
     try:
         if url.scheme == "https":
-            ctx = ssl_context or (pinned_context() if cert_pin else ssl.create_default_context())
-            tls = TLSStream(stream, ctx, server_side=False, server_hostname=server_hostname)
+            ctx = opts.ssl_context or (pinned_context() if opts.cert_pin
+                                       else ssl.create_default_context())
+            tls = TLSStream(stream, ctx, server_side=False, server_hostname=opts.server_hostname)
             stream = tls
             await tls.do_handshake()
             tls_version = tls.version()
             chain = tls.peer_chain_der()
-            if cert_pin:
-                check_pin(chain, cert_pin)
+            if opts.cert_pin:
+                check_pin(chain, opts.cert_pin)
             meta = next(filter(None, map(metacert.parse, chain)), None)
-        info_json = handshake.client_info_json(mesh_key=mesh_key, can_ack_pings=can_ack_pings,
-                                               is_prober=is_prober)
+        info_json = handshake.client_info_json(mesh_key=opts.mesh_key,
+                                               can_ack_pings=opts.can_ack_pings,
+                                               is_prober=opts.is_prober)
         reader = FrameReader(_CLIENT_LIMITS, wanted=wire.ALL_TYPES)
-        use_fast = (not websocket and fast_start and tls_version == "TLSv1.3" and meta is not None
-                    and meta[0] != bytes(32) and meta[1] != 0)
-        if websocket:
+        use_fast = (not opts.websocket and opts.fast_start and tls_version == "TLSv1.3"
+                    and meta is not None and meta[0] != bytes(32) and meta[1] != 0)
+        if opts.websocket:
             ws = await trio_websocket.wrap_client_stream(
                 nursery, stream, _host_header(url), "/derp", subprotocols=[SUBPROTOCOL],
                 max_message_size=1 << 20)
@@ -297,7 +317,7 @@ async def _connect(nursery, url, keypair, ssl_context, cert_pin, server_hostname
             server_key = await _read_server_key(stream, reader)
         else:
             http = h11.Connection(h11.CLIENT)
-            request = _upgrade_request(http, url, use_fast, ideal_node)
+            request = _upgrade_request(http, url, use_fast, opts.ideal_node)
             if use_fast:  # request and ClientInfo in one write; no HTTP response will come
                 server_key = meta[0]
                 await stream.send_all(request + handshake.client_info_frame(
@@ -311,7 +331,7 @@ async def _connect(nursery, url, keypair, ssl_context, cert_pin, server_hostname
                                                               server_key, info_json))
         info = await _read_server_info(stream, reader, keypair, server_key)
     except BaseException:
-        with trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
             await stream.aclose()
         raise
     return DerpClient(stream, keypair, server_key, info, reader, tls_version=tls_version,

@@ -19,7 +19,7 @@ from .keys import public_text
 from .limits import TokenBucket
 from .metrics import DropReason
 from .relay import Relay
-from .sendqueue import SendQueue
+from .sendqueue import RECV_OVERHEAD, SendQueue
 from .wire import FrameError, FrameReader, FrameType, PeerGoneReason, PeerPresentFlags
 
 log = logs.get("derper.session")
@@ -53,6 +53,10 @@ class ProtocolError(Exception):
 
 class WriteTimeout(Exception):
     pass
+
+
+def _lost(e: Exception) -> str:
+    return f"connection lost: {e}" if str(e) else "connection lost"
 
 
 async def serve_derp(relay: Relay, stream: trio.abc.Stream, *, remote_ip: str | None,
@@ -97,7 +101,7 @@ async def serve_derp(relay: Relay, stream: trio.abc.Stream, *, remote_ip: str | 
     except trio.TooSlowError:
         session.close_reason = "timed out writing ServerInfo"
     except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-        session.close_reason = f"connection lost: {e}" if str(e) else "connection lost"
+        session.close_reason = _lost(e)
     finally:
         session.finish()
     level = log.warning if session.close_is_error else log.info
@@ -163,7 +167,7 @@ class Session:
 
     def deliver(self, frame: bytearray, disco: bool) -> None:
         if self._closing:
-            self.relay.stats.drop(DropReason.GONE_DISCONNECTED, disco, len(frame) - 37)
+            self.relay.stats.drop(DropReason.GONE_DISCONNECTED, disco, len(frame) - RECV_OVERHEAD)
             return
         self.queue.put(frame, disco)
         if self._parked:
@@ -215,7 +219,7 @@ class Session:
         except WriteTimeout as e:
             self.close_reason = str(e)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-            self.close_reason = f"connection lost: {e}" if str(e) else "connection lost"
+            self.close_reason = _lost(e)
         finally:
             scope.cancel()
 
