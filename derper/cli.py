@@ -119,11 +119,12 @@ def build_config(argv: list[str], environ: Mapping[str, str]) -> tuple[Config, s
     depth = environ.get("TS_DEBUG_DERP_PER_CLIENT_SEND_QUEUE_DEPTH")
     if depth:
         try:
-            if int(depth) > 0:  # as in Go, zero or less means "use the default"
-                config.queue_depth = int(depth)
+            value = int(depth)
         except ValueError:
             raise UsageError("TS_DEBUG_DERP_PER_CLIENT_SEND_QUEUE_DEPTH must be an integer") \
                 from None
+        if value > 0:  # as in Go, zero or less means "use the default"
+            config.queue_depth = value
     if config.log_level not in LEVELS:
         raise UsageError(f"-log-level must be one of {', '.join(LEVELS)}, not {config.log_level!r}")
     return config, explicit, show_version

@@ -45,9 +45,9 @@ class Stats:
         self.packets_dropped = [0] * (len(DropReason) * 2)
         self.bytes_dropped = [0] * (len(DropReason) * 2)
 
-    def drop(self, reason: DropReason, disco: bool, nbytes: int) -> None:
+    def drop(self, reason: DropReason, disco: bool, nbytes: int, packets: int = 1) -> None:
         i = reason * 2 + disco
-        self.packets_dropped[i] += 1
+        self.packets_dropped[i] += packets
         self.bytes_dropped[i] += nbytes
 
     def dropped(self, reason: DropReason, disco: bool | None = None) -> int:

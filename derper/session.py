@@ -430,8 +430,5 @@ class Session:
 
     def _count_write_error(self, nd: int, bd: int, no: int, bo: int) -> None:
         stats = self.relay.stats
-        for disco, n, b in ((True, nd, bd), (False, no, bo)):
-            if n:
-                i = DropReason.WRITE_ERROR * 2 + disco
-                stats.packets_dropped[i] += n
-                stats.bytes_dropped[i] += b
+        stats.drop(DropReason.WRITE_ERROR, True, bd, packets=nd)
+        stats.drop(DropReason.WRITE_ERROR, False, bo, packets=no)
