@@ -13,6 +13,8 @@ import subprocess
 import pytest
 
 _apt_updated = False
+# Parallel test runs (or a package manager already running) hold dpkg's lock: wait, don't fail.
+_WAIT_FOR_LOCK = ("-o", "DPkg::Lock::Timeout=600")
 
 
 def require_binary(binary: str, package: str) -> str:
@@ -25,10 +27,11 @@ def require_binary(binary: str, package: str) -> str:
         pytest.skip(f"{binary} missing and cannot apt-get install {package} (not root)")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     if not _apt_updated:
-        subprocess.run(["apt-get", "update", "-qq"], check=False, env=env,
+        subprocess.run(["apt-get", *_WAIT_FOR_LOCK, "update", "-qq"], check=False, env=env,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
         _apt_updated = True
-    proc = subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", package],
+    proc = subprocess.run(["apt-get", *_WAIT_FOR_LOCK, "install", "-y", "-qq",
+                           "--no-install-recommends", package],
                           env=env, capture_output=True, text=True, timeout=600)
     path = shutil.which(binary)
     if not path:
