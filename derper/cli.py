@@ -79,6 +79,14 @@ SERVE_FLAGS = [
     Flag("accept-connection-burst", "accept_connection_burst", "int",
          "burst of new connections allowed above -accept-connection-limit",
          ("DERP_ACCEPT_CONNECTION_BURST",)),
+    Flag("metrics-addr", "metrics_addr", "string",
+         'where Prometheus scrapes /metrics, "ip:port" (loopback by default); "" disables. A '
+         "port that cannot be bound is logged and the relay runs on without metrics",
+         ("DERP_METRICS_ADDR",)),
+    Flag("debug-allow-cidrs", "debug_allow_cidrs", "string",
+         "comma-separated IP prefixes (e.g. 10.0.0.0/8) that may read /debug/varz on the main "
+         "port besides loopback; requests carrying X-Forwarded-For are always refused",
+         ("DERP_DEBUG_ALLOW_CIDRS",)),
     Flag("log-level", "log_level", "string", "debug, info, warning or error",
          ("DERP_LOG_LEVEL",)),
     Flag("version", "version", "bool", "print the version and exit"),

@@ -53,6 +53,8 @@ class Config:
     accept_connection_limit: float = math.inf
     accept_connection_burst: int = sys.maxsize
     log_level: str = "info"
+    metrics_addr: str = "127.0.0.1:9437"  # /metrics; "" disables. Not Prometheus's own 9090
+    debug_allow_cidrs: str = ""  # /debug/varz beyond loopback
     # Not flags: protocol timers and sizes that tests (and the Go debug env knob
     # TS_DEBUG_DERP_PER_CLIENT_SEND_QUEUE_DEPTH) may change.
     keepalive_interval: float = 60.0

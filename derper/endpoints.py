@@ -28,6 +28,7 @@ class Request:
     method: str
     target: str  # as sent: path plus query
     headers: list[tuple[bytes, bytes]]  # names lower-cased (h11)
+    remote_ip: str | None = None
 
     @property
     def path(self) -> str:
@@ -104,8 +105,10 @@ class Endpoints:
     """Routes the main listener's non-DERP requests."""
 
     def __init__(self, *, home: str, derp_enabled: bool,
-                 bootstrap_body: Callable[[], bytes]) -> None:
+                 bootstrap_body: Callable[[], bytes],
+                 varz: Callable[[Request], Response] | None = None) -> None:
         self.home = validate_home(home)
+        self.varz = varz
         self.derp_enabled = derp_enabled
         self.bootstrap_body = bootstrap_body
 
@@ -120,6 +123,8 @@ class Endpoints:
         if path == "/bootstrap-dns":
             return Response(200, [("Content-Type", "application/json")] + BROWSER_HEADERS,
                             self.bootstrap_body(), close=True)
+        if path == "/debug/varz" and self.varz is not None:
+            return self.varz(req)
         if path == "/derp" and not self.derp_enabled:
             return error(404, "derp server disabled")
         return home_page(self.home, self.derp_enabled)

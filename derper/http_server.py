@@ -31,8 +31,9 @@ class BadRequest(Exception):
 class HttpConnection:
     """h11 server state over one stream (plain or TLS)."""
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
+    def __init__(self, stream: trio.abc.Stream, remote_ip: str | None = None) -> None:
         self.stream = stream
+        self.remote_ip = remote_ip
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
 
     async def _next_event(self):
@@ -52,7 +53,8 @@ class HttpConnection:
             if not isinstance(event, h11.Request):
                 raise BadRequest(f"unexpected {type(event).__name__}")
             req = Request(event.method.decode("ascii", "replace"),
-                          event.target.decode("ascii", "replace"), list(event.headers))
+                          event.target.decode("ascii", "replace"), list(event.headers),
+                          self.remote_ip)
             seen = 0
             while True:
                 ev = await self._next_event()
@@ -120,7 +122,7 @@ async def serve_http(stream: trio.abc.Stream, remote_ip: str | None, remote_port
     ``relay`` enables ``/derp`` upgrades (the main listener with ``-derp`` on); ``handle``
     answers every other request.
     """
-    http = HttpConnection(stream)
+    http = HttpConnection(stream, remote_ip)
     remote = f"{remote_ip}:{remote_port}"
     for _ in range(MAX_REQUESTS):
         try:
@@ -129,7 +131,8 @@ async def serve_http(stream: trio.abc.Stream, remote_ip: str | None, remote_port
         except trio.TooSlowError:
             return
         except BadRequest as e:
-            log.info("closing connection: bad HTTP request", remote=remote, error=str(e))
+            logs.throttled(log, "info", "closing connection: bad HTTP request", remote=remote,
+                           error=str(e))
             await http.respond_error(400, "bad request")
             return
         if req is None:

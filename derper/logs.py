@@ -87,3 +87,41 @@ class EventLogger:
 
 def get(name: str) -> EventLogger:
     return EventLogger(name)
+
+
+
+class Throttle:
+    """At most one line per key per ``interval``; the next one says how many were left out.
+
+    For messages a scanner or a broken client can trigger at will (bad HTTP, TLS garbage, bad
+    handshakes): the first one shows what is happening, the rest would only flood the journal.
+    Keys are a bounded set of message kinds chosen by the caller, never peer-controlled text.
+    """
+
+    __slots__ = ("interval", "total", "_last", "_suppressed")
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self.total = 0  # lines left out so far (a metric)
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def check(self, key: str, now: float) -> int | None:
+        """None to stay quiet; else log now, noting the returned count of lines left out."""
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            self.total += 1
+            return None
+        self._last[key] = now
+        return self._suppressed.pop(key, 0)
+
+
+THROTTLE = Throttle()
+
+
+def throttled(log: EventLogger, level: str, msg: str, **fields) -> None:
+    """``log.<level>(msg, ...)``, rate-limited per message by the process-wide ``THROTTLE``."""
+    n = THROTTLE.check(msg, time.monotonic())
+    if n is not None:
+        getattr(log, level)(msg, **fields, suppressed=n or None)

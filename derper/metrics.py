@@ -21,6 +21,50 @@ class DropReason(IntEnum):
 
 KINDS = ("other", "disco")  # indexed by int(is_disco)
 
+# Go's derper_tls_request_version labels; index of what ``SSLObject.version()`` said.
+TLS_VERSIONS = ("1.0", "1.1", "1.2", "1.3", "unknown")
+_TLS_INDEX = {"TLSv1": 0, "TLSv1.1": 1, "TLSv1.2": 2, "TLSv1.3": 3}
+
+
+def tls_version_index(version: str | None) -> int:
+    return _TLS_INDEX.get(version or "", len(TLS_VERSIONS) - 1)
+
+
+# Upper bounds of Go's histogram buckets (spec §6.1); the last slot counts everything above.
+BUFFERED_WRITE_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 15, 20, 25, 50, 100)
+MESH_UPDATE_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+
+
+def _bucket_table(bounds: tuple[int, ...]) -> tuple[int, ...]:
+    """n → bucket slot for 0 ≤ n ≤ bounds[-1] + 1 (callers clamp n), so observing is one lookup."""
+    return tuple(next((i for i, b in enumerate(bounds) if n <= b), len(bounds))
+                 for n in range(bounds[-1] + 2))
+
+
+class Histogram:
+    """Integer observations into fixed buckets: a table lookup and two adds per observation."""
+
+    __slots__ = ("bounds", "counts", "sum", "_slot", "_cap")
+
+    def __init__(self, bounds: tuple[int, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0
+        self._slot = _bucket_table(bounds)
+        self._cap = bounds[-1] + 1
+
+    def observe(self, n: int) -> None:
+        self.counts[self._slot[n if n < self._cap else self._cap]] += 1
+        self.sum += n
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """(upper bound, observations ≤ bound) pairs ending with +Inf, as exposition wants."""
+        out, total = [], 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts):
+            total += count
+            out.append((bound, total))
+        return out
+
 
 class Stats:
     __slots__ = (
@@ -36,6 +80,8 @@ class Stats:
         "accepted_connections", "rejected_connections",
         "handshake_failures",
         "packets_dropped", "bytes_dropped",
+        "average_queue_duration_ms", "buffered_write_frames", "mesh_update_batch_size",
+        "tls_handshakes", "tls_active",
     )
 
     def __init__(self) -> None:
@@ -44,11 +90,22 @@ class Stats:
         # [reason * 2 + is_disco], pre-created for every combination as the Go server does.
         self.packets_dropped = [0] * (len(DropReason) * 2)
         self.bytes_dropped = [0] * (len(DropReason) * 2)
+        # Go's EMA (α = 0.1) of the queue wait, updated once per written batch (see session.py).
+        self.average_queue_duration_ms = 0.0
+        self.buffered_write_frames = Histogram(BUFFERED_WRITE_BUCKETS)  # frames per socket write
+        self.mesh_update_batch_size = Histogram(MESH_UPDATE_BUCKETS)  # presence notes per write
+        # Completed TLS handshakes, and live TLS connections, by TLS_VERSIONS index.
+        self.tls_handshakes = [0] * len(TLS_VERSIONS)
+        self.tls_active = [0] * len(TLS_VERSIONS)
 
     def drop(self, reason: DropReason, disco: bool, nbytes: int, packets: int = 1) -> None:
         i = reason * 2 + disco
         self.packets_dropped[i] += packets
         self.bytes_dropped[i] += nbytes
+
+    def note_queue_wait(self, seconds: float) -> None:
+        self.average_queue_duration_ms = (0.9 * self.average_queue_duration_ms
+                                          + 100.0 * seconds)  # 0.1 × seconds × 1000
 
     def dropped(self, reason: DropReason, disco: bool | None = None) -> int:
         """Packets dropped for ``reason`` (of one kind, or both)."""

@@ -15,16 +15,18 @@ import trio
 from stun.counters import StunCounters
 from stun.server import open_stun_socket, serve_socket
 
-from . import logs, metacert, wire
+from . import __version__, logs, metacert, prom, varz, wire
 from .bootstrap_dns import BootstrapDNS, parse_names
 from .certs import CertError, derp_node_json, ensure_ip_cert, load_manual, parse_ip
 from .config import CERT_MODES, Config
 from .endpoints import Endpoints, https_redirect
+from .exposition import Exposition
 from .http_server import serve_http
 from .keys import KeyPair, public_text
 from .limits import TokenBucket
 from .listener import (accept_loop, bound_port, host_literal, open_listener, parse_addr,
                        peer_address, tune)
+from .metrics import tls_version_index
 from .relay import Relay
 from .tls import ServerTLS
 from .tls_stream import TLSStream
@@ -55,6 +57,9 @@ class Server:
             self.listen_host, self.listen_port = parse_addr(config.addr)
             self.endpoints = Endpoints(home=config.home, derp_enabled=config.derp,
                                        bootstrap_body=lambda: self.bootstrap.body)
+            if config.metrics_addr:
+                parse_addr(config.metrics_addr)
+            debug_allow = varz.parse_cidrs(config.debug_allow_cidrs)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.relay = Relay(keypair, mesh_key, keepalive_interval=config.keepalive_interval,
@@ -63,6 +68,9 @@ class Server:
                            queue_depth=config.queue_depth)
         self.tls = self._load_tls() if config.tls else None
         self.stun_counters = StunCounters()
+        self.exposition = Exposition(self.relay, self.stun_counters, __version__)
+        self.endpoints.varz = varz.handler(self.exposition.metrics, debug_allow)
+        self.metrics_port: int | None = None
         self.main_port: int | None = None
         self.http_port: int | None = None
         self.stun_port: int | None = None
@@ -142,14 +150,31 @@ class Server:
                 nursery.start_soon(self.bootstrap.refresh_forever)
             if handle_signals:
                 nursery.start_soon(self._signal_loop)
+            metrics = self._open_metrics()
+            if metrics is not None:
+                nursery.start_soon(metrics.serve, prom.registry(self.exposition.metrics))
             where = host_literal(self.listen_host)
             log.info("derper listening", addr=f"{where}:{self.main_port}",
                      scheme="https" if self.tls else "http",
                      http_helper=f"{where}:{self.http_port}" if helper else None,
                      stun=f"{where}:{self.stun_port}/udp" if stun else None,
                      derp="on" if config.derp else "off",
+                     metrics=metrics.url if metrics else None,
                      server_key=public_text(self.relay.public_key))
             task_status.started(self)
+
+    def _open_metrics(self) -> prom.MetricsListener | None:
+        """The /metrics listener; a port that cannot be bound costs the metrics, not the relay."""
+        if not self.config.metrics_addr:
+            return None
+        try:
+            metrics = prom.MetricsListener(self.config.metrics_addr)
+        except OSError as e:
+            log.error("cannot serve metrics; running without them",
+                      metrics_addr=self.config.metrics_addr, error=e.strerror or str(e))
+            return None
+        self.metrics_port = metrics.port
+        return metrics
 
     async def _signal_loop(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -185,6 +210,8 @@ class Server:
         tune(stream, config.tcp_keepalive_time, config.tcp_user_timeout)
         ip, port = peer_address(stream)
         conn: trio.abc.Stream = stream
+        stats = self.relay.stats
+        tls_version = None
         try:
             if self.tls is not None:
                 conn = TLSStream(stream, self.tls.context, server_side=True)
@@ -192,12 +219,17 @@ class Server:
                     with trio.fail_after(config.handshake_timeout):
                         await conn.do_handshake()
                 except trio.TooSlowError:
-                    log.info("closing connection: TLS handshake timed out", remote=f"{ip}:{port}")
+                    logs.throttled(log, "info", "closing connection: TLS handshake timed out",
+                                   remote=f"{ip}:{port}")
                     return
                 except trio.BrokenResourceError as e:
-                    log.info("closing connection: TLS handshake failed", remote=f"{ip}:{port}",
+                    logs.throttled(log, "info", "closing connection: TLS handshake failed",
+                                   remote=f"{ip}:{port}",
                              error=str(e))
                     return
+                tls_version = tls_version_index(conn.version())
+                stats.tls_handshakes[tls_version] += 1
+                stats.tls_active[tls_version] += 1
             await serve_http(conn, ip, port, head_timeout=config.handshake_timeout,
                              handle=self.endpoints.handle,
                              relay=self.relay if config.derp else None)
@@ -206,6 +238,8 @@ class Server:
         except Exception:
             log.exception("internal error on a connection; closed it", remote=f"{ip}:{port}")
         finally:
+            if tls_version is not None:
+                stats.tls_active[tls_version] -= 1
             with trio.CancelScope(shield=True):
                 await conn.aclose()
 

@@ -78,11 +78,12 @@ async def serve_derp(relay: Relay, stream: trio.abc.Stream, *, remote_ip: str | 
             info = await _read_client_info(relay, stream, reader)
     except (FrameError, HandshakeError, ProtocolError) as e:
         stats.handshake_failures += 1
-        log.warning("closing connection: bad DERP handshake", remote=remote, error=str(e))
+        logs.throttled(log, "warning", "closing connection: bad DERP handshake", remote=remote,
+                       error=str(e))
         return
     except trio.TooSlowError:
         stats.handshake_failures += 1
-        log.info("closing connection: DERP handshake timed out", remote=remote)
+        logs.throttled(log, "info", "closing connection: DERP handshake timed out", remote=remote)
         return
     except (trio.BrokenResourceError, trio.ClosedResourceError, EOFError) as e:
         stats.handshake_failures += 1
@@ -153,6 +154,7 @@ class Session:
         self.preferred = False
         self._lot = trio.lowlevel.ParkingLot()
         self._parked = False
+        self._woken_at = self.connected_at  # when the writer last took a batch or was woken
         self._closing = False
         self._pong: bytes | None = None
         self._peer_gone: dict[bytes, bytes] = {}  # coalesced by key
@@ -201,6 +203,7 @@ class Session:
     def _wake(self) -> None:
         if self._parked:
             self._parked = False
+            self._woken_at = trio.current_time()
             self._lot.unpark()
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -377,7 +380,8 @@ class Session:
                 with trio.move_on_at(next_keepalive):
                     await self._lot.park()
                 self._parked = False
-            if trio.current_time() >= next_keepalive:
+            now = trio.current_time()
+            if now >= next_keepalive:
                 batch.append(wire.KEEP_ALIVE)  # on every tick, whatever else was sent
                 next_keepalive += period
                 if next_keepalive <= trio.current_time():  # ticks missed while blocked don't pile up
@@ -396,7 +400,11 @@ class Session:
                         gone_disconnected += 1
                 self._peer_gone.clear()
             nd, bd, no, bo = queue.take(batch)
+            if nd or no:  # the oldest packet came after the last take or woke us: an upper bound
+                stats.note_queue_wait(now - self._woken_at)
+            self._woken_at = now
             if self._presence:
+                stats.mesh_update_batch_size.observe(len(self._presence))
                 batch.extend(self._presence.values())
                 self._presence.clear()
             restarting = self._restarting
@@ -404,6 +412,7 @@ class Session:
                 batch.append(restarting)
             if not batch:
                 continue
+            stats.buffered_write_frames.observe(len(batch))
             data = batch[0] if len(batch) == 1 else b"".join(batch)
             batch.clear()
             try:

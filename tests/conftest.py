@@ -35,7 +35,7 @@ def client_context(ca: trustme.CA, *, max_version: ssl.TLSVersion | None = None)
     return ctx
 
 
-BASE = Config(addr="127.0.0.1:0", dev=True, stun=False, http_port=-1)
+BASE = Config(addr="127.0.0.1:0", dev=True, stun=False, http_port=-1, metrics_addr="")
 
 
 @pytest.fixture
@@ -61,3 +61,11 @@ def url(server: Server) -> str:
     scheme = "https" if server.tls else "http"
     host = "localhost" if server.tls else "127.0.0.1"
     return f"{scheme}://{host}:{server.main_port}/derp"
+
+
+@pytest.fixture(autouse=True)
+def fresh_log_throttle(monkeypatch):
+    """Each test sees its own first 'bad request' lines, not a neighbour's rate limit."""
+    from derper import logs
+
+    monkeypatch.setattr(logs, "THROTTLE", logs.Throttle())
