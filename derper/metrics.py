@@ -35,34 +35,38 @@ BUFFERED_WRITE_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 15, 20, 25, 50, 100)
 MESH_UPDATE_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
 
-def _bucket_table(bounds: tuple[int, ...]) -> tuple[int, ...]:
-    """n → bucket slot for 0 ≤ n ≤ bounds[-1] + 1 (callers clamp n), so observing is one lookup."""
-    return tuple(next((i for i, b in enumerate(bounds) if n <= b), len(bounds))
-                 for n in range(bounds[-1] + 2))
-
-
 class Histogram:
-    """Integer observations into fixed buckets: a table lookup and two adds per observation."""
+    """Integer observations counted per exact value up to the last bound, so observing is one
+    list add (the hot path inlines it); buckets and the sum are worked out on scrape."""
 
-    __slots__ = ("bounds", "counts", "sum", "_slot", "_cap")
+    __slots__ = ("bounds", "cap", "by_value", "over_sum")
 
     def __init__(self, bounds: tuple[int, ...]) -> None:
         self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.sum = 0
-        self._slot = _bucket_table(bounds)
-        self._cap = bounds[-1] + 1
+        self.cap = bounds[-1] + 1
+        self.by_value = [0] * (self.cap + 1)  # the last slot counts everything ≥ cap
+        self.over_sum = 0  # sum of those
 
     def observe(self, n: int) -> None:
-        self.counts[self._slot[n if n < self._cap else self._cap]] += 1
-        self.sum += n
+        if n < self.cap:
+            self.by_value[n] += 1
+        else:
+            self.by_value[self.cap] += 1
+            self.over_sum += n
+
+    @property
+    def sum(self) -> int:
+        return sum(i * c for i, c in enumerate(self.by_value[:self.cap])) + self.over_sum
 
     def cumulative(self) -> list[tuple[float, int]]:
         """(upper bound, observations ≤ bound) pairs ending with +Inf, as exposition wants."""
-        out, total = [], 0
-        for bound, count in zip((*self.bounds, float("inf")), self.counts):
-            total += count
+        out, total, i = [], 0, 0
+        for bound in self.bounds:
+            while i <= bound:
+                total += self.by_value[i]
+                i += 1
             out.append((bound, total))
+        out.append((float("inf"), total + self.by_value[self.cap]))
         return out
 
 
@@ -90,7 +94,7 @@ class Stats:
         # [reason * 2 + is_disco], pre-created for every combination as the Go server does.
         self.packets_dropped = [0] * (len(DropReason) * 2)
         self.bytes_dropped = [0] * (len(DropReason) * 2)
-        # Go's EMA (α = 0.1) of the queue wait, updated once per written batch (see session.py).
+        # Go's EMA (α = 0.1) of the queue wait, updated by the writer once per batch (session.py).
         self.average_queue_duration_ms = 0.0
         self.buffered_write_frames = Histogram(BUFFERED_WRITE_BUCKETS)  # frames per socket write
         self.mesh_update_batch_size = Histogram(MESH_UPDATE_BUCKETS)  # presence notes per write
@@ -102,10 +106,6 @@ class Stats:
         i = reason * 2 + disco
         self.packets_dropped[i] += packets
         self.bytes_dropped[i] += nbytes
-
-    def note_queue_wait(self, seconds: float) -> None:
-        self.average_queue_duration_ms = (0.9 * self.average_queue_duration_ms
-                                          + 100.0 * seconds)  # 0.1 × seconds × 1000
 
     def dropped(self, reason: DropReason, disco: bool | None = None) -> int:
         """Packets dropped for ``reason`` (of one kind, or both)."""

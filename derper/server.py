@@ -57,11 +57,14 @@ class Server:
             self.listen_host, self.listen_port = parse_addr(config.addr)
             self.endpoints = Endpoints(home=config.home, derp_enabled=config.derp,
                                        bootstrap_body=lambda: self.bootstrap.body)
-            if config.metrics_addr:
-                parse_addr(config.metrics_addr)
             debug_allow = varz.parse_cidrs(config.debug_allow_cidrs)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if config.metrics_addr:
+            try:
+                parse_addr(config.metrics_addr)
+            except ValueError as e:
+                raise ConfigError(f"-metrics-addr: {e}") from None
         self.relay = Relay(keypair, mesh_key, keepalive_interval=config.keepalive_interval,
                            write_timeout=config.tcp_write_timeout,
                            handshake_timeout=config.handshake_timeout,

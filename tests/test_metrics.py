@@ -19,7 +19,7 @@ import trio
 from derper import client as dc
 from derper import logs, wire
 from derper.config import Config
-from derper.metrics import DropReason
+from derper.metrics import DropReason, Histogram
 from derper.server import ConfigError, Server
 from derper.keys import KeyPair
 from derper.varz import debug_allowed, go_number, parse_cidrs
@@ -93,8 +93,10 @@ def sample_names(text: str) -> set[str]:
             for line in text.splitlines() if line and not line.startswith("#")}
 
 
-async def traffic(server: Server, ca) -> None:
-    """Relayed packets, a ping, an unknown destination (other and disco): varied counters."""
+async def traffic(server: Server, ca) -> list[bytes]:
+    """Relayed packets, an unknown destination (other and disco), a home move: varied counters.
+
+    Returns every private key involved, for checks that none leaks."""
     opts = connect_opts(server, ca)
     async with dc.connect(url(server), **opts) as a, dc.connect(url(server), **opts) as b:
         await assert_relays(a, b, b"hello")
@@ -103,12 +105,20 @@ async def traffic(server: Server, ca) -> None:
         await recv_kind(a, dc.PeerGoneMessage)
         await a.note_preferred(True)
     await wait_until(lambda: server.relay.router.current_connections == 0)
+    return [server.relay.keypair.private, a.keypair.private, b.keypair.private]
 
 
-async def test_metrics_pass_promtool_and_show_every_drop_reason(start_server, ca):
+def assert_no_secret(secrets: list[bytes], *texts: str) -> None:
+    for secret in secrets:
+        for form in (secret.hex(), "privkey:" + secret.hex()):
+            assert not any(form in t for t in texts)
+
+
+async def test_metrics_pass_promtool_and_show_every_drop_reason(start_server, ca, caplog):
+    caplog.set_level(logging.DEBUG, logger="derper")
     promtool = require_binary("promtool", "prometheus")
     server = await start_server(tls=True, metrics_addr="127.0.0.1:0")
-    await traffic(server, ca)
+    secrets = await traffic(server, ca)
     status, text = await fetch(metrics_url(server), "/metrics")
     assert status == 200
     check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
@@ -127,14 +137,15 @@ async def test_metrics_pass_promtool_and_show_every_drop_reason(start_server, ca
     assert "derp_peer_gone_not_here_frames_total 1.0" in text
     assert "process_resident_memory_bytes" in text and "process_open_fds" in text
     assert 'derper_build_info{version="' in text
-    assert server.relay.keypair.private.hex() not in text
+    assert_no_secret(secrets, text, *(f"{r.getMessage()} {getattr(r, 'fields', '')}"
+                                      for r in caplog.records))
     status, _ = await fetch(metrics_url(server), "/other")
     assert status == 404
 
 
 async def test_varz_has_the_go_names_and_layout(start_server, ca):
     server = await start_server(tls=True, stun=True, stun_port=0)
-    await traffic(server, ca)
+    secrets = await traffic(server, ca)
     status, text = await fetch(f"https://localhost:{server.main_port}", "/debug/varz",
                                context=client_context(ca))
     assert status == 200
@@ -156,7 +167,7 @@ async def test_varz_has_the_go_names_and_layout(start_server, ca):
     assert tops.index("derp_accepts") < tops.index("derp_clients_local") \
         < tops.index("derp_got_ping") < tops.index("derp_bytes_dropped") \
         < tops.index("derp_websocket_accepts") < tops.index("stun_addrfamily")
-    assert server.relay.keypair.private.hex() not in text
+    assert_no_secret(secrets, text)
 
 
 async def test_varz_access_rule_on_a_real_socket(start_server):
@@ -201,6 +212,11 @@ def test_debug_access_rule():
 def test_bad_debug_allow_cidrs_is_a_config_error():
     with pytest.raises(ConfigError, match="debug-allow-cidrs: 'ten' is not an IP prefix"):
         Server(Config(dev=True, debug_allow_cidrs="10.0.0.0/8,ten"), KeyPair.generate())
+
+
+def test_bad_metrics_addr_is_a_config_error():
+    with pytest.raises(ConfigError, match="-metrics-addr: bad listen address 'nope'"):
+        Server(Config(dev=True, metrics_addr="nope"), KeyPair.generate())
 
 
 def test_go_number_format():
@@ -310,3 +326,11 @@ async def test_real_prometheus_scrapes_matching_packet_counts(start_server, ca, 
         proc.terminate()
         proc.wait(timeout=20)
         log.close()
+
+
+def test_histogram_buckets_and_sum():
+    h = Histogram((0, 1, 2, 5))
+    for n in (0, 1, 3, 5, 6, 100):
+        h.observe(n)
+    assert h.cumulative() == [(0, 1), (1, 2), (2, 2), (5, 4), (float("inf"), 6)]
+    assert h.sum == 115
