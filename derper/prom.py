@@ -35,7 +35,8 @@ def convert(m: exposition.Metric) -> Metric | None:
     kind = m.prom_kind or m.kind
     name = m.prom_name
     if kind == "histogram":
-        buckets = [("+Inf" if b == float("inf") else str(b), c) for b, c in m.histogram.cumulative()]
+        buckets = [("+Inf" if b == float("inf") else str(b), c)
+                   for b, c in m.histogram.cumulative()]
         return HistogramMetricFamily(name, m.help, buckets=buckets, sum_value=m.histogram.sum)
     label_names = [k for k, _ in m.samples[0][0]] if m.samples else []
     if kind == "info":

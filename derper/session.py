@@ -84,7 +84,8 @@ async def serve_derp(relay: Relay, stream: trio.abc.Stream, *, remote_ip: str | 
         return
     except trio.TooSlowError:
         stats.handshake_failures += 1
-        logs.throttled(log, "info", "closing connection: DERP handshake timed out", remote=remote)
+        logs.throttled(log, "info", "closing connection: DERP handshake timed out",
+                       remote=remote)
         return
     except (trio.BrokenResourceError, trio.ClosedResourceError, EOFError) as e:
         stats.handshake_failures += 1

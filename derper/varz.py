@@ -57,7 +57,7 @@ def render(metrics: Iterable[Metric]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ---- access (spec §1.9) --------------------------------------------------------------------------
+# ---- access (spec §1.9) -------------------------------------------------------------------
 
 
 def parse_cidrs(text: str) -> list[IPNetwork]:
