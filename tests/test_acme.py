@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import signal
 import ssl
 import stat
 import subprocess
@@ -23,7 +24,7 @@ from derper.keys import KeyPair
 from derper.server import ConfigError, Server
 from tests.conftest import BASE, client_context, write_cert
 from tests.pebble import DOMAIN, Pebble, served_leaf
-from tests.process import DerperProcess, free_port
+from tests.process import derper, free_port
 from tests.relay_helpers import assert_relays, wait_until
 
 ISSUE_TIMEOUT = 60
@@ -187,9 +188,7 @@ async def test_certbot_webroot_through_the_http_helper_and_deploy_hook(pebble, t
             "-certdir", str(certdir), "-acme-webroot", str(webroot),
             "-http-port", str(pebble.http_port), "-stun=false", "-cert-watch-interval", "0",
             "-c", str(tmp_path / "derper.key")]
-    proc = DerperProcess(args, tmp_path)
-    try:
-        await proc.wait_for_log("no certificate yet")
+    async with derper(args, tmp_path, ready="no certificate yet") as proc:
         env = dict(os.environ, REQUESTS_CA_BUNDLE=str(pebble.ca_file),
                    DERPER_CERTDIR=str(certdir), DERPER_RELOAD=f"kill -HUP {proc.proc.pid}")
         common = ["--non-interactive", "--server", pebble.directory,
@@ -215,5 +214,19 @@ async def test_certbot_webroot_through_the_http_helper_and_deploy_hook(pebble, t
         await wait_until(lambda: proc.log.count("certificate reloaded") >= 2)
         second = await trio.to_thread.run_sync(served_leaf, port, DOMAIN, context)
         assert second.serial_number != first.serial_number
-    finally:
-        proc.close()
+
+
+async def test_sigterm_while_the_ca_hangs_exits_promptly(tmp_path):
+    """An order stuck on a CA that accepts and never answers must not hold up a shutdown."""
+    silent = trio.socket.socket()
+    await silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel completes the handshakes; nobody ever reads or answers
+    args = ["-a", f"127.0.0.1:{free_port()}", "-hostname", DOMAIN, "-http-port", "0",
+            "-acme-directory", f"https://127.0.0.1:{silent.getsockname()[1]}/dir",
+            "-certdir", str(tmp_path / "certs"), "-stun=false",
+            "-c", str(tmp_path / "derper.key")]
+    async with derper(args, tmp_path, ready="ordering a certificate") as proc:
+        await trio.sleep(0.2)
+        proc.signal(signal.SIGTERM)
+        assert await proc.wait(timeout=5) == 0
+    silent.close()

@@ -6,7 +6,6 @@ import json
 import signal
 import socket
 import stat
-from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -16,18 +15,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from derper import client as dc
 from derper.certs import cert_pin
 from tests.conftest import client_context, write_cert
-from tests.process import DerperProcess, free_port, run_derper, stun_query
+from tests.process import derper, free_port, run_derper, stun_query
 from tests.relay_helpers import assert_relays, recv_kind
-
-
-@asynccontextmanager
-async def derper(args, tmp_path, env=None, ready="derper listening"):
-    proc = DerperProcess(args, tmp_path, env)
-    try:
-        await proc.wait_for_log(ready)
-        yield proc
-    finally:
-        proc.close()
 
 
 async def test_dev_command_line_as_checked_and_sigterm_sends_restarting(tmp_path):
