@@ -112,7 +112,8 @@ class Exposition:
             m("accepts", "counter", "DERP connections started (after the HTTP upgrade)",
               s.accepts),
             m("average_queue_duration_ms", "untyped",
-              "moving average (alpha 0.1, per written batch) of the send-queue wait",
+              "moving average (alpha 0.1, per batch) of the send-queue wait of packets that "
+              "found their writer busy",
               s.average_queue_duration_ms, prom="derp_average_queue_duration_seconds",
               prom_kind="gauge", prom_scale=0.001),
             m("bytes_received", "counter", "payload bytes of SendPacket frames received",

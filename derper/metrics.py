@@ -94,7 +94,7 @@ class Stats:
         # [reason * 2 + is_disco], pre-created for every combination as the Go server does.
         self.packets_dropped = [0] * (len(DropReason) * 2)
         self.bytes_dropped = [0] * (len(DropReason) * 2)
-        # Go's EMA (α = 0.1) of the queue wait, updated by the writer once per batch (session.py).
+        # Go's EMA (α = 0.1) of the queue wait, updated by a busy writer per batch (session.py).
         self.average_queue_duration_ms = 0.0
         self.buffered_write_frames = Histogram(BUFFERED_WRITE_BUCKETS)  # frames per socket write
         self.mesh_update_batch_size = Histogram(MESH_UPDATE_BUCKETS)  # presence notes per write

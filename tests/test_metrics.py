@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import socket
 import ssl
 import subprocess
 import urllib.error
@@ -22,7 +23,7 @@ from derper.config import Config
 from derper.metrics import DropReason, Histogram
 from derper.server import ConfigError, Server
 from derper.keys import KeyPair
-from derper.varz import debug_allowed, go_number, parse_cidrs
+from derper.varz import debug_allowed, go_number, parse_cidrs, render
 from tests.conftest import client_context, url
 from tests.process import free_port
 from tests.relay_helpers import assert_relays, connect_opts, recv_kind, wait_until
@@ -183,7 +184,6 @@ async def test_varz_access_rule_on_a_real_socket(start_server):
 
 
 def _has_ipv6_loopback() -> bool:
-    import socket
     try:
         with socket.socket(socket.AF_INET6) as s:
             s.bind(("::1", 0))
@@ -225,7 +225,6 @@ def test_go_number_format():
 
 
 async def test_unbindable_metrics_port_leaves_the_relay_running(start_server, ca, caplog):
-    import socket
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -334,3 +333,23 @@ def test_histogram_buckets_and_sum():
         h.observe(n)
     assert h.cumulative() == [(0, 1), (1, 2), (2, 2), (5, 4), (float("inf"), 6)]
     assert h.sum == 115
+
+
+async def test_queue_wait_grows_when_a_receiver_stalls(start_server, ca):
+    """The writer blocks on a receiver that does not read: queued packets wait, and it shows."""
+    server = await start_server(tcp_write_timeout=0)
+    stats = server.relay.stats
+    opts = connect_opts(server, ca)
+    async with dc.connect(url(server), **opts) as sender, \
+            dc.connect(url(server), **opts) as receiver:
+        await assert_relays(sender, receiver)
+        assert stats.average_queue_duration_ms == 0  # an idle writer's packets are not timed
+        with trio.fail_after(30):
+            while stats.dropped(DropReason.QUEUE_HEAD) < 10:  # the writer is stuck: queue full
+                await sender.send_many([(receiver.public_key, bytes(16 << 10))] * 64)
+                await trio.sleep(0)
+        with trio.fail_after(30):
+            while stats.average_queue_duration_ms == 0:
+                await recv_kind(receiver, dc.ReceivedPacket)
+    assert f"derp_average_queue_duration_ms {go_number(stats.average_queue_duration_ms)}\n" \
+        in render(server.exposition.metrics())
