@@ -89,7 +89,6 @@ def get(name: str) -> EventLogger:
     return EventLogger(name)
 
 
-
 class Throttle:
     """At most one line per key per ``interval``; the next one says how many were left out.
 

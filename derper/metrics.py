@@ -30,7 +30,7 @@ def tls_version_index(version: str | None) -> int:
     return _TLS_INDEX.get(version or "", len(TLS_VERSIONS) - 1)
 
 
-# Upper bounds of Go's histogram buckets (spec §6.1); the last slot counts everything above.
+# Upper bounds of Go's histogram buckets (spec §6.1), before the implicit +Inf.
 BUFFERED_WRITE_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 15, 20, 25, 50, 100)
 MESH_UPDATE_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
