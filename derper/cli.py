@@ -102,8 +102,8 @@ SERVE_FLAGS = [
          "burst of new connections allowed above -accept-connection-limit",
          ("DERP_ACCEPT_CONNECTION_BURST",)),
     Flag("metrics-addr", "metrics_addr", "string",
-         'where Prometheus scrapes /metrics, "ip:port" (loopback by default); "" disables. A '
-         "port that cannot be bound is logged and the relay runs on without metrics",
+         'where Prometheus scrapes /metrics, "ip:port" (loopback by default); "off" disables. '
+         "A port that cannot be bound is logged and the relay runs on without metrics",
          ("DERP_METRICS_ADDR",)),
     Flag("debug-allow-cidrs", "debug_allow_cidrs", "string",
          "comma-separated IP prefixes (e.g. 10.0.0.0/8) that may read /debug/varz on the main "

@@ -61,7 +61,7 @@ class Config:
     accept_connection_limit: float = math.inf
     accept_connection_burst: int = sys.maxsize
     log_level: str = "info"
-    metrics_addr: str = "127.0.0.1:9437"  # /metrics; "" disables. Not Prometheus's own 9090
+    metrics_addr: str = "127.0.0.1:9437"  # /metrics; "" or "off" disables. Not Prometheus's 9090
     debug_allow_cidrs: str = ""  # /debug/varz beyond loopback
     # Not flags: protocol timers and sizes that tests (and the Go debug env knob
     # TS_DEBUG_DERP_PER_CLIENT_SEND_QUEUE_DEPTH) may change.
@@ -71,6 +71,11 @@ class Config:
     shutdown_grace: float = 2.0  # time to flush Restarting frames before closing
     acme_retry_min: float = 60.0  # a failed ACME order is retried after this, doubling …
     acme_retry_max: float = 1800.0  # … up to this (Go's autocert: 1 min to 30 min)
+
+    @property
+    def metrics_listen(self) -> str | None:
+        """-metrics-addr, or None if disabled ("off" too: an empty DERP_* variable means unset)."""
+        return None if self.metrics_addr in ("", "off") else self.metrics_addr
 
     @property
     def tls(self) -> bool:

@@ -66,9 +66,9 @@ class Server:
             debug_allow = varz.parse_cidrs(config.debug_allow_cidrs)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if config.metrics_addr:
+        if config.metrics_listen:
             try:
-                parse_addr(config.metrics_addr)
+                parse_addr(config.metrics_listen)
             except ValueError as e:
                 raise ConfigError(f"-metrics-addr: {e}") from None
         self.relay = Relay(keypair, mesh_key, keepalive_interval=config.keepalive_interval,
@@ -227,13 +227,14 @@ class Server:
 
     def _open_metrics(self) -> prom.MetricsListener | None:
         """The /metrics listener; a port that cannot be bound costs the metrics, not the relay."""
-        if not self.config.metrics_addr:
+        addr = self.config.metrics_listen
+        if addr is None:
             return None
         try:
-            metrics = prom.MetricsListener(self.config.metrics_addr)
+            metrics = prom.MetricsListener(addr)
         except OSError as e:
             log.error("cannot serve metrics; running without them",
-                      metrics_addr=self.config.metrics_addr, error=e.strerror or str(e))
+                      metrics_addr=addr, error=e.strerror or str(e))
             return None
         self.metrics_port = metrics.port
         return metrics

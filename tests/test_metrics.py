@@ -214,6 +214,12 @@ def test_bad_debug_allow_cidrs_is_a_config_error():
         Server(Config(dev=True, debug_allow_cidrs="10.0.0.0/8,ten"), KeyPair.generate())
 
 
+def test_metrics_addr_off():
+    assert Config(metrics_addr="off").metrics_listen is None
+    assert Config(metrics_addr="").metrics_listen is None
+    assert Config(metrics_addr="127.0.0.1:0").metrics_listen == "127.0.0.1:0"
+
+
 def test_bad_metrics_addr_is_a_config_error():
     with pytest.raises(ConfigError, match="-metrics-addr: bad listen address 'nope'"):
         Server(Config(dev=True, metrics_addr="nope"), KeyPair.generate())
