@@ -79,6 +79,33 @@ SERVE_FLAGS = [
     Flag("accept-connection-burst", "accept_connection_burst", "int",
          "burst of new connections allowed above -accept-connection-limit",
          ("DERP_ACCEPT_CONNECTION_BURST",)),
+    Flag("max-clients", "max_clients", "int",
+         "cap on DERP connections; over it new ones get HTTP 503 before the upgrade; 0 = no cap",
+         ("DERP_MAX_CLIENTS",)),
+    Flag("max-handshakes", "max_handshakes", "int",
+         "cap on connections still in their TLS/HTTP/DERP handshake (slowloris); excess ones "
+         "are closed at once; 0 = no cap", ("DERP_MAX_HANDSHAKES",)),
+    Flag("verify-clients", "verify_clients", "bool",
+         "admit only nodes the local tailscaled knows (LocalAPI whois over -socket)",
+         ("DERP_VERIFY_CLIENTS",)),
+    Flag("socket", "socket", "string",
+         "tailscaled LocalAPI socket for -verify-clients (default "
+         "/var/run/tailscale/tailscaled.sock)", ("DERP_SOCKET",)),
+    Flag("verify-client-url", "verify_client_url", "string",
+         "admission controller URL (e.g. Headscale's https://hs.example.com/verify): POSTed "
+         '{"NodePublic","Source"}, admits on 200 + {"Allow":true}', ("DERP_VERIFY_CLIENT_URL",)),
+    Flag("verify-client-url-fail-open", "verify_client_url_fail_open", "bool",
+         "admit clients when the verify URL is unreachable (Go's default; set false on a "
+         "public relay)", ("DERP_VERIFY_CLIENT_URL_FAIL_OPEN",)),
+    Flag("allow-keys", "allow_keys", "string",
+         "file of allowed node keys, one nodekey:<64 hex> per line, # comments; reloaded on "
+         "SIGHUP and when it changes", ("DERP_ALLOW_KEYS",)),
+    Flag("rate-config", "rate_config", "string",
+         'per-client receive limit, Go JSON {"PerClientRateLimitBytesPerSec":N,'
+         '"PerClientRateBurstBytes":N}; reloaded on SIGHUP', ("DERP_RATE_CONFIG",)),
+    Flag("bandwidth-limit", "bandwidth_limit", "string",
+         "relay-wide budget shared fairly by the senders, e.g. 4mbit, 500kbit (bits/s) or "
+         "1MB, 2MiB (bytes/s); empty = none", ("DERP_BANDWIDTH_LIMIT",)),
     Flag("log-level", "log_level", "string", "debug, info, warning or error",
          ("DERP_LOG_LEVEL",)),
     Flag("version", "version", "bool", "print the version and exit"),
@@ -96,6 +123,8 @@ Examples:
       TLS on :443 with a self-signed certificate for that IP; prints the DERP map node to pin it
   derper -a :8443 -hostname derp.example.com -certmode manual -certdir /etc/derper/certs
       TLS on 8443 with derp.example.com.crt/.key from certdir (SIGHUP reloads them)
+  derper -hostname derp.example.com -home blank -verify-clients -bandwidth-limit 4mbit
+      a public relay only your tailnet's nodes may use, fair to interactive traffic
 
 Flags (Go syntax: -x v, -x=v, --x, -flag=false; each may also come from the variable shown):
 """

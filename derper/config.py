@@ -52,6 +52,16 @@ class Config:
     tcp_write_timeout: float = 2.0
     accept_connection_limit: float = math.inf
     accept_connection_burst: int = sys.maxsize
+    # Admission (spec §4.9) and limits; see README "Secure a public relay".
+    verify_clients: bool = False
+    socket: str = ""  # tailscaled's LocalAPI socket; "" → /var/run/tailscale/tailscaled.sock
+    verify_client_url: str = ""
+    verify_client_url_fail_open: bool = True  # Go's default; README recommends false
+    allow_keys: str = ""
+    rate_config: str = ""
+    bandwidth_limit: str = ""  # e.g. "4mbit"; "" or "0" = no relay-wide budget
+    max_clients: int = 0  # 0 = no cap
+    max_handshakes: int = 1024  # connections not yet through TLS+HTTP+DERP handshake; 0 = no cap
     log_level: str = "info"
     # Not flags: protocol timers and sizes that tests (and the Go debug env knob
     # TS_DEBUG_DERP_PER_CLIENT_SEND_QUEUE_DEPTH) may change.
@@ -59,6 +69,7 @@ class Config:
     handshake_timeout: float = 10.0  # TLS handshake + HTTP head, and again for the DERP handshake
     queue_depth: int = 32
     shutdown_grace: float = 2.0  # time to flush Restarting frames before closing
+    allow_keys_poll: float = 5.0  # how often the -allow-keys file is checked for changes
 
     @property
     def tls(self) -> bool:

@@ -16,15 +16,18 @@ from stun.counters import StunCounters
 from stun.server import open_stun_socket, serve_socket
 
 from . import logs, metacert, wire
+from .admission import DEFAULT_SOCKET, Admission, AdmissionConfigError, AllowList
 from .bootstrap_dns import BootstrapDNS, parse_names
 from .certs import CertError, derp_node_json, ensure_ip_cert, load_manual, parse_ip
 from .config import CERT_MODES, Config
 from .endpoints import Endpoints, https_redirect
+from .fairshare import BandwidthLimiter
 from .http_server import serve_http
 from .keys import KeyPair, public_text
-from .limits import TokenBucket
+from .limits import HandshakeSlots, TokenBucket
 from .listener import (accept_loop, bound_port, host_literal, open_listener, parse_addr,
                        peer_address, tune)
+from .rate_config import RateConfigError, load_rate_config, parse_rate
 from .relay import Relay
 from .tls import ServerTLS
 from .tls_stream import TLSStream
@@ -61,6 +64,7 @@ class Server:
                            write_timeout=config.tcp_write_timeout,
                            handshake_timeout=config.handshake_timeout,
                            queue_depth=config.queue_depth)
+        self._setup_admission_and_limits()
         self.tls = self._load_tls() if config.tls else None
         self.stun_counters = StunCounters()
         self.main_port: int | None = None
@@ -69,6 +73,47 @@ class Server:
         self._listeners: list[trio.SocketListener] = []
         self._nursery: trio.Nursery | None = None
         self._shutting_down = False
+
+    # ---- admission and limits -----------------------------------------------------------------
+
+    def _setup_admission_and_limits(self) -> None:
+        config, relay = self.config, self.relay
+        try:
+            self.bandwidth_rate = parse_rate(config.bandwidth_limit)
+        except ValueError as e:
+            raise ConfigError(f"-bandwidth-limit: {e}") from None
+        try:
+            relay.set_receive_limit(load_rate_config(config.rate_config)
+                                    if config.rate_config else None)
+            self.allow_list = AllowList(config.allow_keys) if config.allow_keys else None
+        except (RateConfigError, AdmissionConfigError) as e:
+            raise ConfigError(str(e)) from None
+        url = config.verify_client_url or None
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ConfigError(f"-verify-client-url must be an http:// or https:// URL, not {url!r}")
+        if config.max_clients < 0 or config.max_handshakes < 0:
+            raise ConfigError("-max-clients and -max-handshakes must be 0 (no cap) or positive")
+        relay.max_clients = config.max_clients
+        self.handshakes = HandshakeSlots(config.max_handshakes)
+        if self.allow_list or config.verify_clients or url:
+            relay.admission = Admission(
+                relay.stats, allow_list=self.allow_list,
+                localapi_socket=(config.socket or DEFAULT_SOCKET) if config.verify_clients else None,
+                url=url, fail_open=config.verify_client_url_fail_open)
+
+    def _reload_limits(self) -> None:
+        if self.allow_list is not None:
+            self.allow_list.reload("SIGHUP")
+        if self.config.rate_config:
+            try:
+                limit = load_rate_config(self.config.rate_config)
+            except RateConfigError as e:
+                log.error("keeping the previous rate limit: the rate config is broken",
+                          error=str(e))
+                return
+            self.relay.set_receive_limit(limit)
+            log.info("rate config reloaded", bytes_per_second=limit and limit.rate,
+                     burst=limit and limit.burst)
 
     # ---- certificates -------------------------------------------------------------------------
 
@@ -100,6 +145,7 @@ class Server:
         """SIGHUP: re-read what lives on disk."""
         if self.tls is not None:
             self.tls.reload()
+        self._reload_limits()
 
     # ---- running ------------------------------------------------------------------------------
 
@@ -140,6 +186,11 @@ class Server:
                                             counters=self.stun_counters))
             if self.bootstrap.names:
                 nursery.start_soon(self.bootstrap.refresh_forever)
+            if self.allow_list is not None:
+                nursery.start_soon(self.allow_list.watch, config.allow_keys_poll)
+            if self.bandwidth_rate:
+                self.relay.set_bandwidth(BandwidthLimiter(self.bandwidth_rate))
+                nursery.start_soon(self.relay.bandwidth.run)
             if handle_signals:
                 nursery.start_soon(self._signal_loop)
             where = host_literal(self.listen_host)
@@ -155,7 +206,7 @@ class Server:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    log.info("SIGHUP: reloading certificates")
+                    log.info("SIGHUP: reloading certificates, allowed keys and rate config")
                     self.reload()
                 else:
                     log.info("shutting down", signal=signal.Signals(signum).name)
@@ -182,6 +233,11 @@ class Server:
 
     async def _serve_main(self, stream: trio.SocketStream) -> None:
         config = self.config
+        slot = self.handshakes.try_enter()
+        if slot is None:
+            self.relay.stats.rejected_half_open += 1
+            stream.socket.close()
+            return
         tune(stream, config.tcp_keepalive_time, config.tcp_user_timeout)
         ip, port = peer_address(stream)
         conn: trio.abc.Stream = stream
@@ -206,6 +262,7 @@ class Server:
         except Exception:
             log.exception("internal error on a connection; closed it", remote=f"{ip}:{port}")
         finally:
+            slot.release()
             with trio.CancelScope(shield=True):
                 await conn.aclose()
 

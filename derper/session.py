@@ -16,7 +16,7 @@ import trio
 from . import handshake, logs, wire
 from .handshake import ClientInfo, HandshakeError
 from .keys import public_text
-from .limits import TokenBucket
+from .limits import TokenBucket, handshake_done
 from .metrics import DropReason
 from .relay import Relay
 from .sendqueue import RECV_OVERHEAD, SendQueue
@@ -25,6 +25,7 @@ from .wire import FrameError, FrameReader, FrameType, PeerGoneReason, PeerPresen
 log = logs.get("derper.session")
 
 RECV_SIZE = 64 << 10
+PACED_RECV_SIZE = 16 << 10  # under -bandwidth-limit: smaller bursts once a share is granted
 HOME_MOVE_GRACE = 5.0  # NotePreferred changes sooner than this after connecting aren't moves
 NOT_HERE_RATE, NOT_HERE_BURST = 1.0, 3.0  # PeerGone(NotHere) per sender
 KEEPALIVE_JITTER = 5 / 60  # Go: 60 s + [0, 5) s, chosen once per connection
@@ -88,9 +89,15 @@ async def serve_derp(relay: Relay, stream: trio.abc.Stream, *, remote_ip: str | 
         stats.handshake_failures += 1
         log.info("connection lost during DERP handshake", remote=remote, error=str(e) or None)
         return
+    if relay.admission is not None:
+        if info.has_mesh_key(relay.mesh_key):
+            stats.admission_mesh_bypass += 1
+        elif not await relay.admission.admit(info.key, remote_ip):
+            return  # silently, as Go: the client sees EOF where ServerInfo should be
     reader.want(STEADY_WANTED)
     session = Session(relay, stream, info, remote_ip, remote_port, not_ideal)
     relay.router.register(session)
+    handshake_done()
     log.info("client connected", key=public_text(info.key), remote=remote, via=transport,
              dup=session.dup or None, mesh=session.can_mesh or None)
     try:
@@ -160,6 +167,8 @@ class Session:
         self._restarting: bytes | None = None
         self._not_here: TokenBucket | None = None
         self._last_dst: object = None
+        self._recv_bucket: TokenBucket | None = None
+        self._recv_limit: object = None  # the ReceiveLimit _recv_bucket was made for
         if not_ideal:
             relay.stats.current_notideal_connections += 1
 
@@ -243,13 +252,16 @@ class Session:
         active_get = router.active.get
         my_key = self.key
         leftover = reader.buffered > 0  # frames that came with the handshake read
+        recv_size = PACED_RECV_SIZE if relay.bandwidth is not None else RECV_SIZE
         while True:
             if leftover:
                 leftover = False
             else:
-                chunk = await stream.receive_some(RECV_SIZE)
+                chunk = await stream.receive_some(recv_size)
                 if not chunk:
                     return
+                if relay.pacing:
+                    await self._pace(len(chunk))
                 reader.feed(chunk)
             if self.dup:
                 router.note_activity(self)
@@ -284,6 +296,28 @@ class Session:
                     if view is None:
                         view = memoryview(buf)
                     self._handle_control(ftype, buf, view, s, e)
+
+    async def _pace(self, n: int) -> None:
+        """Hold on to ``n`` bytes just read until the limits allow relaying them.
+
+        Meanwhile nothing more is read from this client, so TCP slows it down (spec §4.10:
+        back-pressure, never drops). Mesh peers are exempt, as in Go: they carry a region.
+        """
+        if self.can_mesh:
+            return
+        relay = self.relay
+        limit = relay.recv_limit
+        if limit is not None:
+            now = trio.current_time()
+            if self._recv_limit is not limit:  # first use, or -rate-config was reloaded
+                self._recv_bucket = TokenBucket(limit.rate, limit.burst, now)
+                self._recv_limit = limit
+            wait = self._recv_bucket.take(now, n)
+            if wait > 0:
+                relay.stats.rate_limit_per_client_waited += 1
+                await trio.sleep(wait)
+        if relay.bandwidth is not None:
+            await relay.bandwidth.acquire(self, n)
 
     def _unknown_dest(self, dst_key: bytes, disco: bool, n: int, reason: DropReason) -> None:
         self.relay.stats.drop(reason, disco, n)
