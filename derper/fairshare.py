@@ -18,6 +18,7 @@ import trio
 QUANTUM = 1500  # one MTU-sized packet per turn: small packets never wait behind a bulk chunk
 IDLE_BURST = 0.02  # seconds of budget that may be saved up while nobody is waiting
 MIN_TICK = 0.001  # the shell serves at most this often; tokens accrue meanwhile
+_DUST = 1e-6  # bytes: float remainders below this count as zero (else time would stand still)
 
 
 class _Demand:
@@ -75,17 +76,17 @@ class FairShare:
         while ring and self.tokens > 0:
             sender = ring[0]
             d = demands[sender]
-            if d.deficit <= 0:
+            if d.deficit <= _DUST:
                 d.deficit += self.quantum
             give = min(d.deficit, d.remaining, self.tokens)
             d.remaining -= give
             d.deficit -= give
             self.tokens -= give
-            if d.remaining <= 0:
+            if d.remaining <= _DUST:
                 ring.popleft()
                 del demands[sender]
                 done.append(sender)
-            elif d.deficit <= 0:
+            elif d.deficit <= _DUST:
                 ring.rotate(-1)
         return done
 
@@ -94,8 +95,9 @@ class FairShare:
         if not self.ring:
             return None
         d = self.demands[self.ring[0]]
-        step = min(d.remaining, d.deficit if d.deficit > 0 else self.quantum)
-        return self.last + max(0.0, step - self.tokens) / self.rate
+        step = min(d.remaining, d.deficit if d.deficit > _DUST else self.quantum)
+        need = step - self.tokens
+        return self.last + (need / self.rate if need > _DUST else 0.0)
 
 
 class BandwidthLimiter:
