@@ -25,7 +25,9 @@ from .wire import FrameError, FrameReader, FrameType, PeerGoneReason, PeerPresen
 log = logs.get("derper.session")
 
 RECV_SIZE = 64 << 10
-PACED_RECV_SIZE = 16 << 10  # under -bandwidth-limit: smaller bursts once a share is granted
+# Under a rate limit, bytes are handed to the frame parser in steps this big, each paid for
+# first: a backlog of one big read never reaches a destination's 32-packet queue at once.
+PACE_STEP = 4 << 10
 HOME_MOVE_GRACE = 5.0  # NotePreferred changes sooner than this after connecting aren't moves
 NOT_HERE_RATE, NOT_HERE_BURST = 1.0, 3.0  # PeerGone(NotHere) per sender
 KEEPALIVE_JITTER = 5 / 60  # Go: 60 s + [0, 5) s, chosen once per connection
@@ -169,6 +171,7 @@ class Session:
         self._last_dst: object = None
         self._recv_bucket: TokenBucket | None = None
         self._recv_limit: object = None  # the ReceiveLimit _recv_bucket was made for
+        self._unpaced = b""  # read from the client, not yet paid for (see _paced_receive)
         if not_ideal:
             relay.stats.current_notideal_connections += 1
 
@@ -252,16 +255,16 @@ class Session:
         active_get = router.active.get
         my_key = self.key
         leftover = reader.buffered > 0  # frames that came with the handshake read
-        recv_size = PACED_RECV_SIZE if relay.bandwidth is not None else RECV_SIZE
         while True:
             if leftover:
                 leftover = False
             else:
-                chunk = await stream.receive_some(recv_size)
+                if relay.pacing or self._unpaced:  # (a reload may lift the limit mid-chunk)
+                    chunk = await self._paced_receive()
+                else:
+                    chunk = await stream.receive_some(RECV_SIZE)
                 if not chunk:
                     return
-                if relay.pacing:
-                    await self._pace(len(chunk))
                 reader.feed(chunk)
             if self.dup:
                 router.note_activity(self)
@@ -297,14 +300,22 @@ class Session:
                         view = memoryview(buf)
                     self._handle_control(ftype, buf, view, s, e)
 
-    async def _pace(self, n: int) -> None:
-        """Hold on to ``n`` bytes just read until the limits allow relaying them.
+    async def _paced_receive(self) -> bytes:
+        """The next at most PACE_STEP bytes from the client, once the limits allow them.
 
         Meanwhile nothing more is read from this client, so TCP slows it down (spec §4.10:
         back-pressure, never drops). Mesh peers are exempt, as in Go: they carry a region.
         """
-        if self.can_mesh:
-            return
+        if not self._unpaced:
+            self._unpaced = await self.stream.receive_some(RECV_SIZE)
+        else:
+            await trio.lowlevel.checkpoint()  # let the writers drain what the last step routed
+        step, self._unpaced = self._unpaced[:PACE_STEP], self._unpaced[PACE_STEP:]
+        if step and not self.can_mesh:
+            await self._pace(len(step))
+        return step
+
+    async def _pace(self, n: int) -> None:
         relay = self.relay
         limit = relay.recv_limit
         if limit is not None:
