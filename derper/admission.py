@@ -28,7 +28,8 @@ MAX_BODY = 4096  # Go reads at most 4 KiB of the URL's answer
 CACHE_TTL = 10.0  # short: a node removed from the tailnet cannot open new sessions for long
 CACHE_SIZE = 4096
 LOG_INTERVAL = 60.0  # a rejected key is logged at most once per interval
-MAX_CONCURRENT = 64  # lookups in flight; more wait (bounded by the session's timeout)
+MAX_CONCURRENT = 64  # lookups in flight; more wait, up to ADMISSION_DEADLINE in all
+ADMISSION_DEADLINE = 10.0
 DEFAULT_SOCKET = "/var/run/tailscale/tailscaled.sock"
 LOCALAPI_HOST = "local-tailscaled.sock"
 TAILSCALE_CAP = "115"  # capability version sent to the LocalAPI, as its Go client does
@@ -151,6 +152,20 @@ async def verify_url(url: str, key: bytes, source: str | None, fail_open: bool) 
 
 # ---- the decision -----------------------------------------------------------------------------
 
+_OVERLOADED = Verdict(False, f"no answer within {ADMISSION_DEADLINE:g}s (too many lookups "
+                             "waiting)", cacheable=False)
+
+
+class _Flight:
+    """One lookup in progress; connections with the same key wait for its verdict."""
+
+    __slots__ = ("done", "verdict")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.verdict = Verdict(False, "lookup cancelled", cacheable=False)
+
+
 class Admission:
     """Runs the configured checks for one ClientInfo; never raises, never blocks the loop."""
 
@@ -163,12 +178,14 @@ class Admission:
         self.url = url
         self.fail_open = fail_open
         self._cache: OrderedDict[tuple, tuple[float, Verdict]] = OrderedDict()
-        self._inflight: dict[tuple, trio.Event] = {}
+        self._inflight: dict[tuple, _Flight] = {}
         self._limit = trio.CapacityLimiter(MAX_CONCURRENT)
         self._logged: OrderedDict[object, float] = OrderedDict()
 
     async def admit(self, key: bytes, source: str | None) -> bool:
-        verdict = await self._decide(key, source)
+        verdict = _OVERLOADED
+        with trio.move_on_after(ADMISSION_DEADLINE):
+            verdict = await self._decide(key, source)
         stats = self.stats
         if verdict.allow:
             stats.admission_allowed += 1
@@ -188,27 +205,24 @@ class Admission:
         if self.localapi_socket is None and self.url is None:
             return Verdict(True, "in -allow-keys")
         ck = (key, source)
-        while True:  # one lookup per key at a time; concurrent connections share its answer
-            hit = self._cache.get(ck)
-            if hit is not None and hit[0] > trio.current_time():
-                self.stats.admission_cache_hits += 1
-                return hit[1]
-            pending = self._inflight.get(ck)
-            if pending is None:
-                break
-            await pending.wait()
-            if ck not in self._cache:
-                break  # the other lookup failed; do our own
-        done = self._inflight[ck] = trio.Event()
+        hit = self._cache.get(ck)
+        if hit is not None and hit[0] > trio.current_time():
+            self.stats.admission_cache_hits += 1
+            return hit[1]
+        flight = self._inflight.get(ck)
+        if flight is not None:  # concurrent connections with one key share one lookup
+            await flight.done.wait()
+            return flight.verdict
+        flight = self._inflight[ck] = _Flight()
         try:
             async with self._limit:
-                verdict = await self._lookup(key, source)
+                flight.verdict = await self._lookup(key, source)
         finally:
             del self._inflight[ck]
-            done.set()
-        if verdict.cacheable:
-            self._remember(ck, verdict)
-        return verdict
+            flight.done.set()
+        if flight.verdict.cacheable:
+            self._remember(ck, flight.verdict)
+        return flight.verdict
 
     async def _lookup(self, key: bytes, source: str | None) -> Verdict:
         verdict = Verdict(True, "")

@@ -12,6 +12,7 @@ import os
 from dataclasses import replace
 
 import pytest
+import trio
 
 from derper import admission
 from derper import client as dc
@@ -234,3 +235,19 @@ async def test_admission_does_not_block_other_clients(start_server, ca, nursery,
     await wait_until(lambda: backend.requests)
     assert not await admitted(server, ca, KeyPair.generate())  # {"Allow":1} is not true
     assert server.relay.stats.admission_rejected == 1
+
+
+async def test_concurrent_connections_of_one_key_share_one_lookup(start_server, ca, nursery):
+    backend = await serve_tcp(FakeBackend(fixed(200, b'{"Allow":true}'), delay=0.3), nursery)
+    server = await start_server(verify_client_url=f"http://127.0.0.1:{backend.port}/verify")
+    me = KeyPair.generate()
+    results = []
+
+    async def one():
+        results.append(await admitted(server, ca, me))
+
+    async with trio.open_nursery() as inner:
+        for _ in range(5):
+            inner.start_soon(one)
+    assert results == [True] * 5
+    assert len(backend.requests) == 1
