@@ -15,6 +15,8 @@ from collections import deque
 
 import trio
 
+from .metrics import Stats
+
 QUANTUM = 1500  # one MTU-sized packet per turn: small packets never wait behind a bulk chunk
 IDLE_BURST = 0.02  # seconds of budget that may be saved up while nobody is waiting
 MIN_TICK = 0.001  # the shell serves at most this often; tokens accrue meanwhile
@@ -103,16 +105,16 @@ class FairShare:
 class BandwidthLimiter:
     """The trio shell: ``acquire`` waits for a share; ``run`` (one task) hands shares out."""
 
-    def __init__(self, rate: float, quantum: int = QUANTUM) -> None:
+    def __init__(self, rate: float, stats: Stats, quantum: int = QUANTUM) -> None:
         self.core = FairShare(rate, trio.current_time(), quantum)
+        self.stats = stats
         self._waiters: dict[object, trio.Event] = {}
         self._kick = trio.Event()
-        self.waits = 0  # acquires that had to wait (exported as a counter)
 
     async def acquire(self, sender: object, nbytes: int) -> None:
         if self.core.request(sender, nbytes, trio.current_time()):
             return
-        self.waits += 1
+        self.stats.bandwidth_limit_waited += 1
         done = self._waiters.get(sender)
         if done is None:
             done = self._waiters[sender] = trio.Event()

@@ -39,6 +39,7 @@ class Stats:
         "admission_allowed", "admission_rejected", "admission_fail_open",
         "admission_cache_hits", "admission_mesh_bypass",
         "rejected_max_clients", "rejected_half_open", "rate_limit_per_client_waited",
+        "bandwidth_limit_waited",
         "packets_dropped", "bytes_dropped",
     )
 

@@ -189,7 +189,8 @@ class Server:
             if self.allow_list is not None:
                 nursery.start_soon(self.allow_list.watch, config.allow_keys_poll)
             if self.bandwidth_rate:
-                self.relay.set_bandwidth(BandwidthLimiter(self.bandwidth_rate))
+                stats = self.relay.stats
+                self.relay.set_bandwidth(BandwidthLimiter(self.bandwidth_rate, stats))
                 nursery.start_soon(self.relay.bandwidth.run)
             if handle_signals:
                 nursery.start_soon(self._signal_loop)

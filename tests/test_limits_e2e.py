@@ -87,30 +87,47 @@ async def test_accept_flood_does_not_lock_out_a_real_client(start_server, ca):
         await assert_relays(c, c)
 
 
+async def relayed_rate(server, tx: dc.DerpClient, rx: dc.DerpClient, count: int = 1600) -> float:
+    """Bytes/s (as the relay counts them: frame header + key + packet) seen by ``rx`` while
+    ``tx`` sends ``count`` 1000-byte packets as fast as it can; the start-up burst is skipped."""
+    packet = bytes(1000)
+    first, last = count // 5, count - count // 10
+    marks = {}
+    async with trio.open_nursery() as nursery:
+        async def send_all():
+            for _ in range(count // 40):
+                await tx.send_many([(rx.public_key, packet)] * 40)
+        nursery.start_soon(send_all)
+        for i in range(1, count + 1):
+            await recv_kind(rx, dc.ReceivedPacket)
+            if i in (first, last):
+                marks[i] = trio.current_time()
+    assert sum(server.relay.stats.packets_dropped) == 0  # the sender was slowed instead
+    return (last - first) * (len(packet) + 37) / (marks[last] - marks[first])
+
+
 async def test_rate_config_limits_a_sender_by_back_pressure(start_server, ca, tmp_path):
     rate = 1_000_000
     path = tmp_path / "rate.json"
     path.write_text(f'{{"PerClientRateLimitBytesPerSec": {rate}}}')
     server = await start_server(rate_config=str(path))
     u = url(server)
-    packet, count = bytes(1000), 1600
     async with dc.connect(u, **connect_opts(server, ca)) as rx, \
             dc.connect(u, **connect_opts(server, ca)) as tx:
-        async with trio.open_nursery() as nursery:
-            async def send_all():
-                for _ in range(count // 40):
-                    await tx.send_many([(rx.public_key, packet)] * 40)
-            nursery.start_soon(send_all)
-            marks = {}
-            for i in range(1, count + 1):
-                await recv_kind(rx, dc.ReceivedPacket)
-                if i in (300, 1500):
-                    marks[i] = trio.current_time()
-        measured = 1200 * (len(packet) + 37) / (marks[1500] - marks[300])
+        measured = await relayed_rate(server, tx, rx)
         assert 0.85 * rate <= measured <= 1.10 * rate, measured
         assert server.relay.stats.rate_limit_per_client_waited > 0
-        assert sum(server.relay.stats.packets_dropped) == 0  # the sender was slowed instead
         path.write_text('{"PerClientRateLimitBytesPerSec": 0}')
         server.reload()  # SIGHUP: limit lifted, live sessions follow
         assert server.relay.recv_limit is None
         await assert_relays(tx, rx)
+
+
+async def test_bandwidth_limit_holds_over_real_sockets(start_server, ca):
+    server = await start_server(tls=True, bandwidth_limit="8mbit")
+    u = url(server)
+    async with dc.connect(u, **connect_opts(server, ca)) as rx, \
+            dc.connect(u, **connect_opts(server, ca)) as tx:
+        measured = await relayed_rate(server, tx, rx)
+    assert 0.85 * 1_000_000 <= measured <= 1.10 * 1_000_000, measured
+    assert server.relay.stats.bandwidth_limit_waited > 0
