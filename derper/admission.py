@@ -8,7 +8,6 @@ not one per connection; failures and fail-open admissions are never cached.
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import trio
 
 from . import gojson, logs
+from .filewatch import follow, signature
 from .http_client import HTTPClientError, request
 from .keys import PUBLIC_PREFIX, KeyFormatError, parse_public, public_text
 from .metrics import Stats
@@ -56,20 +56,12 @@ def parse_allow_keys(text: str, source: str = "allow-keys") -> frozenset[bytes]:
     return frozenset(keys)
 
 
-def _stamp(path: str) -> tuple | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns
-
-
 class AllowList:
     """The keys of an ``-allow-keys`` file; a broken file on reload keeps the previous keys."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.stamp = _stamp(path)
+        self.stamp = signature(path)
         self.keys = self._read()
 
     def _read(self) -> frozenset[bytes]:
@@ -81,7 +73,7 @@ class AllowList:
         return parse_allow_keys(text, f"-allow-keys {self.path}")
 
     def reload(self, why: str) -> None:
-        self.stamp = _stamp(self.path)
+        self.stamp = signature(self.path)
         try:
             keys = self._read()
         except AdmissionConfigError as e:
@@ -93,15 +85,9 @@ class AllowList:
                      added=len(keys - self.keys), removed=len(self.keys - keys))
         self.keys = keys
 
-    def reload_if_changed(self) -> None:
-        if _stamp(self.path) != self.stamp:
-            self.reload("file changed")
-
     async def watch(self, interval: float) -> None:
-        """Poll the file's inode, size and mtime (editors replace files; no inotify needed)."""
-        while True:
-            await trio.sleep(interval)
-            self.reload_if_changed()
+        await follow(lambda: signature(self.path), lambda: self.stamp, interval,
+                     lambda: self.reload("file changed"))
 
 
 # ---- answers from tailscaled and the verify URL -----------------------------------------------
