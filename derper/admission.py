@@ -113,6 +113,9 @@ async def whois(socket_path: str, key: bytes) -> Verdict:
         return Verdict(True, "known to local tailscaled")
     if resp.status == 404:
         return Verdict(False, "not found in local tailscaled")
+    if resp.status == 403:
+        return Verdict(False, "tailscaled LocalAPI denied whois (403): the derper user may not "
+                              "read it", cacheable=False)
     return Verdict(False, f"tailscaled LocalAPI answered {resp.status}", cacheable=False)
 
 
