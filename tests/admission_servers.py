@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 from dataclasses import dataclass, field
 
 import h11
@@ -96,9 +97,14 @@ def localapi_answer(known: set[str]):
     return answer
 
 
-async def serve_tcp(backend: FakeBackend, nursery: trio.Nursery) -> FakeBackend:
+async def serve_tcp(backend: FakeBackend, nursery: trio.Nursery,
+                    ssl_context: ssl.SSLContext | None = None) -> FakeBackend:
+    """Plain HTTP on loopback, or HTTPS with ``ssl_context``."""
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     backend.port = listeners[0].socket.getsockname()[1]
+    if ssl_context is not None:
+        listeners = [trio.SSLListener(lst, ssl_context, https_compatible=True)
+                     for lst in listeners]
     nursery.start_soon(trio.serve_listeners, backend.handle, listeners)
     return backend
 

@@ -9,19 +9,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+import ssl
 from dataclasses import replace
 
 import pytest
 import trio
 
-from derper import admission
+from derper import admission, http_client
 from derper import client as dc
 from derper.admission import AdmissionConfigError, parse_allow_keys
 from derper.keys import KeyPair, public_text
 from derper.server import ConfigError, Server
 from tests.admission_servers import (FakeBackend, headscale_answer, localapi_answer, serve_tcp,
                                      serve_unix)
-from tests.conftest import BASE, url
+from tests.conftest import BASE, client_context, url
 from tests.relay_helpers import assert_relays, connect_opts, wait_until
 
 MESH_KEY = os.urandom(32)
@@ -251,3 +252,17 @@ async def test_concurrent_connections_of_one_key_share_one_lookup(start_server, 
             inner.start_soon(one)
     assert results == [True] * 5
     assert len(backend.requests) == 1
+
+
+async def test_https_verify_url_checks_the_certificate(start_server, ca, nursery, monkeypatch):
+    """Headscale is usually behind HTTPS: the URL's certificate is verified (system roots,
+    here the test CA), and a certificate the client cannot verify counts as unreachable."""
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_ctx)
+    backend = await serve_tcp(FakeBackend(fixed(200, b'{"Allow":true}')), nursery, server_ctx)
+    verify = f"https://localhost:{backend.port}/verify"
+    server = await start_server(verify_client_url=verify, verify_client_url_fail_open=False)
+    assert not await admitted(server, ca, KeyPair.generate())  # the test CA is not trusted yet
+    assert backend.requests == []
+    monkeypatch.setattr(http_client, "_default_ssl", client_context(ca))
+    assert await admitted(server, ca, KeyPair.generate())
