@@ -15,7 +15,7 @@ import trio
 from stun.counters import StunCounters
 from stun.server import open_stun_socket, serve_socket
 
-from . import logs, metacert, wire
+from . import logs, metacert, sdnotify, wire
 from .bootstrap_dns import BootstrapDNS, parse_names
 from .certs import CertError, derp_node_json, ensure_ip_cert, load_manual, parse_ip
 from .config import CERT_MODES, Config
@@ -149,6 +149,7 @@ class Server:
                      stun=f"{where}:{self.stun_port}/udp" if stun else None,
                      derp="on" if config.derp else "off",
                      server_key=public_text(self.relay.public_key))
+            sdnotify.notify("READY=1")
             task_status.started(self)
 
     async def _signal_loop(self) -> None:

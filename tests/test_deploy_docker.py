@@ -1,0 +1,122 @@
+"""The Dockerfile, built with podman and run the way the README says: `docker run -p 443:443
+-p 80:80 -p 3478:3478/udp -e DERP_DOMAIN=<IP> -e DERP_CERT_MODE=manual IMAGE`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import time
+
+import pytest
+import trio
+
+from derper import client as dc
+from stun.message import tailscale_request
+from tests.containers import REPO, Podman
+from tests.process import free_port
+from tests.relay_helpers import assert_relays, recv_kind
+
+pytestmark = pytest.mark.slow
+IMAGE = "localhost/derper-test:latest"
+PUBLIC_IP = "203.0.113.7"
+# Docker sets this in every container's own network namespace; podman needs it said.
+LOW_PORTS = ("--sysctl", "net.ipv4.ip_unprivileged_port_start=0")
+
+
+@pytest.fixture(scope="session")
+def podman(tmp_path_factory):
+    return Podman(tmp_path_factory.mktemp("podman"))
+
+
+@pytest.fixture(scope="session")
+def image(podman):
+    podman.build(IMAGE, REPO, "--build-arg", f"BASE={podman.base_image()}")
+    return IMAGE
+
+
+@pytest.fixture
+def relay(podman, image):
+    """The image running as the README says, ports published on loopback."""
+    ports = {"tls": free_port(), "http": free_port(), "stun": free_port(socket.SOCK_DGRAM)}
+    name = podman.run_detached(
+        image, *LOW_PORTS, "-p", f"127.0.0.1:{ports['tls']}:443",
+        "-p", f"127.0.0.1:{ports['http']}:80", "-p", f"127.0.0.1:{ports['stun']}:3478/udp",
+        "-e", f"DERP_DOMAIN={PUBLIC_IP}", "-e", "DERP_CERT_MODE=manual")
+    try:
+        podman.wait_for(lambda: "derper listening" in podman.logs(name),
+                        "derper listening in the container")
+        yield name, ports
+    finally:
+        podman.remove(name)
+
+
+def printed_pin(podman: Podman, name: str) -> str:
+    stdout = podman("logs", name).stdout.decode()  # podman logs keeps stdout and stderr apart
+    node = json.loads(next(line for line in stdout.splitlines() if line.startswith("{")))
+    assert node["HostName"] == PUBLIC_IP and node["RegionID"] == 900
+    assert re.fullmatch(r"sha256-raw:[0-9a-f]{64}", node["CertName"])
+    return node["CertName"]
+
+
+async def stun_binding(port: int) -> bytes:
+    """Tailscale's STUN request through the published UDP port; the reply's header."""
+    txid = os.urandom(12)
+    with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        await sock.bind(("127.0.0.1", 0))
+        with trio.fail_after(10):
+            while True:  # UDP: resend until the forwarder is up
+                await sock.sendto(tailscale_request(txid), ("127.0.0.1", port))
+                with trio.move_on_after(0.5):
+                    reply, _ = await sock.recvfrom(1500)
+                    break
+    assert reply[:2] == b"\x01\x01", reply.hex()  # Binding success
+    assert reply[8:20] == txid
+    return reply
+
+
+async def test_image_relays_with_the_printed_pin_answers_stun_and_health(podman, relay):
+    name, ports = relay
+    pin = printed_pin(podman, name)
+    url = f"https://{PUBLIC_IP}/derp"
+    dial = ("127.0.0.1", ports["tls"])
+    async with dc.connect(url, dial=dial, cert_pin=pin) as a, \
+            dc.connect(url, dial=dial, cert_pin=pin) as b:
+        assert a.fast_start  # the meta certificate came through too
+        await assert_relays(a, b)
+    wrong = "sha256-raw:" + "0" * 64
+    with pytest.raises(dc.DerpClientError):
+        async with dc.connect(url, dial=dial, cert_pin=wrong):
+            pass
+    await stun_binding(ports["stun"])
+    assert podman("healthcheck", "run", name, check=False).returncode == 0
+    assert podman.out("exec", name, "id", "-u").strip() == "10001"  # not root
+    files = podman.out("exec", name, "ls", "/opt/derper/bin", "/var/lib/derper",
+                       "/var/lib/derper/certs").split()
+    assert "pip" not in files and "derper.key" in files and f"{PUBLIC_IP}.crt" in files
+
+
+async def test_sigterm_sends_restarting_and_exits_zero_with_state_kept(podman, image, relay):
+    name, ports = relay
+    pin = printed_pin(podman, name)
+    async with dc.connect(f"https://{PUBLIC_IP}/derp", dial=("127.0.0.1", ports["tls"]),
+                          cert_pin=pin) as client:
+        started = time.monotonic()
+        podman("stop", "-t", "20", name)
+        assert time.monotonic() - started < 15  # derper exited, no SIGKILL fallback
+        message = await recv_kind(client, dc.RestartingMessage)
+        assert message.reconnect_in_ms > 0
+    assert podman.out("inspect", name, "--format", "{{.State.ExitCode}}").strip() == "0"
+    # The volume keeps key and certificate: same pin after a restart.
+    podman("start", name)
+    podman.wait_for(lambda: podman.out("logs", name).count("{") >= 2, "the second start")
+    stdout = podman("logs", name).stdout.decode()
+    pins = [json.loads(line)["CertName"] for line in stdout.splitlines() if line.startswith("{")]
+    assert pins == [pin, pin]
+
+
+def test_image_without_a_hostname_fails_with_a_clear_message(podman, image):
+    proc = podman("run", "--rm", "--network=none", image, "-certmode", "manual", check=False)
+    assert proc.returncode == 1
+    assert b"derp.tailscale.com" in proc.stderr  # the default hostname has no cert: says so
