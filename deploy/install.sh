@@ -170,7 +170,7 @@ esac
 # ---- the DERP map ----------------------------------------------------------------------------
 derpmap() {
     (
-        DERP_CERT_DIR=/var/lib/derper/certs
+        export DERP_CERT_DIR=/var/lib/derper/certs  # as the unit sets it
         set -a
         . "$env_file"
         set +a
