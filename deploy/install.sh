@@ -127,6 +127,7 @@ new_env=$(mktemp)
     echo "DERP_ADDR=:$port"
     echo "DERP_HTTP_PORT=$http_port"
     echo "DERP_STUN_PORT=$stun_port"
+    echo "DERP_CERT_DIR=/var/lib/derper/certs"
     case "$cert" in
         self-signed) echo "DERP_CERT_MODE=manual" ;;
         letsencrypt) echo "DERP_CERT_MODE=letsencrypt" ;;
@@ -170,7 +171,6 @@ esac
 # ---- the DERP map ----------------------------------------------------------------------------
 derpmap() {
     (
-        export DERP_CERT_DIR=/var/lib/derper/certs  # as the unit sets it
         set -a
         . "$env_file"
         set +a
@@ -181,5 +181,4 @@ say "derper is running. Headscale: save this as a derp.paths file (e.g. /etc/hea
 derpmap headscale
 say "Tailscale: paste this \"derpMap\" into the tailnet policy file (admin console, Access controls)"
 derpmap tailscale
-say "the same map later: set -a; . $env_file; set +a; DERP_CERT_DIR=/var/lib/derper/certs" \
-    "$prefix/bin/derper derpmap -format headscale"
+say "the same map later: sudo sh -c 'set -a; . $env_file; $prefix/bin/derper derpmap'"

@@ -91,8 +91,7 @@ def install(podman: Podman, name: str) -> str:
 
 def derp_map(podman: Podman, name: str) -> dict:
     """`derper derpmap` with the installed environment file, as install.sh prints it."""
-    command = ("set -a; . /etc/derper/derper.env; set +a; DERP_CERT_DIR=/var/lib/derper/certs "
-               "/opt/derper/bin/derper derpmap -format json")
+    command = "set -a; . /etc/derper/derper.env; /opt/derper/bin/derper derpmap -format json"
     return json.loads(podman.out("exec", name, "sh", "-c", command))
 
 
