@@ -30,8 +30,7 @@ ENV PATH=/opt/derper/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     DERP_CONFIG=/var/lib/derper/derper.key \
-    DERP_CERT_DIR=/var/lib/derper/certs \
-    XDG_CACHE_HOME=/var/lib/derper/cache
+    DERP_CERT_DIR=/var/lib/derper/certs
 # The server key and the certificates (self-signed, Let's Encrypt cache, or your own files).
 VOLUME ["/var/lib/derper"]
 USER derper

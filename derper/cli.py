@@ -32,12 +32,34 @@ SERVE_FLAGS = [
          "TLS host name (or IP address) this relay is reached by; names the certificate",
          ("DERP_DOMAIN", "DERP_HOSTNAME")),
     Flag("certmode", "certmode", "string",
-         'where the TLS certificate comes from: "letsencrypt" or "manual" '
-         "(<certdir>/<hostname>.crt and .key; an IP -hostname gets a self-signed one)",
+         'where the TLS certificate comes from: "letsencrypt" (ACME, obtained and renewed '
+         'in-process, see -acme-*) or "manual" (<certdir>/<hostname>.crt and .key; an IP '
+         "-hostname gets a self-signed one)",
          ("DERP_CERT_MODE", "DERP_CERTMODE")),
     Flag("certdir", "certdir", "string",
          "directory of certificates (default $XDG_CACHE_HOME/tailscale/derper-certs)",
          ("DERP_CERT_DIR", "DERP_CERTDIR")),
+    Flag("acme-email", "acme_email", "string",
+         "contact address for the ACME account (expiry warnings from the CA); optional",
+         ("DERP_ACME_EMAIL",)),
+    Flag("acme-directory", "acme_directory", "string",
+         'ACME directory URL for -certmode letsencrypt; "staging" for Let\'s Encrypt\'s '
+         "staging CA, or any RFC 8555 CA", ("DERP_ACME_DIRECTORY",)),
+    Flag("acme-ca-bundle", "acme_ca_bundle", "string",
+         "PEM file of roots to trust for the ACME server itself (a private CA); default: "
+         "the system's", ("DERP_ACME_CA_BUNDLE",)),
+    Flag("acme-ip-certs", "acme_ip_certs", "bool",
+         "with an IP address as -hostname and -certmode letsencrypt: get a publicly trusted "
+         "IP-address certificate (Let's Encrypt shortlived profile, about 6 days, renewed "
+         "automatically)", ("DERP_ACME_IP_CERTS",)),
+    Flag("acme-webroot", "acme_webroot", "string",
+         "serve /.well-known/acme-challenge/ on the HTTP helper from DIR/.well-known/"
+         "acme-challenge/, for `certbot certonly --webroot -w DIR` with -certmode manual; "
+         "derper then starts without a certificate and serves one once it appears",
+         ("DERP_ACME_WEBROOT",)),
+    Flag("cert-watch-interval", "cert_watch_interval", "duration",
+         "-certmode manual: how often to check the certificate files for changes (a changed "
+         "pair is reloaded, as on SIGHUP); 0 disables", ("DERP_CERT_WATCH_INTERVAL",)),
     Flag("c", "config_path", "string",
          "server key file, JSON {\"PrivateKey\": \"privkey:...\"}, created (mode 0600) if missing "
          "(default /var/lib/derper/derper.key as root, else $XDG_STATE_HOME/derper/derper.key; "
@@ -105,8 +127,14 @@ Examples:
       plain HTTP on {DEV_ADDR}, throwaway key: try it out, or run behind your own TLS
   derper -hostname 203.0.113.7 -certmode manual -certdir /var/lib/derper/certs
       TLS on :443 with a self-signed certificate for that IP; prints the DERP map node to pin it
+  derper -hostname derp.example.com -acme-email you@example.com
+      TLS on :443 with a Let's Encrypt certificate, obtained and renewed in-process
+      (HTTP-01 on the :80 helper; cached in -certdir)
+  derper -a :8443 -hostname 203.0.113.7 -acme-ip-certs
+      TLS on 8443 with a Let's Encrypt IP-address certificate: no domain, no pin
   derper -a :8443 -hostname derp.example.com -certmode manual -certdir /etc/derper/certs
-      TLS on 8443 with derp.example.com.crt/.key from certdir (SIGHUP reloads them)
+      TLS on 8443 with derp.example.com.crt/.key from certdir (reloaded on SIGHUP and when
+      the files change)
 
 Flags (Go syntax: -x v, -x=v, --x, -flag=false; each may also come from the variable shown):
 """

@@ -7,8 +7,10 @@ log line and that one connection closed.
 from __future__ import annotations
 
 import math
+import os
 import signal
 from functools import partial
+from pathlib import Path
 
 import trio
 
@@ -17,14 +19,18 @@ from stun.server import open_stun_socket, serve_socket
 
 from . import logs, metacert, sdnotify, wire
 from .bootstrap_dns import BootstrapDNS, parse_names
-from .certs import CertError, derp_node_json, ensure_ip_cert, load_manual, parse_ip
-from .config import CERT_MODES, Config
-from .endpoints import Endpoints, https_redirect
+from .acme_certs import AcmeCerts
+from .acme_issuer import AcmeSettings, resolve_directory
+from .certs import CertError, derp_node_json, ensure_ip_cert, parse_ip
+from .challenges import Http01Responder
+from .config import CERT_MODES, GO_DEFAULT_HOSTNAME, Config
+from .endpoints import Endpoints, Request, Response, https_redirect
 from .http_server import serve_http
 from .keys import KeyPair, public_text
 from .limits import TokenBucket
 from .listener import (accept_loop, bound_port, host_literal, open_listener, parse_addr,
                        peer_address, tune)
+from .manual_certs import ManualCerts
 from .relay import Relay
 from .tls import ServerTLS
 from .tls_stream import TLSStream
@@ -61,6 +67,15 @@ class Server:
                            write_timeout=config.tcp_write_timeout,
                            handshake_timeout=config.handshake_timeout,
                            queue_depth=config.queue_depth)
+        webroot = config.acme_webroot
+        if webroot and not os.path.isdir(webroot):
+            raise ConfigError(f"-acme-webroot {webroot}: not a directory")
+        if webroot and (not config.tls or config.http_port < 0):
+            raise ConfigError("-acme-webroot is served by the HTTP helper, which runs only with "
+                              "TLS and -http-port ≥ 0")
+        self.challenges = Http01Responder(Path(webroot) if webroot else None)
+        self.acme: AcmeCerts | None = None
+        self.manual: ManualCerts | None = None
         self.tls = self._load_tls() if config.tls else None
         self.stun_counters = StunCounters()
         self.main_port: int | None = None
@@ -74,32 +89,68 @@ class Server:
 
     def _load_tls(self) -> ServerTLS:
         config = self.config
-        if config.certmode == "letsencrypt":
-            raise ConfigError(
-                "-certmode letsencrypt (the default) is not available yet. Use -certmode manual "
-                "with <certdir>/<hostname>.crt and .key, or an IP address as -hostname to get a "
-                "self-signed certificate, or -dev for plain HTTP on 127.0.0.1:3340")
-        certdir, hostname = config.certdir_path, config.hostname
+        hostname = config.hostname
         ip = parse_ip(hostname)
+        tls = ServerTLS(metacert.build(self.relay.public_key),
+                        required_sni=None if ip is not None else hostname)
         try:
-            if ip is not None and ensure_ip_cert(certdir, hostname):
-                log.info("created a self-signed certificate for the IP hostname",
-                         hostname=hostname, certdir=certdir)
-            tls = ServerTLS(partial(load_manual, certdir, hostname),
-                            metacert.build(self.relay.public_key),
-                            required_sni=None if ip is not None else hostname)
+            if config.certmode == "letsencrypt":
+                self.acme = self._acme_certs(tls, ip is not None)
+            else:
+                if ip is not None and ensure_ip_cert(config.certdir_path, hostname):
+                    log.info("created a self-signed certificate for the IP hostname",
+                             hostname=hostname, certdir=config.certdir_path)
+                self.manual = ManualCerts(config.certdir_path, hostname, tls,
+                                          wait_for_files=bool(config.acme_webroot))
         except CertError as e:
             raise ConfigError(str(e)) from None
-        if ip is not None and tls.bundle.self_signed:
+        if ip is not None and tls.bundle is not None and tls.bundle.self_signed:
             node = derp_node_json(hostname, tls.bundle.pin)
             log.info("self-signed certificate: pin it in your DERP map with this node", node=node)
             print(node, flush=True)
         return tls
 
+    def _acme_certs(self, tls: ServerTLS, is_ip: bool) -> AcmeCerts:
+        config = self.config
+        if config.hostname == GO_DEFAULT_HOSTNAME:
+            raise ConfigError(
+                "-certmode letsencrypt (the default) needs -hostname set to this relay's DNS "
+                f"name ({GO_DEFAULT_HOSTNAME} is Tailscale's own). No domain? Use "
+                "-hostname <public IP> with -acme-ip-certs, or with -certmode manual for a "
+                "self-signed certificate; or -dev for plain HTTP on 127.0.0.1:3340")
+        if is_ip and not config.acme_ip_certs:
+            raise ConfigError(
+                f"-hostname {config.hostname} is an IP address: add -acme-ip-certs for a "
+                "Let's Encrypt IP certificate (6-day, renewed automatically), or use "
+                "-certmode manual for a self-signed certificate pinned in the DERP map")
+        if config.acme_ip_certs and not is_ip:
+            raise ConfigError("-acme-ip-certs needs an IP address as -hostname, "
+                              f"not {config.hostname!r}")
+        if config.http_port < 0:
+            raise ConfigError("-certmode letsencrypt answers the CA's HTTP-01 challenge on the "
+                              "HTTP helper; -http-port -1 turns it off")
+        if config.http_port != 80:
+            log.warning("the CA validates on port 80: forward port 80 to the HTTP helper",
+                        http_port=config.http_port)
+        try:
+            directory = resolve_directory(config.acme_directory)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if config.acme_ca_bundle and not os.path.isfile(config.acme_ca_bundle):
+            raise ConfigError(f"-acme-ca-bundle {config.acme_ca_bundle}: no such file")
+        settings = AcmeSettings(directory, config.acme_email, config.acme_ca_bundle)
+        return AcmeCerts(config.certdir_path, config.hostname, tls, self.challenges, settings,
+                         retry_min=config.acme_retry_min, retry_max=config.acme_retry_max)
+
+    def _serve_helper_request(self, req: Request) -> Response:
+        """The HTTP helper: ACME challenges first, then captive-portal checks and redirects."""
+        return self.challenges.handle(req) or https_redirect(
+            req, hostname=self.config.hostname, tls_port=self.main_port)
+
     def reload(self) -> None:
         """SIGHUP: re-read what lives on disk."""
-        if self.tls is not None:
-            self.tls.reload()
+        if self.manual is not None:
+            self.manual.reload()
 
     # ---- running ------------------------------------------------------------------------------
 
@@ -119,38 +170,46 @@ class Server:
             if config.stun and config.stun_port >= 0:
                 stun = await open_stun_socket(self.listen_host, config.stun_port)
                 self.stun_port = stun.getsockname()[1]
-        except BaseException:
-            for listener in self._listeners:
-                await listener.aclose()
-            raise
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            limiter = None
-            if not math.isinf(config.accept_connection_limit):
-                limiter = TokenBucket(config.accept_connection_limit,
-                                      config.accept_connection_burst, trio.current_time())
-            stats = self.relay.stats
-            nursery.start_soon(partial(accept_loop, main, nursery, self._serve_main,
-                                       stats=stats, limiter=limiter))
-            if helper is not None:
-                nursery.start_soon(partial(accept_loop, helper, nursery, self._serve_helper,
-                                           stats=stats))
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                limiter = None
+                if not math.isinf(config.accept_connection_limit):
+                    limiter = TokenBucket(config.accept_connection_limit,
+                                          config.accept_connection_burst, trio.current_time())
+                stats = self.relay.stats
+                nursery.start_soon(partial(accept_loop, main, nursery, self._serve_main,
+                                           stats=stats, limiter=limiter))
+                if helper is not None:
+                    nursery.start_soon(partial(accept_loop, helper, nursery, self._serve_helper,
+                                               stats=stats))
+                if stun is not None:
+                    await nursery.start(partial(serve_socket, stun, strict=config.stun_strict,
+                                                counters=self.stun_counters))
+                if self.bootstrap.names:
+                    nursery.start_soon(self.bootstrap.refresh_forever)
+                if self.acme is not None:
+                    nursery.start_soon(self.acme.run)
+                if self.manual is not None and config.cert_watch_interval > 0:
+                    nursery.start_soon(self.manual.watch, config.cert_watch_interval)
+                if handle_signals:
+                    nursery.start_soon(self._signal_loop)
+                where = host_literal(self.listen_host)
+                log.info("derper listening", addr=f"{where}:{self.main_port}",
+                         scheme="https" if self.tls else "http",
+                         http_helper=f"{where}:{self.http_port}" if helper else None,
+                         stun=f"{where}:{self.stun_port}/udp" if stun else None,
+                         derp="on" if config.derp else "off",
+                         server_key=public_text(self.relay.public_key))
+                sdnotify.notify("READY=1")
+                task_status.started(self)
+        finally:
+            # A bind error, or a cancel from outside (tests, an embedding program): free the
+            # ports now, not whenever the garbage collector gets to the sockets.
+            with trio.CancelScope(shield=True):
+                for listener in self._listeners:
+                    await listener.aclose()
             if stun is not None:
-                await nursery.start(partial(serve_socket, stun, strict=config.stun_strict,
-                                            counters=self.stun_counters))
-            if self.bootstrap.names:
-                nursery.start_soon(self.bootstrap.refresh_forever)
-            if handle_signals:
-                nursery.start_soon(self._signal_loop)
-            where = host_literal(self.listen_host)
-            log.info("derper listening", addr=f"{where}:{self.main_port}",
-                     scheme="https" if self.tls else "http",
-                     http_helper=f"{where}:{self.http_port}" if helper else None,
-                     stun=f"{where}:{self.stun_port}/udp" if stun else None,
-                     derp="on" if config.derp else "off",
-                     server_key=public_text(self.relay.public_key))
-            sdnotify.notify("READY=1")
-            task_status.started(self)
+                stun.close()
 
     async def _signal_loop(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -188,6 +247,9 @@ class Server:
         conn: trio.abc.Stream = stream
         try:
             if self.tls is not None:
+                if self.tls.context is None:
+                    log.debug("closing connection: no certificate yet", remote=f"{ip}:{port}")
+                    return
                 conn = TLSStream(stream, self.tls.context, server_side=True)
                 try:
                     with trio.fail_after(config.handshake_timeout):
@@ -215,8 +277,7 @@ class Server:
         ip, port = peer_address(stream)
         try:
             await serve_http(stream, ip, port, head_timeout=config.handshake_timeout,
-                             handle=partial(https_redirect, hostname=config.hostname,
-                                            tls_port=self.main_port))
+                             handle=self._serve_helper_request)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:
