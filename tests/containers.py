@@ -95,10 +95,12 @@ class Podman:
             self.build(SYSTEMD_IMAGE, context)
         return SYSTEMD_IMAGE
 
-    def run_detached(self, image: str, *args: str) -> str:
-        """Start a uniquely named container on slirp4netns (no host netfilter changes)."""
+    def run_detached(self, image: str, *args: str,
+                     network: str | None = "--network=slirp4netns") -> str:
+        """Start a uniquely named container, by default on slirp4netns (no host netfilter
+        changes); ``network=None`` when ``args`` choose the network."""
         name = f"derper-test-{uuid.uuid4().hex[:10]}"
-        self("run", "-d", "--name", name, "--network=slirp4netns", *args, image)
+        self("run", "-d", "--name", name, *([network] if network else []), *args, image)
         return name
 
     def remove(self, name: str) -> None:

@@ -11,10 +11,12 @@ import time
 
 import pytest
 import trio
+import trustme
 
 from derper import client as dc
 from stun.message import tailscale_request
 from tests.containers import REPO, Podman
+from tests.pebble import DOMAIN, Pebble
 from tests.process import free_port
 from tests.relay_helpers import assert_relays, recv_kind
 
@@ -120,3 +122,37 @@ def test_image_without_a_hostname_fails_with_a_clear_message(podman, image):
     proc = podman("run", "--rm", "--network=none", image, "-certmode", "manual", check=False)
     assert proc.returncode == 1
     assert b"derp.tailscale.com" in proc.stderr  # the default hostname has no cert: says so
+
+
+async def test_domain_alone_gets_a_certificate_from_the_acme_ca(podman, image, tmp_path):
+    """`-e DERP_DOMAIN=<domain>` and nothing else about certificates: the default Let's Encrypt
+    mode, here pointed at Pebble (Let's Encrypt's test CA) on the host's loopback."""
+    pebble = Pebble(tmp_path / "pebble", trustme.CA())
+    port = free_port()
+    # Host network: the container reaches Pebble, and Pebble's HTTP-01 check reaches derper's
+    # helper (on Pebble's httpPort; non-root, so ports >= 1024 here).
+    name = podman.run_detached(
+        image, "--network=host", "-v", f"{pebble.ca_file}:/pebble-ca.pem:ro",
+        "-e", f"DERP_DOMAIN={DOMAIN}", "-e", f"DERP_ADDR=127.0.0.1:{port}",
+        "-e", f"DERP_HTTP_PORT={pebble.http_port}", "-e", "DERP_STUN=false",
+        "-e", f"DERP_ACME_DIRECTORY={pebble.directory}",
+        "-e", "DERP_ACME_CA_BUNDLE=/pebble-ca.pem", network=None)
+    try:
+        podman.wait_for(lambda: "derper listening" in podman.logs(name), "derper listening")
+        context = pebble.client_context()
+        url = f"https://{DOMAIN}:{port}/derp"
+        deadline = time.monotonic() + 60
+        while True:  # the order completes in the background
+            try:
+                async with dc.connect(url, dial=("127.0.0.1", port), ssl_context=context) as a, \
+                        dc.connect(url, dial=("127.0.0.1", port), ssl_context=context) as b:
+                    await assert_relays(a, b)
+                break
+            except dc.DerpClientError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(podman.logs(name) + pebble.log()) from None
+                await trio.sleep(0.5)
+        assert podman("healthcheck", "run", name, check=False).returncode == 0  # SNI: domain
+    finally:
+        podman.remove(name)
+        pebble.close()
