@@ -4,7 +4,8 @@
 #   sudo deploy/install.sh --hostname HOST [options]
 #
 #   --hostname HOST   domain name or public IP address clients reach the relay by (required)
-#   --cert MODE       letsencrypt: certificate for a domain from Let's Encrypt (default for a domain)
+#   --cert MODE       letsencrypt: a certificate for a domain from Let's Encrypt (the default
+#                     for a domain)
 #                     self-signed: self-signed certificate for an IP, pinned in the DERP map
 #                                  (default for an IP; no CA, works without an ICP filing)
 #                     ip-letsencrypt: short-lived Let's Encrypt certificate for the IP address
@@ -23,7 +24,10 @@
 # (/var/lib/derper). At the end it prints the DERP map for Headscale and for Tailscale.
 set -eu
 
-usage() { sed -n '2,25s/^# \{0,1\}//p' "$0"; exit "${1:-0}"; }
+usage() {  # the comment block at the top of this file
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
+    exit "${1:-0}"
+}
 die() { echo "install.sh: $*" >&2; exit 1; }
 say() { echo "==> $*"; }
 
@@ -57,7 +61,6 @@ while [ $# -gt 0 ]; do
 done
 
 # ---- checks: everything wrong is reported before anything changes ---------------------------
-[ "$(id -u)" = 0 ] || die "run as root (sudo $0 ...)"
 [ -n "$hostname" ] || die "--hostname is required: your domain name or public IP address"
 # Values end up in an environment file read by systemd and sh: keep them plain.
 for value in "$hostname" "$email" "$region_code" "$region_name" "$prefix"; do
@@ -84,6 +87,7 @@ case "$cert" in *letsencrypt)
                                  "keep --http-port 80 (or use --cert self-signed)" ;;
 esac
 case "$firewall" in ufw|dry-run|none) ;; *) die "--firewall must be ufw, dry-run or none" ;; esac
+[ "$(id -u)" = 0 ] || die "run as root (sudo $0 ...)"
 command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ] \
     || die "systemd is not running here; use the Docker image instead (see README)"
 
@@ -179,6 +183,7 @@ derpmap() {
 }
 say "derper is running. Headscale: save this as a derp.paths file (e.g. /etc/headscale/derp.yaml)"
 derpmap headscale
-say "Tailscale: paste this \"derpMap\" into the tailnet policy file (admin console, Access controls)"
+say "Tailscale: paste this \"derpMap\" into the tailnet policy file" \
+    "(admin console, Access controls)"
 derpmap tailscale
 say "the same map later: sudo sh -c 'set -a; . $env_file; $prefix/bin/derper derpmap'"

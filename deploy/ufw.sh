@@ -11,7 +11,10 @@
 # --dry-run prints what ufw would change (ufw --dry-run) and changes nothing.
 set -eu
 
-usage() { sed -n '2,12s/^# \{0,1\}//p' "$0"; exit "${1:-0}"; }
+usage() {  # the comment block at the top of this file
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
+    exit "${1:-0}"
+}
 die() { echo "ufw.sh: $*" >&2; exit 1; }
 
 env_file=/etc/derper/derper.env

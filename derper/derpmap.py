@@ -1,4 +1,4 @@
-"""This relay's DERP map, as Headscale (``derp.paths`` YAML) and Tailscale (``derpMap`` JSON) read it.
+"""This relay's DERP map, as Headscale (derp.paths YAML) and Tailscale (derpMap JSON) read it.
 
 Pure: built from the server's own Config and certificate pin, so the map says exactly what the
 server serves (TLS port, STUN port, port-80 helper, pinned self-signed certificate) and cannot

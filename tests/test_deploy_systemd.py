@@ -54,6 +54,23 @@ def test_unit_exposure_is_at_most_two(unit_copy):
     assert float(score.group(1)) <= MAX_EXPOSURE and proc.returncode == 0, proc.stdout
 
 
+@pytest.mark.parametrize("args, message", [
+    ([], "--hostname is required"),
+    (["--hostname", PUBLIC_IP, "--cert", "letsencrypt"], "needs a domain"),
+    (["--hostname", "derp.example.com", "--cert", "self-signed"], "needs an IP"),
+    (["--hostname", "derp.example.com", "--http-port", "8080"], "keep --http-port 80"),
+    (["--hostname", "derp.example.com; reboot"], "unsupported character"),
+    (["--hostname", PUBLIC_IP, "--port", "99999"], "--port must be a port number"),
+    (["--hostname", PUBLIC_IP, "--firewall", "iptables"], "--firewall must be"),
+    (["--hostname", PUBLIC_IP, "--bogus"], "unknown argument --bogus"),
+])
+def test_install_rejects_wrong_options_before_changing_anything(args, message):
+    proc = subprocess.run([str(REPO / "deploy" / "install.sh"), *args], capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+    assert proc.stdout == "" or proc.stdout.startswith("Install derper")  # usage at most
+
+
 # ---- real systemd ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
