@@ -15,8 +15,7 @@ COPY pyproject.toml README.md /src/
 COPY derper /src/derper
 COPY stun /src/stun
 RUN /opt/derper/bin/pip install --no-cache-dir --disable-pip-version-check /src \
-    && /opt/derper/bin/pip uninstall -y -q pip setuptools \
-    && rm -rf /opt/derper/lib/python3*/site-packages/*/__pycache__/*.opt-*.pyc
+    && /opt/derper/bin/pip uninstall -y -q pip setuptools
 
 FROM ${BASE}
 COPY --from=build /opt/derper /opt/derper

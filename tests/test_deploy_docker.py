@@ -97,6 +97,9 @@ async def test_image_relays_with_the_printed_pin_answers_stun_and_health(podman,
     files = podman.out("exec", name, "ls", "/opt/derper/bin", "/var/lib/derper",
                        "/var/lib/derper/certs").split()
     assert "pip" not in files and "derper.key" in files and f"{PUBLIC_IP}.crt" in files
+    # derpmap inside the container reads the same DERP_* settings: the same pin.
+    derp_map = json.loads(podman.out("exec", name, "derper", "derpmap", "-format", "json"))
+    assert derp_map["Regions"]["900"]["Nodes"][0]["CertName"] == pin
 
 
 async def test_sigterm_sends_restarting_and_exits_zero_with_state_kept(podman, image, relay):
