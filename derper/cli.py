@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import importlib
 import os
 import sys
 from functools import partial
@@ -133,10 +134,20 @@ SERVE_FLAGS = [
     Flag("version", "version", "bool", "print the version and exit"),
 ]
 
+# Subcommands: name → (module with ``run(argv, environ) -> exit code``, summary). Imported on
+# use, so serving never loads them; each takes SERVE_FLAGS too, to describe the same server.
+COMMANDS = {
+    "derpmap": ("derper.cmd_derpmap", "print this relay's DERP map for Headscale or Tailscale"),
+}
+
+_COMMAND_LINES = "\n".join(f"       derper {name} [flags]".ljust(35) + summary
+                           for name, (_, summary) in COMMANDS.items())
+
 USAGE_HEAD = f"""\
 derper {__version__}: a self-hosted Tailscale DERP relay and STUN server.
 
-Usage: derper [flags]
+Usage: derper [flags]              run the relay
+{_COMMAND_LINES}
 
 Examples:
   derper -dev
@@ -158,7 +169,7 @@ Flags (Go syntax: -x v, -x=v, --x, -flag=false; each may also come from the vari
 """
 
 
-def _defaults() -> dict:
+def flag_defaults() -> dict:
     defaults = {f.name: f.default for f in dataclasses.fields(Config)}
     defaults["version"] = False
     return defaults
@@ -170,6 +181,11 @@ def build_config(argv: list[str], environ: Mapping[str, str]) -> tuple[Config, s
     if rest:
         raise UsageError(f"unexpected argument {rest[0]!r}")
     show_version = values.pop("version", False)
+    return config_from_values(values, explicit, environ), explicit, show_version
+
+
+def config_from_values(values: dict, explicit: set[str], environ: Mapping[str, str]) -> Config:
+    """Parsed SERVE_FLAGS values → a checked Config (shared by the subcommands)."""
     config = Config(**values)
     if config.dev and "addr" not in explicit:
         config.addr = DEV_ADDR
@@ -184,7 +200,7 @@ def build_config(argv: list[str], environ: Mapping[str, str]) -> tuple[Config, s
             config.queue_depth = value
     if config.log_level not in LEVELS:
         raise UsageError(f"-log-level must be one of {', '.join(LEVELS)}, not {config.log_level!r}")
-    return config, explicit, show_version
+    return config
 
 
 def load_server_key(config: Config) -> KeyPair:
@@ -232,7 +248,7 @@ def run_serve(argv: list[str], environ: Mapping[str, str]) -> int:
     try:
         config, _, show_version = build_config(argv, environ)
     except HelpRequested:
-        print(USAGE_HEAD + usage(SERVE_FLAGS, _defaults()))
+        print(USAGE_HEAD + usage(SERVE_FLAGS, flag_defaults()))
         return 0
     except UsageError as e:
         print(f"derper: {e}\nRun 'derper -h' for the list of flags.", file=sys.stderr)
@@ -258,4 +274,9 @@ def run_serve(argv: list[str], environ: Mapping[str, str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    sys.exit(run_serve(sys.argv[1:] if argv is None else argv, os.environ))
+    """``derper [flags]`` serves; ``derper COMMAND [flags]`` runs one of COMMANDS."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS:
+        command = importlib.import_module(COMMANDS[argv[0]][0])
+        sys.exit(command.run(argv[1:], os.environ))
+    sys.exit(run_serve(argv, os.environ))

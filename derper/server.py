@@ -17,7 +17,7 @@ import trio
 from stun.counters import StunCounters
 from stun.server import open_stun_socket, serve_socket
 
-from . import logs, metacert, wire
+from . import logs, metacert, sdnotify, wire
 from .acme_certs import AcmeCerts
 from .acme_issuer import AcmeSettings, resolve_directory
 from .admission import DEFAULT_SOCKET, Admission, AdmissionConfigError, AllowList
@@ -251,6 +251,7 @@ class Server:
                          stun=f"{where}:{self.stun_port}/udp" if stun else None,
                          derp="on" if config.derp else "off",
                          server_key=public_text(self.relay.public_key))
+                sdnotify.notify("READY=1")
                 task_status.started(self)
         finally:
             # A bind error, or a cancel from outside (tests, an embedding program): free the
