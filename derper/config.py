@@ -60,6 +60,16 @@ class Config:
     tcp_write_timeout: float = 2.0
     accept_connection_limit: float = math.inf
     accept_connection_burst: int = sys.maxsize
+    # Admission (spec §4.9) and limits; see README "Secure a public relay".
+    verify_clients: bool = False
+    socket: str = ""  # tailscaled's LocalAPI socket; "" → /var/run/tailscale/tailscaled.sock
+    verify_client_url: str = ""
+    verify_client_url_fail_open: bool = True  # Go's default; README recommends false
+    allow_keys: str = ""
+    rate_config: str = ""
+    bandwidth_limit: str = ""  # e.g. "4mbit"; "" or "0" = no relay-wide budget
+    max_clients: int = 0  # 0 = no cap
+    max_handshakes: int = 1024  # connections not yet through TLS+HTTP+DERP handshake; 0 = no cap
     log_level: str = "info"
     metrics_addr: str = "127.0.0.1:9437"  # /metrics; "" or "off" disables. Not Prometheus's 9090
     debug_allow_cidrs: str = ""  # /debug/varz beyond loopback
@@ -71,6 +81,7 @@ class Config:
     shutdown_grace: float = 2.0  # time to flush Restarting frames before closing
     acme_retry_min: float = 60.0  # a failed ACME order is retried after this, doubling …
     acme_retry_max: float = 1800.0  # … up to this (Go's autocert: 1 min to 30 min)
+    allow_keys_poll: float = 5.0  # how often the -allow-keys file is checked for changes
 
     @property
     def metrics_listen(self) -> str | None:

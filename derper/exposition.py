@@ -92,7 +92,7 @@ class Exposition:
         self.sys0 = _rss_bytes()  # Go: runtime memory at server creation
 
     def metrics(self) -> list[Metric]:
-        out = self._derp_set() + self._drops() + self._others()
+        out = self._derp_set() + self._drops() + self._others() + self._limits()
         if self.extra is not None:
             out += self.extra()
         return sorted(out, key=lambda m: m.order)
@@ -233,6 +233,48 @@ class Exposition:
                    _one(logs.THROTTLE.total), varz=False),
             Metric("derper_build", "gauge", "derper build information",
                    (((("version", self.version),), 1),), varz=False, prom_kind="info"),
+        ]
+
+
+    def _limits(self) -> list[Metric]:
+        """Admission and limits (issue 5). Go shows ``rate_limit_per_client_*`` only with
+        ``-rate-config``; so does varz here, while /metrics always has them (0 = off)."""
+        s, limit = self.relay.stats, self.relay.recv_limit
+        go_too = limit is not None
+
+        def rate_limit(key: str, kind: str, help: str, value: float, **kw) -> Metric:
+            return Metric("derp_" + key, kind, help, _one(value), order=("derp", key),
+                          varz=go_too, **kw)
+
+        return [
+            Metric("derper_admission_results", "counter",
+                   "DERP clients by admission verdict (-verify-clients, -verify-client-url, "
+                   "-allow-keys); mesh-key holders bypass it",
+                   _by("result", {"allowed": s.admission_allowed,
+                                  "rejected": s.admission_rejected,
+                                  "mesh_bypass": s.admission_mesh_bypass}), varz=False),
+            Metric("derper_admission_fail_open", "counter",
+                   "clients admitted unverified because the verify URL was unreachable",
+                   _one(s.admission_fail_open), varz=False),
+            Metric("derper_admission_cache_hits", "counter",
+                   "admission verdicts answered from the 10 s cache", _one(s.admission_cache_hits),
+                   varz=False),
+            Metric("derper_limit_rejections", "counter",
+                   "connections refused by -max-clients (HTTP 503) or -max-handshakes",
+                   _by("limit", {"max_clients": s.rejected_max_clients,
+                                 "max_handshakes": s.rejected_half_open}), varz=False),
+            Metric("derper_bandwidth_limit_waited", "counter",
+                   "reads paused by -bandwidth-limit", _one(s.bandwidth_limit_waited),
+                   varz=False),
+            rate_limit("rate_limit_per_client_waited", "counter",
+                       "reads paused by the per-client -rate-config limit",
+                       s.rate_limit_per_client_waited),
+            rate_limit("rate_limit_per_client_bytes_per_second", "untyped",
+                       "per-client receive rate of -rate-config (0: off)",
+                       limit.rate if limit else 0, prom_kind="gauge"),
+            rate_limit("rate_limit_per_client_burst_bytes", "untyped",
+                       "per-client receive burst of -rate-config (0: off)",
+                       limit.burst if limit else 0, prom_kind="gauge"),
         ]
 
 

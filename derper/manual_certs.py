@@ -8,19 +8,14 @@ previous certificate keeps serving.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-
-import trio
 
 from . import logs
 from .certs import CertError, load_manual, manual_paths
+from .filewatch import Signature, follow, signature
 from .tls import ServerTLS
 
 log = logs.get("derper.certs")
-
-Signature = tuple[tuple[int, int, int] | None, ...]
-
 
 class ManualCerts:
     def __init__(self, certdir: Path, hostname: str, tls: ServerTLS, *,
@@ -58,25 +53,11 @@ class ManualCerts:
         return True
 
     async def watch(self, interval: float) -> None:
-        """Reload when the files changed and then stayed unchanged for one more interval,
-        so a pair caught mid-rewrite is not reported as broken."""
-        previous = self._loaded
-        while True:
-            await trio.sleep(interval)
-            current = self._signature()
-            if current != self._loaded and current == previous:
-                log.info("certificate files changed on disk; reloading")
-                self.reload()
-            previous = current
+        await follow(self._signature, lambda: self._loaded, interval, self._changed)
+
+    def _changed(self) -> None:
+        log.info("certificate files changed on disk; reloading")
+        self.reload()
 
     def _signature(self) -> Signature:
-        """What changes when either file (or a symlink's target) is rewritten."""
-        result = []
-        for path in self.paths:
-            try:
-                st = os.stat(path)
-            except OSError:
-                result.append(None)
-            else:
-                result.append((st.st_ino, st.st_size, st.st_mtime_ns))
-        return tuple(result)
+        return signature(*self.paths)

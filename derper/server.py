@@ -17,22 +17,25 @@ import trio
 from stun.counters import StunCounters
 from stun.server import open_stun_socket, serve_socket
 
-from . import __version__, logs, metacert, prom, varz, wire
-from .bootstrap_dns import BootstrapDNS, parse_names
+from . import __version__, logs, metacert, prom, sdnotify, varz, wire
 from .acme_certs import AcmeCerts
 from .acme_issuer import AcmeSettings, resolve_directory
+from .admission import DEFAULT_SOCKET, Admission, AdmissionConfigError, AllowList
+from .bootstrap_dns import BootstrapDNS, parse_names
 from .certs import CertError, derp_node_json, ensure_ip_cert, parse_ip
 from .challenges import Http01Responder
 from .config import CERT_MODES, GO_DEFAULT_HOSTNAME, Config
 from .endpoints import Endpoints, Request, Response, https_redirect
 from .exposition import Exposition
+from .fairshare import BandwidthLimiter
 from .http_server import serve_http
 from .keys import KeyPair, public_text
-from .limits import TokenBucket
+from .limits import HandshakeSlots, TokenBucket
 from .listener import (accept_loop, bound_port, host_literal, open_listener, parse_addr,
                        peer_address, tune)
 from .manual_certs import ManualCerts
 from .metrics import tls_version_index
+from .rate_config import RateConfigError, load_rate_config, parse_rate
 from .relay import Relay
 from .tls import ServerTLS
 from .tls_stream import TLSStream
@@ -75,6 +78,7 @@ class Server:
                            write_timeout=config.tcp_write_timeout,
                            handshake_timeout=config.handshake_timeout,
                            queue_depth=config.queue_depth)
+        self._setup_admission_and_limits()
         webroot = config.acme_webroot
         if webroot and not os.path.isdir(webroot):
             raise ConfigError(f"-acme-webroot {webroot}: not a directory")
@@ -95,6 +99,47 @@ class Server:
         self._listeners: list[trio.SocketListener] = []
         self._nursery: trio.Nursery | None = None
         self._shutting_down = False
+
+    # ---- admission and limits -----------------------------------------------------------------
+
+    def _setup_admission_and_limits(self) -> None:
+        config, relay = self.config, self.relay
+        try:
+            self.bandwidth_rate = parse_rate(config.bandwidth_limit)
+        except ValueError as e:
+            raise ConfigError(f"-bandwidth-limit: {e}") from None
+        try:
+            relay.set_receive_limit(load_rate_config(config.rate_config)
+                                    if config.rate_config else None)
+            self.allow_list = AllowList(config.allow_keys) if config.allow_keys else None
+        except (RateConfigError, AdmissionConfigError) as e:
+            raise ConfigError(str(e)) from None
+        url = config.verify_client_url or None
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ConfigError(f"-verify-client-url must be an http:// or https:// URL, not {url!r}")
+        if config.max_clients < 0 or config.max_handshakes < 0:
+            raise ConfigError("-max-clients and -max-handshakes must be 0 (no cap) or positive")
+        relay.max_clients = config.max_clients
+        self.handshakes = HandshakeSlots(config.max_handshakes)
+        if self.allow_list or config.verify_clients or url:
+            relay.admission = Admission(
+                relay.stats, allow_list=self.allow_list,
+                localapi_socket=(config.socket or DEFAULT_SOCKET) if config.verify_clients else None,
+                url=url, fail_open=config.verify_client_url_fail_open)
+
+    def _reload_limits(self) -> None:
+        if self.allow_list is not None:
+            self.allow_list.reload("SIGHUP")
+        if self.config.rate_config:
+            try:
+                limit = load_rate_config(self.config.rate_config)
+            except RateConfigError as e:
+                log.error("keeping the previous rate limit: the rate config is broken",
+                          error=str(e))
+                return
+            self.relay.set_receive_limit(limit)
+            log.info("rate config reloaded", bytes_per_second=limit and limit.rate,
+                     burst=limit and limit.burst)
 
     # ---- certificates -------------------------------------------------------------------------
 
@@ -162,6 +207,7 @@ class Server:
         """SIGHUP: re-read what lives on disk."""
         if self.manual is not None:
             self.manual.reload()
+        self._reload_limits()
 
     # ---- running ------------------------------------------------------------------------------
 
@@ -202,6 +248,11 @@ class Server:
                     nursery.start_soon(self.acme.run)
                 if self.manual is not None and config.cert_watch_interval > 0:
                     nursery.start_soon(self.manual.watch, config.cert_watch_interval)
+                if self.allow_list is not None:
+                    nursery.start_soon(self.allow_list.watch, config.allow_keys_poll)
+                if self.bandwidth_rate:
+                    self.relay.set_bandwidth(BandwidthLimiter(self.bandwidth_rate, stats))
+                    nursery.start_soon(self.relay.bandwidth.run)
                 if handle_signals:
                     nursery.start_soon(self._signal_loop)
                 metrics = self._open_metrics()
@@ -215,6 +266,7 @@ class Server:
                          derp="on" if config.derp else "off",
                          metrics=metrics.url if metrics else None,
                          server_key=public_text(self.relay.public_key))
+                sdnotify.notify("READY=1")
                 task_status.started(self)
         finally:
             # A bind error, or a cancel from outside (tests, an embedding program): free the
@@ -243,7 +295,7 @@ class Server:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    log.info("SIGHUP: reloading certificates")
+                    log.info("SIGHUP: reloading certificates, allowed keys and rate config")
                     self.reload()
                 else:
                     log.info("shutting down", signal=signal.Signals(signum).name)
@@ -270,6 +322,11 @@ class Server:
 
     async def _serve_main(self, stream: trio.SocketStream) -> None:
         config = self.config
+        slot = self.handshakes.try_enter()
+        if slot is None:
+            self.relay.stats.rejected_half_open += 1
+            stream.socket.close()
+            return
         tune(stream, config.tcp_keepalive_time, config.tcp_user_timeout)
         ip, port = peer_address(stream)
         conn: trio.abc.Stream = stream
@@ -304,6 +361,7 @@ class Server:
         except Exception:
             log.exception("internal error on a connection; closed it", remote=f"{ip}:{port}")
         finally:
+            slot.release()
             if tls_version is not None:
                 stats.tls_active[tls_version] -= 1
             with trio.CancelScope(shield=True):

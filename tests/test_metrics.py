@@ -20,9 +20,9 @@ import trio
 from derper import client as dc
 from derper import logs, wire
 from derper.config import Config
+from derper.keys import KeyPair, public_text
 from derper.metrics import DropReason, Histogram
 from derper.server import ConfigError, Server
-from derper.keys import KeyPair
 from derper.varz import debug_allowed, go_number, parse_cidrs, render
 from tests.conftest import client_context, url
 from tests.process import free_port
@@ -55,7 +55,7 @@ NOT_EXPORTED = {
     "derp_tcp_rtt",  # no periodic TCP_INFO sampling per connection
     "derp_mesh_update_loop_count",  # Go's per-watcher goroutine loop has no equivalent here
 }
-# rate_limit_per_client_* exist only with -rate-config, which derper does not have yet.
+# Go shows derp_rate_limit_per_client_* only with -rate-config (test_admission_and_limit_metrics).
 
 DISCO = wire.DISCO_MAGIC + bytes(56)
 
@@ -286,7 +286,8 @@ async def test_dashboard_uses_only_exported_metrics(start_server, ca):
     missing = used - exported
     assert not missing, f"dashboard queries metrics the server does not export: {missing}"
     for needle in ("derp_current_connections", "derp_bytes_received_total",
-                   "derp_packets_dropped_total", "stun_requests_total"):
+                   "derp_packets_dropped_total", "stun_requests_total",
+                   "derper_admission_results_total"):
         assert needle in used
 
 
@@ -359,3 +360,32 @@ async def test_queue_wait_grows_when_a_receiver_stalls(start_server, ca):
                 await recv_kind(receiver, dc.ReceivedPacket)
     assert f"derp_average_queue_duration_ms {go_number(stats.average_queue_duration_ms)}\n" \
         in render(server.exposition.metrics())
+
+
+async def test_admission_and_limit_metrics(start_server, ca, tmp_path):
+    promtool = require_binary("promtool", "prometheus")
+    allowed, stranger = KeyPair.generate(), KeyPair.generate()
+    (tmp_path / "keys").write_text(public_text(allowed.public) + "\n")
+    (tmp_path / "rate.json").write_text('{"PerClientRateLimitBytesPerSec": 250000}')
+    server = await start_server(allow_keys=str(tmp_path / "keys"),
+                                rate_config=str(tmp_path / "rate.json"),
+                                metrics_addr="127.0.0.1:0")
+    async with dc.connect(url(server), allowed, **connect_opts(server, ca)) as a:
+        await assert_relays(a, a)
+    with pytest.raises(dc.DerpClientError):
+        async with dc.connect(url(server), stranger, **connect_opts(server, ca)) as s:
+            await assert_relays(s, s)
+    _, text = await fetch(metrics_url(server), "/metrics")
+    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                           text=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert 'derper_admission_results_total{result="allowed"} 1.0' in text
+    assert 'derper_admission_results_total{result="rejected"} 1.0' in text
+    assert 'derper_limit_rejections_total{limit="max_clients"} 0.0' in text
+    assert "derp_rate_limit_per_client_bytes_per_second 250000.0" in text
+    # varz: Go's rate-limit names appear with -rate-config, as in Go.
+    _, varz_text = await fetch(f"http://127.0.0.1:{server.main_port}", "/debug/varz")
+    assert "derp_rate_limit_per_client_bytes_per_second 250000\n" in varz_text
+    assert "derp_rate_limit_per_client_burst_bytes 65568\n" in varz_text
+    assert "# TYPE derp_rate_limit_per_client_waited counter\n" in varz_text
+    assert "admission" not in varz_text  # not one of Go's names
