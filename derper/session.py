@@ -25,6 +25,10 @@ from .wire import FrameError, FrameReader, FrameType, PeerGoneReason, PeerPresen
 log = logs.get("derper.session")
 
 RECV_SIZE = 64 << 10
+# A read can bring more packets for one destination than its queue holds (a sender that wrote
+# while we were descheduled). Before the queue head-drops, the reader yields until the
+# destination's writer has taken the queue; bounded per read, so a stuck writer costs little.
+YIELDS_PER_READ = 16
 HOME_MOVE_GRACE = 5.0  # NotePreferred changes sooner than this after connecting aren't moves
 NOT_HERE_RATE, NOT_HERE_BURST = 1.0, 3.0  # PeerGone(NotHere) per sender
 KEEPALIVE_JITTER = 5 / 60  # Go: 60 s + [0, 5) s, chosen once per connection
@@ -165,13 +169,14 @@ class Session:
 
     # ---- the router's Peer interface (synchronous; called from other sessions' readers) -------
 
-    def deliver(self, frame: bytearray, disco: bool) -> None:
+    def deliver(self, frame: bytearray, disco: bool) -> bool:
         if self._closing:
             self.relay.stats.drop(DropReason.GONE_DISCONNECTED, disco, len(frame) - RECV_OVERHEAD)
-            return
-        self.queue.put(frame, disco)
+            return False
+        full = self.queue.put(frame, disco)
         if self._parked:
             self._wake()
+        return full
 
     def send_peer_gone(self, key: bytes, reason: int) -> None:
         self._peer_gone[key] = wire.peer_gone(key, reason)
@@ -253,6 +258,7 @@ class Session:
                 reader.feed(chunk)
             if self.dup:
                 router.note_activity(self)
+            yields = YIELDS_PER_READ
             buf = reader.data
             view = None
             while (f := reader.next()) is not None:
@@ -276,10 +282,14 @@ class Session:
                     out = bytearray(view[s - 5:e])  # SendPacket → RecvPacket: same length
                     out[0] = _RECV
                     out[5:37] = my_key
-                    dst.deliver(out, disco)
+                    full = dst.deliver(out, disco)
                     if dst is not self._last_dst:
                         router.note_sent(my_key, dst)
                         self._last_dst = dst
+                    while full and yields:  # the writer may run after us in a batch
+                        yields -= 1
+                        await trio.lowlevel.checkpoint()
+                        full = dst.queue.full(disco)
                 else:
                     if view is None:
                         view = memoryview(buf)

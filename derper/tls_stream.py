@@ -95,6 +95,16 @@ class TLSStream(trio.abc.Stream):
             raise trio.BrokenResourceError(f"TLS error: {_reason(e)}") from e
         await self._flush()
 
+    async def send_records(self, chunks) -> None:
+        """One TLS record per chunk (as Tailscale clients write one per packet), one socket write."""
+        write = self.ssl_object.write
+        try:
+            for chunk in chunks:
+                write(chunk)
+        except ssl.SSLError as e:
+            raise trio.BrokenResourceError(f"TLS error: {_reason(e)}") from e
+        await self._flush()
+
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport.wait_send_all_might_not_block()
 
