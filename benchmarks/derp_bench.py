@@ -58,13 +58,19 @@ MAX_BATCH = 64  # packets per socket write
 
 # ---- the load processes -------------------------------------------------------------------------
 
-def _ssl_context(ca_file: str | None) -> ssl.SSLContext | None:
-    return ssl.create_default_context(cafile=ca_file) if ca_file else None
+_contexts: dict = {}
 
 
 def _connect(target: dict):
-    return derp_client.connect(target["url"], cert_pin=target["cert_pin"],
-                               ssl_context=_ssl_context(target["ca_file"]), timeout=30)
+    """A DERP client for ``target``; one TLS context per process (building one costs ~1 ms)."""
+    key = (target["ca_file"], target["cert_pin"])
+    if key not in _contexts:
+        _contexts[key] = (ssl.create_default_context(cafile=target["ca_file"])
+                          if target["ca_file"] else derp_client.pinned_context()
+                          if target["cert_pin"] else ssl.create_default_context())
+    ctx = _contexts[key] if target["url"].startswith("https:") else None
+    return derp_client.connect(target["url"], cert_pin=target["cert_pin"], ssl_context=ctx,
+                               timeout=30)
 
 
 class _Flow:
@@ -296,12 +302,14 @@ def run_conns(target: dict, conns: int, concurrency: int, procs: int,
     manager = ctx.Manager()
     ready, done = manager.Queue(), manager.Queue()
     rss_before = rss_bytes(server_pid) if server_pid else None
+    cpu_before = cpu_seconds(server_pid) if server_pid else None
     with ctx.Pool(procs) as pool:
         pending = pool.starmap_async(_conns_worker,
                                      [(target, n, concurrency, ready, done) for n in counts])
         parts = [_get_or_fail(ready, pending) for _ in counts]
         time.sleep(0.5)  # let the server settle the last handshakes
         rss_after = rss_bytes(server_pid) if server_pid else None
+        cpu = cpu_seconds(server_pid) - cpu_before if server_pid else None
         for _ in counts:
             done.put(True)
         pending.get()
@@ -315,6 +323,8 @@ def run_conns(target: dict, conns: int, concurrency: int, procs: int,
         "first_error": errors[0] if errors else None,
         "connects_per_second": round(connected / span) if span > 0 else None,
         "server_rss_mb": None if rss_after is None else round(rss_after / 2**20, 1),
+        "server_cpu_ms_per_conn": (None if cpu is None or not connected
+                                   else round(cpu / connected * 1000, 3)),
         "rss_per_conn_kb": (None if rss_after is None or not connected
                             else round((rss_after - rss_before) / connected / 1024, 1)),
     }
@@ -471,12 +481,14 @@ def _median_row(runs: list[dict]) -> dict:
 def _print_table(mode: str, rows: dict) -> None:
     if mode == "conns":
         print(f"{'connections':>11} {'connects/s':>11} {'failures':>9} {'server RSS':>11}"
-              f" {'RSS/conn':>9}")
+              f" {'RSS/conn':>9} {'server CPU/conn':>15}")
         for row in rows.values():
             rss = "-" if row["server_rss_mb"] is None else f"{row['server_rss_mb']:.0f} MB"
             per = "-" if row["rss_per_conn_kb"] is None else f"{row['rss_per_conn_kb']:.1f} KB"
+            cpu = row["server_cpu_ms_per_conn"]
+            cpu = "-" if cpu is None else f"{cpu:.2f} ms"
             print(f"{row['connected']:>11,} {row['connects_per_second'] or 0:>11,}"
-                  f" {row['failures']:>9} {rss:>11} {per:>9}")
+                  f" {row['failures']:>9} {rss:>11} {per:>9} {cpu:>15}")
         return
     print(f"{'load':<16} {'offered pkt/s':>13} {'delivered pkt/s':>15} {'Mbit/s':>7}"
           f" {'loss':>7} {'p50 ms':>7} {'p99 ms':>7} {'p99.9 ms':>8} {'server CPU':>10}")
