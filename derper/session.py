@@ -9,6 +9,7 @@ therefore only lose its own packets.
 
 from __future__ import annotations
 
+import math
 import random
 
 import trio
@@ -162,6 +163,7 @@ class Session:
         self._peer_gone: dict[bytes, bytes] = {}  # coalesced by key
         self._presence: dict[bytes, bytes] = {}  # mesh watchers only, coalesced by key
         self._restarting: bytes | None = None
+        self._keepalive_due = False
         self._not_here: TokenBucket | None = None
         self._last_dst: object = None
         if not_ideal:
@@ -213,6 +215,7 @@ class Session:
     async def run(self, reader: FrameReader) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._guard, self._write_loop, nursery.cancel_scope)
+            nursery.start_soon(self._tick_keepalives)
             await self._guard(self._read_loop, nursery.cancel_scope, reader)
 
     async def _guard(self, loop, scope: trio.CancelScope, *args) -> None:
@@ -370,7 +373,22 @@ class Session:
 
     def _pending(self) -> bool:
         return bool(self.queue.disco or self.queue.other or self._pong is not None
-                    or self._peer_gone or self._presence or self._restarting is not None)
+                    or self._peer_gone or self._presence or self._restarting is not None
+                    or self._keepalive_due)
+
+    async def _tick_keepalives(self) -> None:
+        """Go's ticker: 60 s + jitter, a KeepAlive on every tick whatever else was sent.
+
+        A task of its own so the writer parks without a timeout: a cancel scope per wake-up
+        would cost more than the batch it writes. Ticks missed while the writer is blocked
+        coalesce into one KeepAlive.
+        """
+        relay = self.relay
+        period = relay.keepalive_interval * (1 + random.uniform(0, KEEPALIVE_JITTER))
+        while True:
+            await trio.sleep(period)
+            self._keepalive_due = True
+            self._wake()
 
     async def _write_loop(self) -> None:
         relay = self.relay
@@ -378,65 +396,61 @@ class Session:
         stream = self.stream
         queue = self.queue
         timeout = relay.mesh_write_timeout if self.can_mesh else relay.write_timeout
-        period = relay.keepalive_interval * (1 + random.uniform(0, KEEPALIVE_JITTER))
-        next_keepalive = trio.current_time() + period
         batch: list = []
-        while True:
-            if not self._pending():
-                self._parked = True
-                with trio.move_on_at(next_keepalive):
+        nd = bd = no = bo = 0
+        # One scope for every write, its deadline armed per write: cheaper than a new scope.
+        with trio.CancelScope() as deadline:
+            while True:
+                if not self._pending():
+                    self._parked = True
                     await self._lot.park()
-                self._parked = False
-            if trio.current_time() >= next_keepalive:
-                batch.append(wire.KEEP_ALIVE)  # on every tick, whatever else was sent
-                next_keepalive += period
-                if next_keepalive <= trio.current_time():  # ticks missed while blocked don't pile up
-                    next_keepalive = trio.current_time() + period
-            pong = self._pong
-            if pong is not None:
-                batch.append(wire.pong(pong))
-                self._pong = None
-            gone_not_here = gone_disconnected = 0
-            if self._peer_gone:
-                for frame in self._peer_gone.values():
-                    batch.append(frame)
-                    if frame[-1] == PeerGoneReason.NOT_HERE:
-                        gone_not_here += 1
-                    else:
-                        gone_disconnected += 1
-                self._peer_gone.clear()
-            nd, bd, no, bo = queue.take(batch)
-            if self._presence:
-                batch.extend(self._presence.values())
-                self._presence.clear()
-            restarting = self._restarting
-            if restarting is not None:
-                batch.append(restarting)
-            if not batch:
-                continue
-            data = batch[0] if len(batch) == 1 else b"".join(batch)
-            batch.clear()
-            try:
+                if self._keepalive_due:
+                    batch.append(wire.KEEP_ALIVE)
+                    self._keepalive_due = False
+                pong = self._pong
+                if pong is not None:
+                    batch.append(wire.pong(pong))
+                    self._pong = None
+                gone_not_here = gone_disconnected = 0
+                if self._peer_gone:
+                    for frame in self._peer_gone.values():
+                        batch.append(frame)
+                        if frame[-1] == PeerGoneReason.NOT_HERE:
+                            gone_not_here += 1
+                        else:
+                            gone_disconnected += 1
+                    self._peer_gone.clear()
+                nd, bd, no, bo = queue.take(batch)
+                if self._presence:
+                    batch.extend(self._presence.values())
+                    self._presence.clear()
+                restarting = self._restarting
+                if restarting is not None:
+                    batch.append(restarting)
+                if not batch:
+                    continue
+                data = batch[0] if len(batch) == 1 else b"".join(batch)
+                batch.clear()
                 if timeout > 0:
-                    with trio.fail_after(timeout):
-                        await stream.send_all(data)
-                else:
+                    deadline.deadline = trio.current_time() + timeout
+                try:
                     await stream.send_all(data)
-            except trio.TooSlowError:
-                stats.sclient_write_timeouts += 1
-                self._count_write_error(nd, bd, no, bo)
-                raise WriteTimeout(f"write timed out after {timeout:g}s (client too slow)")
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._count_write_error(nd, bd, no, bo)
-                raise
-            stats.packets_sent += nd + no
-            stats.bytes_sent += bd + bo
-            if pong is not None:
-                stats.sent_pong += 1
-            stats.peer_gone_not_here_frames += gone_not_here
-            stats.peer_gone_disconnected_frames += gone_disconnected
-            if restarting is not None and self._restarting is restarting:
-                self._restarting = None
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._count_write_error(nd, bd, no, bo)
+                    raise
+                deadline.deadline = math.inf
+                stats.packets_sent += nd + no
+                stats.bytes_sent += bd + bo
+                if pong is not None:
+                    stats.sent_pong += 1
+                stats.peer_gone_not_here_frames += gone_not_here
+                stats.peer_gone_disconnected_frames += gone_disconnected
+                if restarting is not None and self._restarting is restarting:
+                    self._restarting = None
+        # Only the write deadline can end the loop without an exception.
+        stats.sclient_write_timeouts += 1
+        self._count_write_error(nd, bd, no, bo)
+        raise WriteTimeout(f"write timed out after {timeout:g}s (client too slow)")
 
     def _count_write_error(self, nd: int, bd: int, no: int, bo: int) -> None:
         stats = self.relay.stats
