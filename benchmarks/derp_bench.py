@@ -335,22 +335,23 @@ def run_conns(target: dict, conns: int, concurrency: int, procs: int,
 class StartedServer:
     """A fresh ``derper`` over TLS with a self-signed, pinned IP certificate."""
 
-    def __init__(self, extra: list[str]) -> None:
+    def __init__(self, extra: list[str], wrapper: list[str] = (), cwd: str | None = None) -> None:
         self._dir = tempfile.TemporaryDirectory()
+        self.dir = Path(self._dir.name)
         port = _free_tcp_port()
-        args = [sys.executable, "-m", "derper", "-hostname", "127.0.0.1", "-certmode", "manual",
+        args = [*wrapper, sys.executable, "-m", "derper", "-hostname", "127.0.0.1", "-certmode", "manual",
                 "-certdir", self._dir.name, "-a", f"127.0.0.1:{port}", "-http-port", "-1",
                 "-stun=false", *extra]
         self._log = open(Path(self._dir.name) / "derper.log", "wb")
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._log,
-                                     text=True)
+                                     text=True, cwd=cwd)
         line = self.proc.stdout.readline()  # the DERP map node with the pin
         if not line:
             self.close()
             raise SystemExit("derper did not start:\n" + self.log())
         self.pin = json.loads(line)["CertName"]
         self.url = f"https://127.0.0.1:{port}/derp"
-        _wait_listening(port, self.proc)
+        _wait_listening(port, self.proc, 60 if wrapper else 10)
 
     def log(self) -> str:
         return (Path(self._dir.name) / "derper.log").read_text()
@@ -370,10 +371,10 @@ def _free_tcp_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_listening(port: int, proc: subprocess.Popen) -> None:
+def _wait_listening(port: int, proc: subprocess.Popen, seconds: float) -> None:
     import socket
 
-    for _ in range(200):
+    for _ in range(int(seconds / 0.05)):
         if proc.poll() is not None:
             raise SystemExit(f"derper exited with {proc.returncode}")
         try:
