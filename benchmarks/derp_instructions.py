@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=10, help="packets per write")
     parser.add_argument("--size", type=int, default=1280)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--keep", action="store_true", help="keep the callgrind dump")
     args = parser.parse_args()
     server = StartedServer([], wrapper=["valgrind", "--tool=callgrind", "--dump-line=no",
                                         "--callgrind-out-file=%q{PWD}/callgrind.out.%p"],
@@ -67,13 +68,15 @@ def main() -> None:
                            capture_output=True)
 
         target = {"url": server.url, "cert_pin": server.pin, "ca_file": None}
+        dumps: list[Path] = []
         trio.run(lockstep, target, args.rounds, args.batch, args.size, control)
         dumps = sorted((Path(args.tree or ".")).glob(f"callgrind.out.{pid}.*"))
         text = dumps[-1].read_text()
     finally:
         server.close()
         for f in Path(args.tree or ".").glob(f"callgrind.out.{server.proc.pid}*"):
-            f.unlink()
+            if not (args.keep and f == dumps[-1]):
+                f.unlink()
     instructions = int(re.search(r"^summary: (\d+)", text, re.M).group(1))
     packets = 2 * args.rounds * args.batch
     result = {"tree": args.tree or ".", "packets": packets, "batch": args.batch,
