@@ -20,6 +20,9 @@ _READ_CHUNK = 16 << 10  # the largest TLS record plaintext
 # filling it and copying out, and trio runs one task at a time.
 _SCRATCH = bytearray(256 << 10)
 _SCRATCH_VIEW = memoryview(_SCRATCH)
+# Socket reads of every connection land here and are copied into that connection's BIO at once.
+_RECV_VIEW = memoryview(bytearray(RECV_SIZE))
+_RECV_BUFS = (_RECV_VIEW,)
 CLOSE_NOTIFY_TIMEOUT = 0.25
 
 
@@ -45,11 +48,9 @@ class TLSStream(trio.abc.Stream):
                 self.ssl_object.do_handshake()
             except ssl.SSLWantReadError:
                 await self._flush()
-                data = await self.transport.receive_some(RECV_SIZE)
-                if not data:
+                if not await self._receive():
                     raise trio.BrokenResourceError("peer closed the connection during the TLS "
                                                    "handshake")
-                self._incoming.write(data)
                 continue
             except ssl.SSLError as e:
                 await self._flush_quietly()  # let the peer see our alert
@@ -81,10 +82,37 @@ class TLSStream(trio.abc.Stream):
                 await self._flush()
             if data or eof:
                 return data
-            chunk = await self.transport.receive_some(RECV_SIZE)
-            if not chunk:
+            if not await self._receive():
                 return b""  # TCP EOF without close_notify: treat as an ordinary close
-            self._incoming.write(chunk)
+
+    async def _receive(self) -> bool:
+        """One socket read into the incoming BIO; False at EOF.
+
+        What trio's ``receive_some`` does, less one scheduler trip: it yields again after a
+        read that had to wait for the socket. We yield exactly once per read either way, so a
+        peer that keeps the socket full still cannot hold the loop.
+        """
+        sock = self.transport.socket
+        waited = False
+        while True:
+            fd = sock.fileno()
+            if fd < 0:
+                break  # closed: trio raises the right error below
+            try:
+                n = os.readv(fd, _RECV_BUFS)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                waited = True
+                continue
+            except OSError:
+                break  # a reset: trio raises the right error below
+            self._incoming.write(_RECV_VIEW[:n])  # before yielding: the buffer is shared
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return n > 0
+        chunk = await self.transport.receive_some(RECV_SIZE)
+        self._incoming.write(chunk)
+        return bool(chunk)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
