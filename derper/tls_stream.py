@@ -60,13 +60,13 @@ class TLSStream(trio.abc.Stream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Every byte the last socket read decrypted to; ``b""`` at EOF."""
-        obj = self.ssl_object
+        read = self.ssl_object._sslobj.read  # the C method: one call per TLS record
         while True:
             pos = 0
             eof = False
             try:
                 while pos <= len(_SCRATCH) - _READ_CHUNK:
-                    n = obj.read(_READ_CHUNK, _SCRATCH_VIEW[pos:])
+                    n = read(_READ_CHUNK, _SCRATCH_VIEW[pos:])
                     if not n:
                         eof = True
                         break
@@ -126,7 +126,7 @@ class TLSStream(trio.abc.Stream):
 
     async def send_records(self, chunks) -> None:
         """One TLS record per chunk (as Tailscale clients write one per packet), one socket write."""
-        write = self.ssl_object.write
+        write = self.ssl_object._sslobj.write
         try:
             for chunk in chunks:
                 write(chunk)
