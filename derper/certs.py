@@ -10,7 +10,6 @@ import datetime
 import hashlib
 import ipaddress
 import json
-import os
 import re
 import secrets
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .files import ensure_private_dir, write_atomic
 
 IP_CERT_VALIDITY = datetime.timedelta(days=365)  # longer is rejected by macOS clients
 
@@ -179,19 +180,14 @@ def ensure_ip_cert(certdir: Path, ip_text: str) -> bool:
                                 serialization.PrivateFormat.TraditionalOpenSSL,
                                 serialization.NoEncryption())
     try:
-        certdir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _write_new(key_path, key_pem, 0o600)
-        _write_new(crt_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        ensure_private_dir(certdir)
+        write_atomic(key_path, key_pem, 0o600, replace=False)
+        write_atomic(crt_path, cert.public_bytes(serialization.Encoding.PEM), 0o644,
+                     replace=False)
     except OSError as e:
         raise CertError(f"cannot write the self-signed certificate into {certdir}: "
                         f"{e.strerror}") from None
     return True
-
-
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
 
 
 def derp_node_json(hostname: str, pin: str) -> str:

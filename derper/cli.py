@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import importlib
 import os
 import sys
 from functools import partial
@@ -31,12 +32,34 @@ SERVE_FLAGS = [
          "TLS host name (or IP address) this relay is reached by; names the certificate",
          ("DERP_DOMAIN", "DERP_HOSTNAME")),
     Flag("certmode", "certmode", "string",
-         'where the TLS certificate comes from: "letsencrypt" or "manual" '
-         "(<certdir>/<hostname>.crt and .key; an IP -hostname gets a self-signed one)",
+         'where the TLS certificate comes from: "letsencrypt" (ACME, obtained and renewed '
+         'in-process, see -acme-*) or "manual" (<certdir>/<hostname>.crt and .key; an IP '
+         "-hostname gets a self-signed one)",
          ("DERP_CERT_MODE", "DERP_CERTMODE")),
     Flag("certdir", "certdir", "string",
          "directory of certificates (default $XDG_CACHE_HOME/tailscale/derper-certs)",
          ("DERP_CERT_DIR", "DERP_CERTDIR")),
+    Flag("acme-email", "acme_email", "string",
+         "contact address for the ACME account (expiry warnings from the CA); optional",
+         ("DERP_ACME_EMAIL",)),
+    Flag("acme-directory", "acme_directory", "string",
+         'ACME directory URL for -certmode letsencrypt; "staging" for Let\'s Encrypt\'s '
+         "staging CA, or any RFC 8555 CA", ("DERP_ACME_DIRECTORY",)),
+    Flag("acme-ca-bundle", "acme_ca_bundle", "string",
+         "PEM file of roots to trust for the ACME server itself (a private CA); default: "
+         "the system's", ("DERP_ACME_CA_BUNDLE",)),
+    Flag("acme-ip-certs", "acme_ip_certs", "bool",
+         "with an IP address as -hostname and -certmode letsencrypt: get a publicly trusted "
+         "IP-address certificate (Let's Encrypt shortlived profile, about 6 days, renewed "
+         "automatically)", ("DERP_ACME_IP_CERTS",)),
+    Flag("acme-webroot", "acme_webroot", "string",
+         "serve /.well-known/acme-challenge/ on the HTTP helper from DIR/.well-known/"
+         "acme-challenge/, for `certbot certonly --webroot -w DIR` with -certmode manual; "
+         "derper then starts without a certificate and serves one once it appears",
+         ("DERP_ACME_WEBROOT",)),
+    Flag("cert-watch-interval", "cert_watch_interval", "duration",
+         "-certmode manual: how often to check the certificate files for changes (a changed "
+         "pair is reloaded, as on SIGHUP); 0 disables", ("DERP_CERT_WATCH_INTERVAL",)),
     Flag("c", "config_path", "string",
          "server key file, JSON {\"PrivateKey\": \"privkey:...\"}, created (mode 0600) if missing "
          "(default /var/lib/derper/derper.key as root, else $XDG_STATE_HOME/derper/derper.key; "
@@ -79,29 +102,74 @@ SERVE_FLAGS = [
     Flag("accept-connection-burst", "accept_connection_burst", "int",
          "burst of new connections allowed above -accept-connection-limit",
          ("DERP_ACCEPT_CONNECTION_BURST",)),
+    Flag("max-clients", "max_clients", "int",
+         "cap on DERP connections; over it new ones get HTTP 503 before the upgrade; 0 = no cap",
+         ("DERP_MAX_CLIENTS",)),
+    Flag("max-handshakes", "max_handshakes", "int",
+         "cap on connections still in their TLS/HTTP/DERP handshake (slowloris); excess ones "
+         "are closed at once; 0 = no cap", ("DERP_MAX_HANDSHAKES",)),
+    Flag("verify-clients", "verify_clients", "bool",
+         "admit only nodes the local tailscaled knows (LocalAPI whois over -socket)",
+         ("DERP_VERIFY_CLIENTS",)),
+    Flag("socket", "socket", "string",
+         "tailscaled LocalAPI socket for -verify-clients (default "
+         "/var/run/tailscale/tailscaled.sock)", ("DERP_SOCKET",)),
+    Flag("verify-client-url", "verify_client_url", "string",
+         "admission controller URL (e.g. Headscale's https://hs.example.com/verify): POSTed "
+         '{"NodePublic","Source"}, admits on 200 + {"Allow":true}', ("DERP_VERIFY_CLIENT_URL",)),
+    Flag("verify-client-url-fail-open", "verify_client_url_fail_open", "bool",
+         "admit clients when the verify URL is unreachable (Go's default; set false on a "
+         "public relay)", ("DERP_VERIFY_CLIENT_URL_FAIL_OPEN",)),
+    Flag("allow-keys", "allow_keys", "string",
+         "file of allowed node keys, one nodekey:<64 hex> per line, # comments; reloaded on "
+         "SIGHUP and when it changes", ("DERP_ALLOW_KEYS",)),
+    Flag("rate-config", "rate_config", "string",
+         'per-client receive limit, Go JSON {"PerClientRateLimitBytesPerSec":N,'
+         '"PerClientRateBurstBytes":N}; reloaded on SIGHUP', ("DERP_RATE_CONFIG",)),
+    Flag("bandwidth-limit", "bandwidth_limit", "string",
+         "relay-wide budget shared fairly by the senders, e.g. 4mbit, 500kbit (bits/s) or "
+         "1MB, 2MiB (bytes/s); empty = none", ("DERP_BANDWIDTH_LIMIT",)),
     Flag("log-level", "log_level", "string", "debug, info, warning or error",
          ("DERP_LOG_LEVEL",)),
     Flag("version", "version", "bool", "print the version and exit"),
 ]
 
+# Subcommands: name → (module with ``run(argv, environ) -> exit code``, summary). Imported on
+# use, so serving never loads them; each takes SERVE_FLAGS too, to describe the same server.
+COMMANDS = {
+    "derpmap": ("derper.cmd_derpmap", "print this relay's DERP map for Headscale or Tailscale"),
+}
+
+_COMMAND_LINES = "\n".join(f"       derper {name} [flags]".ljust(35) + summary
+                           for name, (_, summary) in COMMANDS.items())
+
 USAGE_HEAD = f"""\
 derper {__version__}: a self-hosted Tailscale DERP relay and STUN server.
 
-Usage: derper [flags]
+Usage: derper [flags]              run the relay
+{_COMMAND_LINES}
 
 Examples:
   derper -dev
       plain HTTP on {DEV_ADDR}, throwaway key: try it out, or run behind your own TLS
   derper -hostname 203.0.113.7 -certmode manual -certdir /var/lib/derper/certs
       TLS on :443 with a self-signed certificate for that IP; prints the DERP map node to pin it
+  derper -hostname derp.example.com -acme-email you@example.com
+      TLS on :443 with a Let's Encrypt certificate, obtained and renewed in-process
+      (HTTP-01 on the :80 helper; cached in -certdir)
+  derper -a :8443 -hostname 203.0.113.7 -acme-ip-certs
+      TLS on 8443 with a Let's Encrypt IP-address certificate: no domain, no pin
   derper -a :8443 -hostname derp.example.com -certmode manual -certdir /etc/derper/certs
-      TLS on 8443 with derp.example.com.crt/.key from certdir (SIGHUP reloads them)
+      TLS on 8443 with derp.example.com.crt/.key from certdir (reloaded on SIGHUP and when
+      the files change)
+  derper -hostname derp.example.com -home blank -verify-clients -bandwidth-limit 4mbit
+      a public relay only your tailnet's nodes may use, fair to interactive traffic
 
 Flags (Go syntax: -x v, -x=v, --x, -flag=false; each may also come from the variable shown):
 """
 
 
-def _defaults() -> dict:
+def flag_defaults() -> dict:
     defaults = {f.name: f.default for f in dataclasses.fields(Config)}
     defaults["version"] = False
     return defaults
@@ -113,6 +181,11 @@ def build_config(argv: list[str], environ: Mapping[str, str]) -> tuple[Config, s
     if rest:
         raise UsageError(f"unexpected argument {rest[0]!r}")
     show_version = values.pop("version", False)
+    return config_from_values(values, explicit, environ), explicit, show_version
+
+
+def config_from_values(values: dict, explicit: set[str], environ: Mapping[str, str]) -> Config:
+    """Parsed SERVE_FLAGS values → a checked Config (shared by the subcommands)."""
     config = Config(**values)
     if config.dev and "addr" not in explicit:
         config.addr = DEV_ADDR
@@ -127,7 +200,7 @@ def build_config(argv: list[str], environ: Mapping[str, str]) -> tuple[Config, s
             config.queue_depth = value
     if config.log_level not in LEVELS:
         raise UsageError(f"-log-level must be one of {', '.join(LEVELS)}, not {config.log_level!r}")
-    return config, explicit, show_version
+    return config
 
 
 def load_server_key(config: Config) -> KeyPair:
@@ -175,7 +248,7 @@ def run_serve(argv: list[str], environ: Mapping[str, str]) -> int:
     try:
         config, _, show_version = build_config(argv, environ)
     except HelpRequested:
-        print(USAGE_HEAD + usage(SERVE_FLAGS, _defaults()))
+        print(USAGE_HEAD + usage(SERVE_FLAGS, flag_defaults()))
         return 0
     except UsageError as e:
         print(f"derper: {e}\nRun 'derper -h' for the list of flags.", file=sys.stderr)
@@ -201,4 +274,9 @@ def run_serve(argv: list[str], environ: Mapping[str, str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    sys.exit(run_serve(sys.argv[1:] if argv is None else argv, os.environ))
+    """``derper [flags]`` serves; ``derper COMMAND [flags]`` runs one of COMMANDS."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS:
+        command = importlib.import_module(COMMANDS[argv[0]][0])
+        sys.exit(command.run(argv[1:], os.environ))
+    sys.exit(run_serve(argv, os.environ))

@@ -14,6 +14,8 @@ from pathlib import Path
 
 DEV_ADDR = "127.0.0.1:3340"  # Go's -dev binds every interface; a dev server should not
 CERT_MODES = ("letsencrypt", "manual")
+LETSENCRYPT_DIRECTORY = "https://acme-v02.api.letsencrypt.org/directory"
+GO_DEFAULT_HOSTNAME = "derp.tailscale.com"  # Go's -hostname default: Tailscale's own name
 
 
 def default_certdir() -> str:
@@ -34,9 +36,15 @@ def default_key_path() -> Path:
 @dataclass
 class Config:
     addr: str = ":443"
-    hostname: str = "derp.tailscale.com"
+    hostname: str = GO_DEFAULT_HOSTNAME
     certmode: str = "letsencrypt"
     certdir: str = ""  # "" → default_certdir()
+    acme_email: str = ""
+    acme_directory: str = LETSENCRYPT_DIRECTORY
+    acme_ca_bundle: str = ""
+    acme_ip_certs: bool = False
+    acme_webroot: str = ""
+    cert_watch_interval: float = 5.0  # -certmode manual: poll the files; 0 → SIGHUP only
     config_path: str = ""  # -c; "" → default_key_path(), or a throwaway key with -dev
     dev: bool = False
     http_port: int = 80
@@ -52,6 +60,16 @@ class Config:
     tcp_write_timeout: float = 2.0
     accept_connection_limit: float = math.inf
     accept_connection_burst: int = sys.maxsize
+    # Admission (spec §4.9) and limits; see README "Secure a public relay".
+    verify_clients: bool = False
+    socket: str = ""  # tailscaled's LocalAPI socket; "" → /var/run/tailscale/tailscaled.sock
+    verify_client_url: str = ""
+    verify_client_url_fail_open: bool = True  # Go's default; README recommends false
+    allow_keys: str = ""
+    rate_config: str = ""
+    bandwidth_limit: str = ""  # e.g. "4mbit"; "" or "0" = no relay-wide budget
+    max_clients: int = 0  # 0 = no cap
+    max_handshakes: int = 1024  # connections not yet through TLS+HTTP+DERP handshake; 0 = no cap
     log_level: str = "info"
     # Not flags: protocol timers and sizes that tests (and the Go debug env knob
     # TS_DEBUG_DERP_PER_CLIENT_SEND_QUEUE_DEPTH) may change.
@@ -59,6 +77,9 @@ class Config:
     handshake_timeout: float = 10.0  # TLS handshake + HTTP head, and again for the DERP handshake
     queue_depth: int = 32
     shutdown_grace: float = 2.0  # time to flush Restarting frames before closing
+    acme_retry_min: float = 60.0  # a failed ACME order is retried after this, doubling …
+    acme_retry_max: float = 1800.0  # … up to this (Go's autocert: 1 min to 30 min)
+    allow_keys_poll: float = 5.0  # how often the -allow-keys file is checked for changes
 
     @property
     def tls(self) -> bool:

@@ -149,17 +149,31 @@ async def _upgrade(http: HttpConnection, req: Request, relay: Relay, remote_ip: 
                    remote_port: int, head_timeout: float) -> Response | None:
     """Serve the DERP session ``req`` asks for; or the response if it asks for none."""
     upgrade = (req.header(b"upgrade") or b"").strip().lower()
+    if upgrade not in (b"derp", b"websocket"):
+        return error(426, "DERP requires connection upgrade")
+    if relay.max_clients and relay.derp_conns >= relay.max_clients:
+        # Refused before the upgrade: the client gets a plain HTTP error and retries later,
+        # and the server spends no key exchange on a connection it cannot keep.
+        relay.stats.rejected_max_clients += 1
+        return error(503, "DERP server is full (-max-clients)")
+    relay.derp_conns += 1
+    try:
+        await _serve_upgraded(http, req, upgrade, relay, remote_ip, remote_port, head_timeout)
+    finally:
+        relay.derp_conns -= 1
+    return None
+
+
+async def _serve_upgraded(http: HttpConnection, req: Request, upgrade: bytes, relay: Relay,
+                          remote_ip: str | None, remote_port: int, head_timeout: float) -> None:
     protocols = req.header(b"sec-websocket-protocol") or b""
     not_ideal = req.header(b"ideal-node") is not None
     if upgrade == b"websocket" and b"derp" in protocols:
         await serve_websocket(relay, http.stream, req, http.trailing(), remote_ip, remote_port,
                               head_timeout=head_timeout, not_ideal=not_ideal)
-    elif upgrade in (b"derp", b"websocket"):
+    else:
         fast_start = req.header(b"derp-fast-start") == b"1"
         await serve_derp(relay, http.stream, remote_ip=remote_ip, remote_port=remote_port,
                          initial=http.trailing(),
                          preamble=b"" if fast_start else derp_upgrade_response(relay.public_key),
                          not_ideal=not_ideal, transport="derp-fast-start" if fast_start else "derp")
-    else:
-        return error(426, "DERP requires connection upgrade")
-    return None

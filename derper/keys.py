@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import secrets
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 from nacl.bindings import crypto_scalarmult_base
 
 from . import gojson
+from .files import ensure_private_dir, write_atomic
 
 KEY_LEN = 32
 PUBLIC_PREFIX = "nodekey:"
@@ -145,19 +145,11 @@ def _parse_key_file(path: Path, data: bytes) -> bytes:
 def _create_key_file(path: Path) -> KeyPair:
     pair = KeyPair.generate()
     body = json.dumps({"PrivateKey": pair.private_text()}, indent="\t").encode()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
+        ensure_private_dir(path.parent)
         # link() publishes the complete file atomically and fails if someone created it meanwhile,
         # so a crash can never leave a half-written key that we would then refuse to load.
-        os.link(tmp, path)
+        write_atomic(path, body, 0o600, replace=False)
     except OSError as e:
         raise KeyFileError(f"cannot create server key file {path}: {e.strerror}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return pair

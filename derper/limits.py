@@ -1,10 +1,12 @@
-"""Token buckets: accept rate limiting and the per-sender PeerGone(NotHere) limit.
+"""Token buckets (accept rate, PeerGone(NotHere), per-client receive rate) and the cap on
+connections still in their handshake.
 
 Pure: callers pass the current time, so behaviour is exact in tests and cheap at run time.
 """
 
 from __future__ import annotations
 
+import contextvars
 import math
 
 
@@ -33,3 +35,62 @@ class TokenBucket:
             self.tokens -= n
             return True
         return False
+
+    def take(self, now: float, n: float) -> float:
+        """Take ``n`` tokens, going into debt if needed; returns the seconds to wait it off.
+
+        Back-pressure for byte streams: the caller has already read ``n`` bytes and pauses
+        reading for the returned time, so the long-run rate is exact whatever the read sizes.
+        """
+        elapsed = now - self.last
+        if elapsed > 0:
+            self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
+            self.last = now
+        self.tokens -= n
+        return -self.tokens / self.rate if self.tokens < 0 else 0.0
+
+
+class HandshakeSlot:
+    """One connection's place among the half-open ones; released once, whoever is first."""
+
+    __slots__ = ("_slots",)
+
+    def __init__(self, slots: HandshakeSlots) -> None:
+        self._slots: HandshakeSlots | None = slots
+
+    def release(self) -> None:
+        if self._slots is not None:
+            self._slots.count -= 1
+            self._slots = None
+
+
+class HandshakeSlots:
+    """Caps connections that have not finished TLS + HTTP + DERP handshake (slowloris bound).
+
+    The connection task holds its slot in ``current_slot`` (a context variable, so the DERP
+    session deep inside the HTTP handler can release it on registration without every layer
+    passing it along); the task releases it again when it ends, whichever comes first.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+
+    def try_enter(self) -> HandshakeSlot | None:
+        if self.limit > 0 and self.count >= self.limit:
+            return None
+        self.count += 1
+        slot = HandshakeSlot(self)
+        current_slot.set(slot)
+        return slot
+
+
+current_slot: contextvars.ContextVar[HandshakeSlot | None] = contextvars.ContextVar(
+    "derper_handshake_slot", default=None)
+
+
+def handshake_done() -> None:
+    """The connection in this task is established; it no longer counts as half-open."""
+    slot = current_slot.get()
+    if slot is not None:
+        slot.release()

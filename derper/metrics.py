@@ -35,6 +35,11 @@ class Stats:
         "current_home_connections", "current_notideal_connections",
         "accepted_connections", "rejected_connections",
         "handshake_failures",
+        # Admission and limits (not in the Go derper's set; names say what they count).
+        "admission_allowed", "admission_rejected", "admission_fail_open",
+        "admission_cache_hits", "admission_mesh_bypass",
+        "rejected_max_clients", "rejected_half_open", "rate_limit_per_client_waited",
+        "bandwidth_limit_waited",
         "packets_dropped", "bytes_dropped",
     )
 

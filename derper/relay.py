@@ -5,8 +5,11 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
+from .admission import Admission
+from .fairshare import BandwidthLimiter
 from .keys import KeyPair
 from .metrics import Stats
+from .rate_config import ReceiveLimit
 from .router import Router
 from .sendqueue import DEFAULT_DEPTH
 
@@ -23,6 +26,13 @@ class Relay:
     handshake_timeout: float = 10.0
     queue_depth: int = DEFAULT_DEPTH
     stats: Stats = field(default_factory=Stats)
+    # Admission and limits; all off by default, and then the read loop pays one test per read.
+    admission: Admission | None = None
+    max_clients: int = 0  # DERP connections (handshaking or live); 0 = no cap
+    derp_conns: int = 0
+    recv_limit: ReceiveLimit | None = None  # per client (-rate-config); mesh peers exempt
+    bandwidth: BandwidthLimiter | None = None  # relay-wide fair budget (-bandwidth-limit)
+    pacing: bool = False  # either of the two above is set
     router: Router = field(init=False)
     _conn_ids: itertools.count = field(default_factory=lambda: itertools.count(1), repr=False)
 
@@ -32,6 +42,15 @@ class Relay:
     @property
     def public_key(self) -> bytes:
         return self.keypair.public
+
+    def set_receive_limit(self, limit: ReceiveLimit | None) -> None:
+        """Install (or, with None, lift) the per-client receive limit; live sessions follow."""
+        self.recv_limit = limit
+        self.pacing = limit is not None or self.bandwidth is not None
+
+    def set_bandwidth(self, limiter: BandwidthLimiter | None) -> None:
+        self.bandwidth = limiter
+        self.pacing = limiter is not None or self.recv_limit is not None
 
     def next_conn_id(self) -> int:
         return next(self._conn_ids)

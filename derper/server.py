@@ -7,24 +7,33 @@ log line and that one connection closed.
 from __future__ import annotations
 
 import math
+import os
 import signal
 from functools import partial
+from pathlib import Path
 
 import trio
 
 from stun.counters import StunCounters
 from stun.server import open_stun_socket, serve_socket
 
-from . import logs, metacert, wire
+from . import logs, metacert, sdnotify, wire
+from .acme_certs import AcmeCerts
+from .acme_issuer import AcmeSettings, resolve_directory
+from .admission import DEFAULT_SOCKET, Admission, AdmissionConfigError, AllowList
 from .bootstrap_dns import BootstrapDNS, parse_names
-from .certs import CertError, derp_node_json, ensure_ip_cert, load_manual, parse_ip
-from .config import CERT_MODES, Config
-from .endpoints import Endpoints, https_redirect
+from .certs import CertError, derp_node_json, ensure_ip_cert, parse_ip
+from .challenges import Http01Responder
+from .config import CERT_MODES, GO_DEFAULT_HOSTNAME, Config
+from .endpoints import Endpoints, Request, Response, https_redirect
+from .fairshare import BandwidthLimiter
 from .http_server import serve_http
 from .keys import KeyPair, public_text
-from .limits import TokenBucket
+from .limits import HandshakeSlots, TokenBucket
 from .listener import (accept_loop, bound_port, host_literal, open_listener, parse_addr,
                        peer_address, tune)
+from .manual_certs import ManualCerts
+from .rate_config import RateConfigError, load_rate_config, parse_rate
 from .relay import Relay
 from .tls import ServerTLS
 from .tls_stream import TLSStream
@@ -61,6 +70,16 @@ class Server:
                            write_timeout=config.tcp_write_timeout,
                            handshake_timeout=config.handshake_timeout,
                            queue_depth=config.queue_depth)
+        self._setup_admission_and_limits()
+        webroot = config.acme_webroot
+        if webroot and not os.path.isdir(webroot):
+            raise ConfigError(f"-acme-webroot {webroot}: not a directory")
+        if webroot and (not config.tls or config.http_port < 0):
+            raise ConfigError("-acme-webroot is served by the HTTP helper, which runs only with "
+                              "TLS and -http-port ≥ 0")
+        self.challenges = Http01Responder(Path(webroot) if webroot else None)
+        self.acme: AcmeCerts | None = None
+        self.manual: ManualCerts | None = None
         self.tls = self._load_tls() if config.tls else None
         self.stun_counters = StunCounters()
         self.main_port: int | None = None
@@ -70,36 +89,114 @@ class Server:
         self._nursery: trio.Nursery | None = None
         self._shutting_down = False
 
+    # ---- admission and limits -----------------------------------------------------------------
+
+    def _setup_admission_and_limits(self) -> None:
+        config, relay = self.config, self.relay
+        try:
+            self.bandwidth_rate = parse_rate(config.bandwidth_limit)
+        except ValueError as e:
+            raise ConfigError(f"-bandwidth-limit: {e}") from None
+        try:
+            relay.set_receive_limit(load_rate_config(config.rate_config)
+                                    if config.rate_config else None)
+            self.allow_list = AllowList(config.allow_keys) if config.allow_keys else None
+        except (RateConfigError, AdmissionConfigError) as e:
+            raise ConfigError(str(e)) from None
+        url = config.verify_client_url or None
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ConfigError(f"-verify-client-url must be an http:// or https:// URL, not {url!r}")
+        if config.max_clients < 0 or config.max_handshakes < 0:
+            raise ConfigError("-max-clients and -max-handshakes must be 0 (no cap) or positive")
+        relay.max_clients = config.max_clients
+        self.handshakes = HandshakeSlots(config.max_handshakes)
+        if self.allow_list or config.verify_clients or url:
+            relay.admission = Admission(
+                relay.stats, allow_list=self.allow_list,
+                localapi_socket=(config.socket or DEFAULT_SOCKET) if config.verify_clients else None,
+                url=url, fail_open=config.verify_client_url_fail_open)
+
+    def _reload_limits(self) -> None:
+        if self.allow_list is not None:
+            self.allow_list.reload("SIGHUP")
+        if self.config.rate_config:
+            try:
+                limit = load_rate_config(self.config.rate_config)
+            except RateConfigError as e:
+                log.error("keeping the previous rate limit: the rate config is broken",
+                          error=str(e))
+                return
+            self.relay.set_receive_limit(limit)
+            log.info("rate config reloaded", bytes_per_second=limit and limit.rate,
+                     burst=limit and limit.burst)
+
     # ---- certificates -------------------------------------------------------------------------
 
     def _load_tls(self) -> ServerTLS:
         config = self.config
-        if config.certmode == "letsencrypt":
-            raise ConfigError(
-                "-certmode letsencrypt (the default) is not available yet. Use -certmode manual "
-                "with <certdir>/<hostname>.crt and .key, or an IP address as -hostname to get a "
-                "self-signed certificate, or -dev for plain HTTP on 127.0.0.1:3340")
-        certdir, hostname = config.certdir_path, config.hostname
+        hostname = config.hostname
         ip = parse_ip(hostname)
+        tls = ServerTLS(metacert.build(self.relay.public_key),
+                        required_sni=None if ip is not None else hostname)
         try:
-            if ip is not None and ensure_ip_cert(certdir, hostname):
-                log.info("created a self-signed certificate for the IP hostname",
-                         hostname=hostname, certdir=certdir)
-            tls = ServerTLS(partial(load_manual, certdir, hostname),
-                            metacert.build(self.relay.public_key),
-                            required_sni=None if ip is not None else hostname)
+            if config.certmode == "letsencrypt":
+                self.acme = self._acme_certs(tls, ip is not None)
+            else:
+                if ip is not None and ensure_ip_cert(config.certdir_path, hostname):
+                    log.info("created a self-signed certificate for the IP hostname",
+                             hostname=hostname, certdir=config.certdir_path)
+                self.manual = ManualCerts(config.certdir_path, hostname, tls,
+                                          wait_for_files=bool(config.acme_webroot))
         except CertError as e:
             raise ConfigError(str(e)) from None
-        if ip is not None and tls.bundle.self_signed:
+        if ip is not None and tls.bundle is not None and tls.bundle.self_signed:
             node = derp_node_json(hostname, tls.bundle.pin)
             log.info("self-signed certificate: pin it in your DERP map with this node", node=node)
             print(node, flush=True)
         return tls
 
+    def _acme_certs(self, tls: ServerTLS, is_ip: bool) -> AcmeCerts:
+        config = self.config
+        if config.hostname == GO_DEFAULT_HOSTNAME:
+            raise ConfigError(
+                "-certmode letsencrypt (the default) needs -hostname set to this relay's DNS "
+                f"name ({GO_DEFAULT_HOSTNAME} is Tailscale's own). No domain? Use "
+                "-hostname <public IP> with -acme-ip-certs, or with -certmode manual for a "
+                "self-signed certificate; or -dev for plain HTTP on 127.0.0.1:3340")
+        if is_ip and not config.acme_ip_certs:
+            raise ConfigError(
+                f"-hostname {config.hostname} is an IP address: add -acme-ip-certs for a "
+                "Let's Encrypt IP certificate (6-day, renewed automatically), or use "
+                "-certmode manual for a self-signed certificate pinned in the DERP map")
+        if config.acme_ip_certs and not is_ip:
+            raise ConfigError("-acme-ip-certs needs an IP address as -hostname, "
+                              f"not {config.hostname!r}")
+        if config.http_port < 0:
+            raise ConfigError("-certmode letsencrypt answers the CA's HTTP-01 challenge on the "
+                              "HTTP helper; -http-port -1 turns it off")
+        if config.http_port != 80:
+            log.warning("the CA validates on port 80: forward port 80 to the HTTP helper",
+                        http_port=config.http_port)
+        try:
+            directory = resolve_directory(config.acme_directory)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if config.acme_ca_bundle and not os.path.isfile(config.acme_ca_bundle):
+            raise ConfigError(f"-acme-ca-bundle {config.acme_ca_bundle}: no such file")
+        settings = AcmeSettings(directory, config.acme_email, config.acme_ca_bundle)
+        return AcmeCerts(config.certdir_path, config.hostname, tls, self.challenges, settings,
+                         retry_min=config.acme_retry_min, retry_max=config.acme_retry_max)
+
+    def _serve_helper_request(self, req: Request) -> Response:
+        """The HTTP helper: ACME challenges first, then captive-portal checks and redirects."""
+        return self.challenges.handle(req) or https_redirect(
+            req, hostname=self.config.hostname, tls_port=self.main_port)
+
     def reload(self) -> None:
         """SIGHUP: re-read what lives on disk."""
-        if self.tls is not None:
-            self.tls.reload()
+        if self.manual is not None:
+            self.manual.reload()
+        self._reload_limits()
 
     # ---- running ------------------------------------------------------------------------------
 
@@ -119,43 +216,57 @@ class Server:
             if config.stun and config.stun_port >= 0:
                 stun = await open_stun_socket(self.listen_host, config.stun_port)
                 self.stun_port = stun.getsockname()[1]
-        except BaseException:
-            for listener in self._listeners:
-                await listener.aclose()
-            raise
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            limiter = None
-            if not math.isinf(config.accept_connection_limit):
-                limiter = TokenBucket(config.accept_connection_limit,
-                                      config.accept_connection_burst, trio.current_time())
-            stats = self.relay.stats
-            nursery.start_soon(partial(accept_loop, main, nursery, self._serve_main,
-                                       stats=stats, limiter=limiter))
-            if helper is not None:
-                nursery.start_soon(partial(accept_loop, helper, nursery, self._serve_helper,
-                                           stats=stats))
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                limiter = None
+                if not math.isinf(config.accept_connection_limit):
+                    limiter = TokenBucket(config.accept_connection_limit,
+                                          config.accept_connection_burst, trio.current_time())
+                stats = self.relay.stats
+                nursery.start_soon(partial(accept_loop, main, nursery, self._serve_main,
+                                           stats=stats, limiter=limiter))
+                if helper is not None:
+                    nursery.start_soon(partial(accept_loop, helper, nursery, self._serve_helper,
+                                               stats=stats))
+                if stun is not None:
+                    await nursery.start(partial(serve_socket, stun, strict=config.stun_strict,
+                                                counters=self.stun_counters))
+                if self.bootstrap.names:
+                    nursery.start_soon(self.bootstrap.refresh_forever)
+                if self.acme is not None:
+                    nursery.start_soon(self.acme.run)
+                if self.manual is not None and config.cert_watch_interval > 0:
+                    nursery.start_soon(self.manual.watch, config.cert_watch_interval)
+                if self.allow_list is not None:
+                    nursery.start_soon(self.allow_list.watch, config.allow_keys_poll)
+                if self.bandwidth_rate:
+                    self.relay.set_bandwidth(BandwidthLimiter(self.bandwidth_rate, stats))
+                    nursery.start_soon(self.relay.bandwidth.run)
+                if handle_signals:
+                    nursery.start_soon(self._signal_loop)
+                where = host_literal(self.listen_host)
+                log.info("derper listening", addr=f"{where}:{self.main_port}",
+                         scheme="https" if self.tls else "http",
+                         http_helper=f"{where}:{self.http_port}" if helper else None,
+                         stun=f"{where}:{self.stun_port}/udp" if stun else None,
+                         derp="on" if config.derp else "off",
+                         server_key=public_text(self.relay.public_key))
+                sdnotify.notify("READY=1")
+                task_status.started(self)
+        finally:
+            # A bind error, or a cancel from outside (tests, an embedding program): free the
+            # ports now, not whenever the garbage collector gets to the sockets.
+            with trio.CancelScope(shield=True):
+                for listener in self._listeners:
+                    await listener.aclose()
             if stun is not None:
-                await nursery.start(partial(serve_socket, stun, strict=config.stun_strict,
-                                            counters=self.stun_counters))
-            if self.bootstrap.names:
-                nursery.start_soon(self.bootstrap.refresh_forever)
-            if handle_signals:
-                nursery.start_soon(self._signal_loop)
-            where = host_literal(self.listen_host)
-            log.info("derper listening", addr=f"{where}:{self.main_port}",
-                     scheme="https" if self.tls else "http",
-                     http_helper=f"{where}:{self.http_port}" if helper else None,
-                     stun=f"{where}:{self.stun_port}/udp" if stun else None,
-                     derp="on" if config.derp else "off",
-                     server_key=public_text(self.relay.public_key))
-            task_status.started(self)
+                stun.close()
 
     async def _signal_loop(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    log.info("SIGHUP: reloading certificates")
+                    log.info("SIGHUP: reloading certificates, allowed keys and rate config")
                     self.reload()
                 else:
                     log.info("shutting down", signal=signal.Signals(signum).name)
@@ -182,11 +293,19 @@ class Server:
 
     async def _serve_main(self, stream: trio.SocketStream) -> None:
         config = self.config
+        slot = self.handshakes.try_enter()
+        if slot is None:
+            self.relay.stats.rejected_half_open += 1
+            stream.socket.close()
+            return
         tune(stream, config.tcp_keepalive_time, config.tcp_user_timeout)
         ip, port = peer_address(stream)
         conn: trio.abc.Stream = stream
         try:
             if self.tls is not None:
+                if self.tls.context is None:
+                    log.debug("closing connection: no certificate yet", remote=f"{ip}:{port}")
+                    return
                 conn = TLSStream(stream, self.tls.context, server_side=True)
                 try:
                     with trio.fail_after(config.handshake_timeout):
@@ -206,6 +325,7 @@ class Server:
         except Exception:
             log.exception("internal error on a connection; closed it", remote=f"{ip}:{port}")
         finally:
+            slot.release()
             with trio.CancelScope(shield=True):
                 await conn.aclose()
 
@@ -214,8 +334,7 @@ class Server:
         ip, port = peer_address(stream)
         try:
             await serve_http(stream, ip, port, head_timeout=config.handshake_timeout,
-                             handle=partial(https_redirect, hostname=config.hostname,
-                                            tls_port=self.main_port))
+                             handle=self._serve_helper_request)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:

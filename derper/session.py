@@ -17,7 +17,7 @@ import trio
 from . import handshake, logs, wire
 from .handshake import ClientInfo, HandshakeError
 from .keys import public_text
-from .limits import TokenBucket
+from .limits import TokenBucket, handshake_done
 from .metrics import DropReason
 from .relay import Relay
 from .sendqueue import RECV_OVERHEAD, SendQueue
@@ -26,6 +26,9 @@ from .wire import FrameError, FrameReader, FrameType, PeerGoneReason, PeerPresen
 log = logs.get("derper.session")
 
 RECV_SIZE = 64 << 10
+# Under a rate limit, bytes are handed to the frame parser in steps this big, each paid for
+# first: a backlog of one big read never reaches a destination's 32-packet queue at once.
+PACE_STEP = 4 << 10
 # A read can bring more packets for one destination than its queue holds (a sender that wrote
 # while we were descheduled). Before the queue head-drops, the reader yields until the
 # destination's writer has taken the queue; bounded per read, so a stuck writer costs little.
@@ -93,9 +96,15 @@ async def serve_derp(relay: Relay, stream: trio.abc.Stream, *, remote_ip: str | 
         stats.handshake_failures += 1
         log.info("connection lost during DERP handshake", remote=remote, error=str(e) or None)
         return
+    if relay.admission is not None:
+        if info.has_mesh_key(relay.mesh_key):
+            stats.admission_mesh_bypass += 1
+        elif not await relay.admission.admit(info.key, remote_ip):
+            return  # silently, as Go: the client sees EOF where ServerInfo should be
     reader.want(STEADY_WANTED)
     session = Session(relay, stream, info, remote_ip, remote_port, not_ideal)
     relay.router.register(session)
+    handshake_done()
     log.info("client connected", key=public_text(info.key), remote=remote, via=transport,
              dup=session.dup or None, mesh=session.can_mesh or None)
     try:
@@ -166,6 +175,9 @@ class Session:
         self._keepalive_due = False
         self._not_here: TokenBucket | None = None
         self._last_dst: object = None
+        self._recv_bucket: TokenBucket | None = None
+        self._recv_limit: object = None  # the ReceiveLimit _recv_bucket was made for
+        self._unpaced = b""  # read from the client, not yet paid for (see _paced_receive)
         if not_ideal:
             relay.stats.current_notideal_connections += 1
 
@@ -255,7 +267,10 @@ class Session:
             if leftover:
                 leftover = False
             else:
-                chunk = await stream.receive_some(RECV_SIZE)
+                if relay.pacing or self._unpaced:  # (a reload may lift the limit mid-chunk)
+                    chunk = await self._paced_receive()
+                else:
+                    chunk = await stream.receive_some(RECV_SIZE)
                 if not chunk:
                     return
                 reader.feed(chunk)
@@ -297,6 +312,36 @@ class Session:
                     if view is None:
                         view = memoryview(buf)
                     self._handle_control(ftype, buf, view, s, e)
+
+    async def _paced_receive(self) -> bytes:
+        """The next at most PACE_STEP bytes from the client, once the limits allow them.
+
+        Meanwhile nothing more is read from this client, so TCP slows it down (spec §4.10:
+        back-pressure, never drops). Mesh peers are exempt, as in Go: they carry a region.
+        """
+        if not self._unpaced:
+            self._unpaced = await self.stream.receive_some(RECV_SIZE)
+        else:
+            await trio.lowlevel.checkpoint()  # let the writers drain what the last step routed
+        step, self._unpaced = self._unpaced[:PACE_STEP], self._unpaced[PACE_STEP:]
+        if step and not self.can_mesh:
+            await self._pace(len(step))
+        return step
+
+    async def _pace(self, n: int) -> None:
+        relay = self.relay
+        limit = relay.recv_limit
+        if limit is not None:
+            now = trio.current_time()
+            if self._recv_limit is not limit:  # first use, or -rate-config was reloaded
+                self._recv_bucket = TokenBucket(limit.rate, limit.burst, now)
+                self._recv_limit = limit
+            wait = self._recv_bucket.take(now, n)
+            if wait > 0:
+                relay.stats.rate_limit_per_client_waited += 1
+                await trio.sleep(wait)
+        if relay.bandwidth is not None:
+            await relay.bandwidth.acquire(self, n)
 
     def _unknown_dest(self, dst_key: bytes, disco: bool, n: int, reason: DropReason) -> None:
         self.relay.stats.drop(reason, disco, n)

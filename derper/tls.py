@@ -1,7 +1,7 @@
 """The server's TLS configuration: an SSLContext per certificate, swapped whole on reload.
 
-Every new connection takes ``ServerTLS.context`` at accept time, so a reload never touches a
-live connection and a broken new certificate simply never replaces the working one.
+Every new connection takes ``ServerTLS.context`` at accept time, so a new certificate never
+touches a live connection and a broken one simply never replaces the working one.
 """
 
 from __future__ import annotations
@@ -9,12 +9,8 @@ from __future__ import annotations
 import os
 import ssl
 import tempfile
-from typing import Callable
 
-from . import logs
 from .certs import CertBundle, CertError
-
-log = logs.get("derper.tls")
 
 
 def make_context(bundle: CertBundle, meta_pem: bytes, required_sni: str | None) -> ssl.SSLContext:
@@ -47,26 +43,16 @@ def make_context(bundle: CertBundle, meta_pem: bytes, required_sni: str | None) 
 
 
 class ServerTLS:
-    """The current server context, rebuilt from ``load`` on ``reload``."""
+    """The context new connections take; ``None`` until a first certificate is installed (a
+    Let's Encrypt certificate may still be on its way)."""
 
-    def __init__(self, load: Callable[[], CertBundle], meta_pem: bytes,
-                 required_sni: str | None) -> None:
-        self._load = load
+    def __init__(self, meta_pem: bytes, required_sni: str | None) -> None:
         self._meta_pem = meta_pem
         self._required_sni = required_sni
-        self.bundle = load()
-        self.context = make_context(self.bundle, meta_pem, required_sni)
+        self.bundle: CertBundle | None = None
+        self.context: ssl.SSLContext | None = None
 
-    def reload(self) -> bool:
-        """Re-read the certificate; keep serving the old one if the new one is unusable."""
-        try:
-            bundle = self._load()
-            context = make_context(bundle, self._meta_pem, self._required_sni)
-        except CertError as e:
-            log.error("certificate reload failed; still serving the previous certificate",
-                      error=str(e))
-            return False
+    def install(self, bundle: CertBundle) -> None:
+        """Serve ``bundle`` to every new connection; raises CertError if OpenSSL refuses it."""
+        context = make_context(bundle, self._meta_pem, self._required_sni)
         self.bundle, self.context = bundle, context
-        log.info("certificate reloaded", subject=bundle.leaf.subject.rfc4514_string(),
-                 not_after=bundle.not_after.isoformat())
-        return True

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
@@ -76,6 +77,18 @@ class DerperProcess:
             self.proc.wait()
         self._log.close()
         self._out.close()
+
+
+@asynccontextmanager
+async def derper(args: list[str], workdir: Path, env: dict | None = None,
+                 ready: str = "derper listening"):
+    """A derper process, running and past the ``ready`` log line, killed on exit."""
+    proc = DerperProcess(args, workdir, env)
+    try:
+        await proc.wait_for_log(ready)
+        yield proc
+    finally:
+        proc.close()
 
 
 def run_derper(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:

@@ -161,7 +161,7 @@ def test_duration_round_trip(whole_seconds):
 
 def usage_blocks() -> dict[str, str]:
     """Flag name → its two usage lines, from the real derper flag set."""
-    lines = usage(cli.SERVE_FLAGS, cli._defaults()).split("\n")
+    lines = usage(cli.SERVE_FLAGS, cli.flag_defaults()).split("\n")
     assert len(lines) == 2 * len(cli.SERVE_FLAGS)
     return {head.split()[0][1:]: head + "\n" + text for head, text in zip(lines[::2], lines[1::2])}
 

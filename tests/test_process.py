@@ -6,7 +6,6 @@ import json
 import signal
 import socket
 import stat
-from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -16,18 +15,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from derper import client as dc
 from derper.certs import cert_pin
 from tests.conftest import client_context, write_cert
-from tests.process import DerperProcess, free_port, run_derper, stun_query
+from tests.process import derper, free_port, run_derper, stun_query
 from tests.relay_helpers import assert_relays, recv_kind
-
-
-@asynccontextmanager
-async def derper(args, tmp_path, env=None, ready="derper listening"):
-    proc = DerperProcess(args, tmp_path, env)
-    try:
-        await proc.wait_for_log(ready)
-        yield proc
-    finally:
-        proc.close()
 
 
 async def test_dev_command_line_as_checked_and_sigterm_sends_restarting(tmp_path):
@@ -133,8 +122,20 @@ async def test_environment_variables_configure_the_server_and_flags_win(tmp_path
     (["-http-port"], {}, "flag needs an argument: -http-port"),
     (["-tcp-user-timeout", "15"], {}, "invalid duration"),
     (["-dev", "-home", "ftp://x"], {}, "-home must be"),
-    (["-a", "127.0.0.1:1", "-hostname", "derp.example.com"], {},
-     "-certmode letsencrypt (the default) is not available yet"),
+    (["-a", "127.0.0.1:1"], {}, "-certmode letsencrypt (the default) needs -hostname"),
+    (["-a", "127.0.0.1:1", "-hostname", "203.0.113.7"], {}, "add -acme-ip-certs"),
+    (["-a", "127.0.0.1:1", "-hostname", "derp.example.com", "-acme-ip-certs"], {},
+     "-acme-ip-certs needs an IP address as -hostname"),
+    (["-a", "127.0.0.1:1", "-hostname", "derp.example.com", "-http-port", "-1"], {},
+     "-http-port -1 turns it off"),
+    (["-a", "127.0.0.1:1", "-hostname", "derp.example.com", "-acme-directory", "http://x/d"],
+     {}, "-acme-directory must be an https:// ACME directory URL"),
+    (["-a", "127.0.0.1:1", "-hostname", "derp.example.com", "-acme-ca-bundle", "/nonexistent"],
+     {}, "-acme-ca-bundle /nonexistent: no such file"),
+    (["-a", "127.0.0.1:1", "-hostname", "derp.example.com", "-certdir", "/dev/null/certs"], {},
+     "cannot write to -certdir /dev/null/certs"),
+    (["-a", "127.0.0.1:1", "-hostname", "derp.example.com", "-certmode", "manual",
+      "-acme-webroot", "/nonexistent"], {}, "-acme-webroot /nonexistent: not a directory"),
     (["-a", "127.0.0.1:1", "-certmode", "gcp"], {}, "-certmode must be one of"),
     (["-a", "127.0.0.1:1", "-certmode", "manual", "-hostname", "derp.example.com",
       "-certdir", "/nonexistent"], {}, "-certmode manual needs /nonexistent/derp.example.com.crt"),

@@ -1,0 +1,133 @@
+"""Limits on a real server: -max-clients, the handshake cap, an accept flood, -rate-config."""
+
+from __future__ import annotations
+
+import trio
+
+from derper import client as dc
+from derper.keys import KeyPair
+from tests.conftest import url
+from tests.relay_helpers import assert_relays, connect_opts, recv_kind, wait_until
+
+
+async def test_max_clients_answers_503_before_the_upgrade(start_server, ca):
+    server = await start_server(max_clients=1)
+    u = url(server)
+    async with dc.connect(u, **connect_opts(server, ca)) as first:
+        try:
+            async with dc.connect(u, **connect_opts(server, ca, fast_start=False)):
+                raise AssertionError("a second client got in over -max-clients 1")
+        except dc.DerpClientError as e:
+            assert "503" in str(e)
+        assert server.relay.stats.rejected_max_clients == 1
+        await assert_relays(first, first)
+    await wait_until(lambda: server.relay.derp_conns == 0)
+    async with dc.connect(u, **connect_opts(server, ca)) as again:
+        await assert_relays(again, again)
+
+
+async def test_handshake_cap_closes_excess_idle_connections(start_server, ca):
+    server = await start_server(tls=True, max_handshakes=5)
+    idle = [await trio.open_tcp_stream("127.0.0.1", server.main_port) for _ in range(5)]
+    try:
+        await wait_until(lambda: server.handshakes.count == 5)
+        extra = await trio.open_tcp_stream("127.0.0.1", server.main_port)
+        with trio.fail_after(5):
+            assert await extra.receive_some(1) == b""  # closed at once, no TLS spoken
+        await extra.aclose()
+        assert server.relay.stats.rejected_half_open == 1
+    finally:
+        for s in idle:
+            await s.aclose()
+    await wait_until(lambda: server.handshakes.count == 0)
+    async with dc.connect(url(server), **connect_opts(server, ca)) as c:
+        await assert_relays(c, c)
+        assert server.handshakes.count == 0  # an established session holds no slot
+
+
+async def test_accept_flood_does_not_lock_out_a_real_client(start_server, ca):
+    """3000 idle connections arrive at once; a client retrying like tailscaled still gets in."""
+    server = await start_server(tls=True, max_handshakes=100, handshake_timeout=1.0,
+                                accept_connection_limit=500.0, accept_connection_burst=100)
+    flood: list[trio.SocketStream] = []
+    stats = server.relay.stats
+    done = trio.Event()
+
+    async def flood_it():
+        for _ in range(3000):
+            try:
+                flood.append(await trio.open_tcp_stream("127.0.0.1", server.main_port))
+            except OSError:
+                pass
+        done.set()
+
+    async def retrying_client():
+        with trio.fail_after(20):
+            while True:
+                try:
+                    async with dc.connect(url(server), **connect_opts(server, ca,
+                                                                      timeout=3)) as c:
+                        await assert_relays(c, c)
+                        return
+                except dc.DerpClientError:
+                    await trio.sleep(0.2)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flood_it)
+            await wait_until(lambda: len(flood) >= 500)
+            await retrying_client()
+        await done.wait()
+        assert stats.rejected_connections + stats.rejected_half_open > 1000
+        assert server.handshakes.count <= 100
+    finally:
+        for s in flood:
+            s.socket.close()
+    async with dc.connect(url(server), **connect_opts(server, ca)) as c:  # still accepting
+        await assert_relays(c, c)
+
+
+async def relayed_rate(server, tx: dc.DerpClient, rx: dc.DerpClient, count: int = 1600) -> float:
+    """Bytes/s (as the relay counts them: frame header + key + packet) seen by ``rx`` while
+    ``tx`` sends ``count`` 1000-byte packets as fast as it can; the start-up burst is skipped."""
+    packet = bytes(1000)
+    first, last = count // 5, count - count // 10
+    marks = {}
+    async with trio.open_nursery() as nursery:
+        async def send_all():
+            for _ in range(count // 40):
+                await tx.send_many([(rx.public_key, packet)] * 40)
+        nursery.start_soon(send_all)
+        for i in range(1, count + 1):
+            await recv_kind(rx, dc.ReceivedPacket)
+            if i in (first, last):
+                marks[i] = trio.current_time()
+    assert sum(server.relay.stats.packets_dropped) == 0  # the sender was slowed instead
+    return (last - first) * (len(packet) + 37) / (marks[last] - marks[first])
+
+
+async def test_rate_config_limits_a_sender_by_back_pressure(start_server, ca, tmp_path):
+    rate = 1_000_000
+    path = tmp_path / "rate.json"
+    path.write_text(f'{{"PerClientRateLimitBytesPerSec": {rate}}}')
+    server = await start_server(rate_config=str(path))
+    u = url(server)
+    async with dc.connect(u, **connect_opts(server, ca)) as rx, \
+            dc.connect(u, **connect_opts(server, ca)) as tx:
+        measured = await relayed_rate(server, tx, rx)
+        assert 0.85 * rate <= measured <= 1.10 * rate, measured
+        assert server.relay.stats.rate_limit_per_client_waited > 0
+        path.write_text('{"PerClientRateLimitBytesPerSec": 0}')
+        server.reload()  # SIGHUP: limit lifted, live sessions follow
+        assert server.relay.recv_limit is None
+        await assert_relays(tx, rx)
+
+
+async def test_bandwidth_limit_holds_over_real_sockets(start_server, ca):
+    server = await start_server(tls=True, bandwidth_limit="8mbit")
+    u = url(server)
+    async with dc.connect(u, **connect_opts(server, ca)) as rx, \
+            dc.connect(u, **connect_opts(server, ca)) as tx:
+        measured = await relayed_rate(server, tx, rx)
+    assert 0.85 * 1_000_000 <= measured <= 1.10 * 1_000_000, measured
+    assert server.relay.stats.bandwidth_limit_waited > 0

@@ -1,0 +1,81 @@
+"""-rate-config parsing (Go's JSON), -bandwidth-limit units, the debt-taking token bucket."""
+
+from __future__ import annotations
+
+import contextvars
+
+import pytest
+
+from derper.limits import HandshakeSlots, TokenBucket, current_slot, handshake_done
+from derper.rate_config import (MIN_BURST, RateConfigError, ReceiveLimit, parse_rate,
+                                parse_rate_config)
+
+
+@pytest.mark.parametrize("text,expect", [
+    ('{"PerClientRateLimitBytesPerSec": 100000, "PerClientRateBurstBytes": 200000}',
+     ReceiveLimit(100000, 200000)),
+    ('{"perclientratelimitbytespersec": 100000}', ReceiveLimit(100000, MIN_BURST)),
+    ('{"PerClientRateLimitBytesPerSec": 1000, "PerClientRateBurstBytes": 10}',
+     ReceiveLimit(1000, MIN_BURST)),  # burst raised to one maximal frame, as Go does
+    ('{"PerClientRateLimitBytesPerSec": 0, "PerClientRateBurstBytes": 5}', None),
+    ("{}", None),
+    ('{"Unknown": 1}', None),
+])
+def test_rate_config(text, expect):
+    assert parse_rate_config(text) == expect
+
+
+@pytest.mark.parametrize("text", ["", "[]", '{"PerClientRateLimitBytesPerSec": -1}',
+                                  '{"PerClientRateLimitBytesPerSec": "100"}',
+                                  '{"PerClientRateLimitBytesPerSec": 1.5}',
+                                  '{"PerClientRateBurstBytes": true}'])
+def test_bad_rate_config(text):
+    with pytest.raises(RateConfigError):
+        parse_rate_config(text)
+
+
+@pytest.mark.parametrize("text,bytes_per_second", [
+    ("4mbit", 500_000), ("500kbit", 62_500), ("1gbit", 125_000_000), ("8bit", 1),
+    ("1MB", 1_000_000), ("2MiB/s", 2 * 1024 * 1024), ("1.5kb", 1500), ("4Mbit", 500_000),
+    ("", 0), ("0", 0),
+])
+def test_parse_rate(text, bytes_per_second):
+    assert parse_rate(text) == bytes_per_second
+
+
+@pytest.mark.parametrize("text", ["4", "4mbps", "fast", "-1mbit", "1e6bit", "mbit"])
+def test_parse_rate_needs_a_unit(text):
+    with pytest.raises(ValueError, match="e.g. 4mbit"):
+        parse_rate(text)
+
+
+def test_take_goes_into_debt_and_says_how_long_to_wait():
+    b = TokenBucket(1000.0, 500.0, now=0.0)
+    assert b.take(0.0, 400) == 0.0
+    assert b.take(0.0, 600) == pytest.approx(0.5)  # 500 bytes of debt at 1000/s
+    assert b.take(0.5, 1000) == pytest.approx(1.0)
+    # Long run: bytes taken ≈ burst + rate × time, whatever the sizes.
+    b, now, taken = TokenBucket(1000.0, 500.0, now=0.0), 0.0, 0
+    for size in [1, 700, 65536, 3, 1500] * 20:
+        now += b.take(now, size)
+        taken += size
+    assert taken == pytest.approx(500 + 1000 * now, rel=1e-9)
+
+
+def test_handshake_slots():
+    contextvars.copy_context().run(_check_handshake_slots)  # keep current_slot out of others
+
+
+def _check_handshake_slots():
+    slots = HandshakeSlots(2)
+    a = slots.try_enter()
+    assert current_slot.get() is a
+    handshake_done()  # the session registered: no longer half-open
+    a.release()  # and the connection's own release at its end is a no-op
+    b, c = slots.try_enter(), slots.try_enter()
+    assert slots.try_enter() is None
+    b.release()
+    assert slots.try_enter() is not None
+    c.release()
+    assert slots.count == 1
+    assert HandshakeSlots(0).try_enter() is not None  # 0 = no cap
