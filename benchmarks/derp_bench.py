@@ -83,37 +83,55 @@ class _Flow:
         self.hist: Counter = Counter()
 
 
-async def _sender(client, dst: bytes, index: int, flow: _Flow, job: dict, t0: int) -> None:
-    size, rate, coalesce = job["size"], job["rate"], job["coalesce"]
-    head = wire.header(wire.FrameType.SEND_PACKET, _KL + size) + dst
-    template = bytearray(head + os.urandom(size))
-    off = len(head)
-    pack_into = _STAMP.pack_into
-    measure_from = t0 + int(job["warmup"] * 1e9)
-    stop = measure_from + int(job["seconds"] * 1e9)
-    seq = 0
-    clock = time.monotonic_ns
-    while True:
-        now = clock()
-        if now >= stop:
-            return
-        if rate:
-            n = min(MAX_BATCH, int((now - t0) * rate // 1_000_000_000) - seq)
-            if n <= 0:
-                await trio.sleep((seq + 1) / rate - (now - t0) / 1e9)
-                continue
-        else:
-            n = MAX_BATCH
+class _Sender:
+    """One client's outgoing packets: a frame template stamped with time and sequence."""
+
+    def __init__(self, client, dst: bytes, index: int, flow: _Flow, job: dict) -> None:
+        head = wire.header(wire.FrameType.SEND_PACKET, _KL + job["size"]) + dst
+        self.template = bytearray(head + os.urandom(job["size"]))
+        self.off = len(head)
+        self.client, self.index, self.flow = client, index, flow
+        self.coalesce = job["coalesce"]
+        self.seq = 0
+
+    async def send(self, n: int, now: int, counted: bool) -> None:
+        template, off, index, seq = self.template, self.off, self.index, self.seq
+        pack_into = _STAMP.pack_into
         frames = []
         for _ in range(n):
             pack_into(template, off, now, index, seq)
             frames.append(bytes(template))
             seq += 1
-        if now >= measure_from:
-            flow.sent += n
-        await client.send_frames([b"".join(frames)] if coalesce else frames)
-        if not rate:
-            await trio.sleep(0)  # let this process's receivers read between flood batches
+        self.seq = seq
+        if counted:
+            self.flow.sent += n
+        await self.client.send_frames([b"".join(frames)] if self.coalesce else frames)
+
+
+async def _paced(senders: list[_Sender], job: dict, t0: int) -> None:
+    """Every paced sender of this process on one timer: one wake-up sends for all of them."""
+    rate = job["rate"]
+    measure_from = t0 + int(job["warmup"] * 1e9)
+    stop = measure_from + int(job["seconds"] * 1e9)
+    clock = time.monotonic_ns
+    while (now := clock()) < stop:
+        due = int((now - t0) * rate // 1_000_000_000)
+        for sender in senders:
+            n = min(MAX_BATCH, due - sender.seq)
+            if n > 0:
+                await sender.send(n, now, now >= measure_from)
+        await trio.sleep(max(0.0, (due + 1) / rate - (clock() - t0) / 1e9))
+
+
+async def _flood(sender: _Sender, job: dict, t0: int) -> None:
+    """As fast as the server takes them: a task per sender, so one blocked socket stalls only
+    its own sender."""
+    measure_from = t0 + int(job["warmup"] * 1e9)
+    stop = measure_from + int(job["seconds"] * 1e9)
+    clock = time.monotonic_ns
+    while (now := clock()) < stop:
+        await sender.send(MAX_BATCH, now, now >= measure_from)
+        await trio.sleep(0)  # let this process's receivers read between flood batches
 
 
 async def _receiver(client, flows: dict[int, _Flow], job: dict, t0: int) -> None:
@@ -154,10 +172,15 @@ def _relay_worker(target: dict, job: dict, indices: list[int], ready, start) -> 
                 clients[i] = await nursery.start(_hold, target)
             ready.put(len(clients))
             t0 = await trio.to_thread.run_sync(start.get)
+            senders = [_Sender(clients[i], clients[i ^ 1].public_key, i, flows[i], job)
+                       for i in indices]  # pairs share a process
+            if job["rate"]:
+                nursery.start_soon(_paced, senders, job, t0)
+            else:
+                for sender in senders:
+                    nursery.start_soon(_flood, sender, job, t0)
             for i in indices:
-                client, partner = clients[i], clients[i ^ 1]  # pairs share a process
-                nursery.start_soon(_sender, client, partner.public_key, i, flows[i], job, t0)
-                nursery.start_soon(_receiver, client, flows, job, t0)
+                nursery.start_soon(_receiver, clients[i], flows, job, t0)
             nursery.start_soon(_own_cpu, job, t0, cpu)
             end = t0 + (job["warmup"] + job["seconds"] + job["drain"]) * 1e9
             await trio.sleep(max(0.0, (end - time.monotonic_ns()) / 1e9))

@@ -104,8 +104,19 @@ class DerpClient:
         return self.keypair.public
 
     async def _send(self, data: bytes) -> None:
-        async with self._send_lock:
-            await self.stream.send_all(data)
+        await self._locked(self.stream.send_all, data)
+
+    async def _locked(self, send, data) -> None:
+        """``send(data)`` alone on the stream; no scheduler trip when nobody else is sending."""
+        lock = self._send_lock
+        if lock.locked():
+            await lock.acquire()
+        else:
+            lock.acquire_nowait()
+        try:
+            await send(data)
+        finally:
+            lock.release()
 
     async def send(self, dst: bytes, packet: bytes) -> None:
         await self._send(wire.send_packet(dst, packet))
@@ -117,11 +128,10 @@ class DerpClient:
     async def send_frames(self, frames) -> None:
         """Encoded frames in one socket write; over TLS one record per item, as a Tailscale
         client writes one per packet (pass one joined item to pack them into fewer records)."""
-        async with self._send_lock:
-            if isinstance(self.stream, TLSStream):
-                await self.stream.send_records(frames)
-            else:
-                await self.stream.send_all(b"".join(frames))
+        if isinstance(self.stream, TLSStream):
+            await self._locked(self.stream.send_records, frames)
+        else:
+            await self._locked(self.stream.send_all, b"".join(frames))
 
     async def forward(self, src: bytes, dst: bytes, packet: bytes) -> None:
         await self._send(wire.forward_packet(src, dst, packet))
