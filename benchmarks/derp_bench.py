@@ -6,7 +6,8 @@ them: a flood) and receiving its partner's, so ``--clients 8`` means 8 senders a
 on 8 connections. Every packet carries its send time (CLOCK_MONOTONIC, shared by all processes)
 and a sequence number: the receiver computes one-way latency, and loss is what was sent during
 the measured seconds but never arrived. Over TLS each packet is its own TLS record, as a
-Tailscale client writes it (``--coalesce`` packs each batch into one record instead). The pairs
+Tailscale client writes it (``--coalesce`` packs each batch into one record instead); paced
+senders write what is due about every millisecond (5 records per write at 5k pkt/s). The pairs
 are spread over ``--procs`` processes so the generator is not the bottleneck.
 
 ``conns`` mode: ``--conns`` idle DERP clients (TLS + DERP handshake) opened ``--concurrency`` at
@@ -491,7 +492,7 @@ def _rate_text(rate: int) -> str:
 
 
 def _median_row(runs: list[dict]) -> dict:
-    """Field-wise median over repeated runs (the run nearest the median delivered rate)."""
+    """The run with the median rate, whole, so its figures stay consistent with each other."""
     if len(runs) == 1:
         return runs[0]
     key = "delivered_pps" if "delivered_pps" in runs[0] else "connects_per_second"
