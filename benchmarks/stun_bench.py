@@ -29,9 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a bare checkout too
 
+from benchmarks.procstat import cpu_seconds  # noqa: E402
 from stun.message import tailscale_request  # noqa: E402
-
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def _load(target: tuple[str, int], cpus: set[int], start: float, warmup: float, seconds: float,
@@ -77,11 +76,6 @@ def _load(target: tuple[str, int], cpus: set[int], start: float, warmup: float, 
                 send(request)
     sock.close()
     return {"responses": counted, "invalid": invalid, "refills": refills}
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime, all threads
 
 
 def _wait_ready(target: tuple[str, int], proc: subprocess.Popen | None) -> None:
@@ -131,9 +125,9 @@ def measure(target: tuple[str, int], *, clients: int, window: int, seconds: floa
         cpu = None
         if server is not None:
             time.sleep(max(0.0, start + warmup - time.monotonic()))
-            before = _cpu_seconds(server.pid)
+            before = cpu_seconds(server.pid)
             time.sleep(seconds)
-            cpu = (_cpu_seconds(server.pid) - before) / seconds
+            cpu = (cpu_seconds(server.pid) - before) / seconds
         results = pending.get()
     responses = sum(r["responses"] for r in results)
     return {

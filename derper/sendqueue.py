@@ -27,12 +27,19 @@ class SendQueue:
     def __len__(self) -> int:
         return len(self.disco) + len(self.other)
 
-    def put(self, frame: bytes | bytearray, disco: bool) -> None:
-        """Queue a complete RecvPacket frame, evicting the oldest one if the queue is full."""
+    def put(self, frame: bytes | bytearray, disco: bool) -> bool:
+        """Queue a complete RecvPacket frame, evicting the oldest one if the queue is full.
+
+        Returns whether the queue is now full: the next put to it would evict.
+        """
         q = self.disco if disco else self.other
         if len(q) >= self.depth:
             self.stats.drop(DropReason.QUEUE_HEAD, disco, len(q.popleft()) - RECV_OVERHEAD)
         q.append(frame)
+        return len(q) >= self.depth
+
+    def full(self, disco: bool) -> bool:
+        return len(self.disco if disco else self.other) >= self.depth
 
     def take(self, out: list) -> tuple[int, int, int, int]:
         """Move every queued frame into ``out``, disco first.

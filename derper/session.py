@@ -9,6 +9,7 @@ therefore only lose its own packets.
 
 from __future__ import annotations
 
+import math
 import random
 
 import trio
@@ -28,6 +29,10 @@ RECV_SIZE = 64 << 10
 # Under a rate limit, bytes are handed to the frame parser in steps this big, each paid for
 # first: a backlog of one big read never reaches a destination's 32-packet queue at once.
 PACE_STEP = 4 << 10
+# A read can bring more packets for one destination than its queue holds (a sender that wrote
+# while we were descheduled). Before the queue head-drops, the reader yields until the
+# destination's writer has taken the queue; bounded per read, so a stuck writer costs little.
+YIELDS_PER_READ = 16
 HOME_MOVE_GRACE = 5.0  # NotePreferred changes sooner than this after connecting aren't moves
 NOT_HERE_RATE, NOT_HERE_BURST = 1.0, 3.0  # PeerGone(NotHere) per sender
 KEEPALIVE_JITTER = 5 / 60  # Go: 60 s + [0, 5) s, chosen once per connection
@@ -169,6 +174,7 @@ class Session:
         self._peer_gone: dict[bytes, bytes] = {}  # coalesced by key
         self._presence: dict[bytes, bytes] = {}  # mesh watchers only, coalesced by key
         self._restarting: bytes | None = None
+        self._keepalive_due = False
         self._not_here: TokenBucket | None = None
         self._last_dst: object = None
         self._recv_bucket: TokenBucket | None = None
@@ -179,13 +185,14 @@ class Session:
 
     # ---- the router's Peer interface (synchronous; called from other sessions' readers) -------
 
-    def deliver(self, frame: bytearray, disco: bool) -> None:
+    def deliver(self, frame: bytearray, disco: bool) -> bool:
         if self._closing:
             self.relay.stats.drop(DropReason.GONE_DISCONNECTED, disco, len(frame) - RECV_OVERHEAD)
-            return
-        self.queue.put(frame, disco)
+            return False
+        full = self.queue.put(frame, disco)
         if self._parked:
             self._wake()
+        return full
 
     def send_peer_gone(self, key: bytes, reason: int) -> None:
         self._peer_gone[key] = wire.peer_gone(key, reason)
@@ -222,6 +229,7 @@ class Session:
     async def run(self, reader: FrameReader) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._guard, self._write_loop, nursery.cancel_scope)
+            nursery.start_soon(self._tick_keepalives)
             await self._guard(self._read_loop, nursery.cancel_scope, reader)
 
     async def _guard(self, loop, scope: trio.CancelScope, *args) -> None:
@@ -270,6 +278,7 @@ class Session:
                 reader.feed(chunk)
             if self.dup:
                 router.note_activity(self)
+            yields = YIELDS_PER_READ
             buf = reader.data
             view = None
             while (f := reader.next()) is not None:
@@ -293,10 +302,14 @@ class Session:
                     out = bytearray(view[s - 5:e])  # SendPacket → RecvPacket: same length
                     out[0] = _RECV
                     out[5:37] = my_key
-                    dst.deliver(out, disco)
+                    full = dst.deliver(out, disco)
                     if dst is not self._last_dst:
                         router.note_sent(my_key, dst)
                         self._last_dst = dst
+                    while full and yields:  # the writer may run after us in a batch
+                        yields -= 1
+                        await trio.lowlevel.checkpoint()
+                        full = dst.queue.full(disco)
                 else:
                     if view is None:
                         view = memoryview(buf)
@@ -407,7 +420,22 @@ class Session:
 
     def _pending(self) -> bool:
         return bool(self.queue.disco or self.queue.other or self._pong is not None
-                    or self._peer_gone or self._presence or self._restarting is not None)
+                    or self._peer_gone or self._presence or self._restarting is not None
+                    or self._keepalive_due)
+
+    async def _tick_keepalives(self) -> None:
+        """Go's ticker: 60 s + jitter, a KeepAlive on every tick whatever else was sent.
+
+        A task of its own so the writer parks without a timeout: a cancel scope per wake-up
+        would cost more than the batch it writes. Ticks missed while the writer is blocked
+        coalesce into one KeepAlive.
+        """
+        relay = self.relay
+        period = relay.keepalive_interval * (1 + random.uniform(0, KEEPALIVE_JITTER))
+        while True:
+            await trio.sleep(period)
+            self._keepalive_due = True
+            self._wake()
 
     async def _write_loop(self) -> None:
         relay = self.relay
@@ -415,82 +443,81 @@ class Session:
         stream = self.stream
         queue = self.queue
         timeout = relay.mesh_write_timeout if self.can_mesh else relay.write_timeout
-        period = relay.keepalive_interval * (1 + random.uniform(0, KEEPALIVE_JITTER))
-        next_keepalive = trio.current_time() + period
         batch: list = []
+        nd = bd = no = bo = 0
         frames_per_write = stats.buffered_write_frames
         fpw, fpw_cap = frames_per_write.by_value, frames_per_write.cap
         last_take = trio.current_time()
-        while True:
-            idle = not self._pending()
-            if idle:
-                self._parked = True
-                with trio.move_on_at(next_keepalive):
+        # One scope for every write, its deadline armed per write: cheaper than a new scope.
+        with trio.CancelScope() as deadline:
+            while True:
+                idle = not self._pending()
+                if idle:
+                    self._parked = True
                     await self._lot.park()
-                self._parked = False
-            now = trio.current_time()
-            if now >= next_keepalive:
-                batch.append(wire.KEEP_ALIVE)  # on every tick, whatever else was sent
-                next_keepalive += period
-                if next_keepalive <= trio.current_time():  # ticks missed while blocked don't pile up
-                    next_keepalive = trio.current_time() + period
-            pong = self._pong
-            if pong is not None:
-                batch.append(wire.pong(pong))
-                self._pong = None
-            gone_not_here = gone_disconnected = 0
-            if self._peer_gone:
-                for frame in self._peer_gone.values():
-                    batch.append(frame)
-                    if frame[-1] == PeerGoneReason.NOT_HERE:
-                        gone_not_here += 1
-                    else:
-                        gone_disconnected += 1
-                self._peer_gone.clear()
-            nd, bd, no, bo = queue.take(batch)
-            if not idle and (nd or no):
-                # Packets that found the writer busy waited at most since the last take. Those
-                # that woke an idle writer are not timed: that would be a clock read per packet.
-                stats.average_queue_duration_ms = (0.9 * stats.average_queue_duration_ms
-                                                   + 100.0 * (now - last_take))  # α=0.1, in ms
-            last_take = now
-            if self._presence:
-                stats.mesh_update_batch_size.observe(len(self._presence))
-                batch.extend(self._presence.values())
-                self._presence.clear()
-            restarting = self._restarting
-            if restarting is not None:
-                batch.append(restarting)
-            if not batch:
-                continue
-            n = len(batch)
-            if n < fpw_cap:
-                fpw[n] += 1
-            else:
-                frames_per_write.observe(n)
-            data = batch[0] if len(batch) == 1 else b"".join(batch)
-            batch.clear()
-            try:
-                if timeout > 0:
-                    with trio.fail_after(timeout):
-                        await stream.send_all(data)
+                if self._keepalive_due:
+                    batch.append(wire.KEEP_ALIVE)
+                    self._keepalive_due = False
+                pong = self._pong
+                if pong is not None:
+                    batch.append(wire.pong(pong))
+                    self._pong = None
+                gone_not_here = gone_disconnected = 0
+                if self._peer_gone:
+                    for frame in self._peer_gone.values():
+                        batch.append(frame)
+                        if frame[-1] == PeerGoneReason.NOT_HERE:
+                            gone_not_here += 1
+                        else:
+                            gone_disconnected += 1
+                    self._peer_gone.clear()
+                nd, bd, no, bo = queue.take(batch)
+                if nd or no:
+                    now = trio.current_time()
+                    if not idle:
+                        # Packets that found the writer busy waited at most since the last
+                        # take; those that woke an idle writer are not timed (a clock read
+                        # per packet).
+                        stats.average_queue_duration_ms = (
+                            0.9 * stats.average_queue_duration_ms
+                            + 100.0 * (now - last_take))  # α=0.1, in ms
+                    last_take = now
+                if self._presence:
+                    stats.mesh_update_batch_size.observe(len(self._presence))
+                    batch.extend(self._presence.values())
+                    self._presence.clear()
+                restarting = self._restarting
+                if restarting is not None:
+                    batch.append(restarting)
+                if not batch:
+                    continue
+                n = len(batch)
+                if n < fpw_cap:
+                    fpw[n] += 1
                 else:
+                    frames_per_write.observe(n)
+                data = batch[0] if len(batch) == 1 else b"".join(batch)
+                batch.clear()
+                if timeout > 0:
+                    deadline.deadline = trio.current_time() + timeout
+                try:
                     await stream.send_all(data)
-            except trio.TooSlowError:
-                stats.sclient_write_timeouts += 1
-                self._count_write_error(nd, bd, no, bo)
-                raise WriteTimeout(f"write timed out after {timeout:g}s (client too slow)")
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._count_write_error(nd, bd, no, bo)
-                raise
-            stats.packets_sent += nd + no
-            stats.bytes_sent += bd + bo
-            if pong is not None:
-                stats.sent_pong += 1
-            stats.peer_gone_not_here_frames += gone_not_here
-            stats.peer_gone_disconnected_frames += gone_disconnected
-            if restarting is not None and self._restarting is restarting:
-                self._restarting = None
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self._count_write_error(nd, bd, no, bo)
+                    raise
+                deadline.deadline = math.inf
+                stats.packets_sent += nd + no
+                stats.bytes_sent += bd + bo
+                if pong is not None:
+                    stats.sent_pong += 1
+                stats.peer_gone_not_here_frames += gone_not_here
+                stats.peer_gone_disconnected_frames += gone_disconnected
+                if restarting is not None and self._restarting is restarting:
+                    self._restarting = None
+        # Only the write deadline can end the loop without an exception.
+        stats.sclient_write_timeouts += 1
+        self._count_write_error(nd, bd, no, bo)
+        raise WriteTimeout(f"write timed out after {timeout:g}s (client too slow)")
 
     def _count_write_error(self, nd: int, bd: int, no: int, bo: int) -> None:
         stats = self.relay.stats

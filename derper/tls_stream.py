@@ -9,6 +9,7 @@ the reference notes: about 1.5-2x the packet rate of ``trio.SSLStream``).
 
 from __future__ import annotations
 
+import os
 import ssl
 
 import trio
@@ -19,6 +20,9 @@ _READ_CHUNK = 16 << 10  # the largest TLS record plaintext
 # filling it and copying out, and trio runs one task at a time.
 _SCRATCH = bytearray(256 << 10)
 _SCRATCH_VIEW = memoryview(_SCRATCH)
+# Socket reads of every connection land here and are copied into that connection's BIO at once.
+_RECV_VIEW = memoryview(bytearray(RECV_SIZE))
+_RECV_BUFS = (_RECV_VIEW,)
 CLOSE_NOTIFY_TIMEOUT = 0.25
 
 
@@ -44,11 +48,9 @@ class TLSStream(trio.abc.Stream):
                 self.ssl_object.do_handshake()
             except ssl.SSLWantReadError:
                 await self._flush()
-                data = await self.transport.receive_some(RECV_SIZE)
-                if not data:
+                if not await self._receive():
                     raise trio.BrokenResourceError("peer closed the connection during the TLS "
                                                    "handshake")
-                self._incoming.write(data)
                 continue
             except ssl.SSLError as e:
                 await self._flush_quietly()  # let the peer see our alert
@@ -58,13 +60,13 @@ class TLSStream(trio.abc.Stream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Every byte the last socket read decrypted to; ``b""`` at EOF."""
-        obj = self.ssl_object
+        read = self.ssl_object._sslobj.read  # the C method: one call per TLS record
         while True:
             pos = 0
             eof = False
             try:
                 while pos <= len(_SCRATCH) - _READ_CHUNK:
-                    n = obj.read(_READ_CHUNK, _SCRATCH_VIEW[pos:])
+                    n = read(_READ_CHUNK, _SCRATCH_VIEW[pos:])
                     if not n:
                         eof = True
                         break
@@ -80,10 +82,37 @@ class TLSStream(trio.abc.Stream):
                 await self._flush()
             if data or eof:
                 return data
-            chunk = await self.transport.receive_some(RECV_SIZE)
-            if not chunk:
+            if not await self._receive():
                 return b""  # TCP EOF without close_notify: treat as an ordinary close
-            self._incoming.write(chunk)
+
+    async def _receive(self) -> bool:
+        """One socket read into the incoming BIO; False at EOF.
+
+        What trio's ``receive_some`` does, less one scheduler trip: it yields again after a
+        read that had to wait for the socket. We yield exactly once per read either way, so a
+        peer that keeps the socket full still cannot hold the loop.
+        """
+        sock = self.transport.socket
+        waited = False
+        while True:
+            fd = sock.fileno()
+            if fd < 0:
+                break  # closed: trio raises the right error below
+            try:
+                n = os.readv(fd, _RECV_BUFS)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                waited = True
+                continue
+            except OSError:
+                break  # a reset: trio raises the right error below
+            self._incoming.write(_RECV_VIEW[:n])  # before yielding: the buffer is shared
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return n > 0
+        chunk = await self.transport.receive_some(RECV_SIZE)
+        self._incoming.write(chunk)
+        return bool(chunk)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
@@ -91,6 +120,16 @@ class TLSStream(trio.abc.Stream):
             while view:
                 n = self.ssl_object.write(view)
                 view = view[n:]
+        except ssl.SSLError as e:
+            raise trio.BrokenResourceError(f"TLS error: {_reason(e)}") from e
+        await self._flush()
+
+    async def send_records(self, chunks) -> None:
+        """One TLS record per chunk (as Tailscale clients write one per packet), one socket write."""
+        write = self.ssl_object._sslobj.write
+        try:
+            for chunk in chunks:
+                write(chunk)
         except ssl.SSLError as e:
             raise trio.BrokenResourceError(f"TLS error: {_reason(e)}") from e
         await self._flush()
@@ -105,9 +144,24 @@ class TLSStream(trio.abc.Stream):
             self._send_lock.acquire_nowait()
         try:
             if self._outgoing.pending:
-                await self.transport.send_all(self._outgoing.read())
+                await self._send(self._outgoing.read())
         finally:
             self._send_lock.release()
+
+    async def _send(self, data: bytes) -> None:
+        """Hand the kernel what it takes at once without a trip through the scheduler (a
+        relay's writer does one per batch); await the rest. A closed socket has fileno -1, so
+        a reused descriptor is never written to; errors are left for trio to raise."""
+        fd = self.transport.socket.fileno()
+        if fd >= 0:
+            try:
+                n = os.write(fd, data)
+            except OSError:
+                n = 0
+            if n == len(data):
+                return
+            data = memoryview(data)[n:]
+        await self.transport.send_all(data)
 
     async def _flush_quietly(self) -> None:
         with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT):

@@ -149,6 +149,21 @@ async def test_full_queue_drops_oldest_and_keeps_disco_separate(start_server, ca
     assert stats.dropped(DropReason.QUEUE_TAIL) == 0
 
 
+async def test_burst_larger_than_the_queue_reaches_a_reading_client(start_server, ca):
+    """A sender's burst that arrives in one read is not head-dropped while its receiver keeps
+    up: the reader lets the destination's writer drain a full queue before evicting."""
+    server = await start_server()
+    async with dc.connect(url(server), **connect_opts(server, ca)) as sender, \
+            dc.connect(url(server), **connect_opts(server, ca)) as receiver:
+        count = 3 * server.relay.queue_depth
+        await sender.send_many([(receiver.public_key, i.to_bytes(2, "big") + bytes(98))
+                                for i in range(count)])
+        got = [int.from_bytes((await recv_kind(receiver, dc.ReceivedPacket)).data[:2], "big")
+               for _ in range(count)]
+    assert got == list(range(count))
+    assert server.relay.stats.dropped(DropReason.QUEUE_HEAD) == 0
+
+
 async def test_duplicate_keys_last_writer_wins_and_peer_gone(start_server, ca):
     server = await start_server()
     router = server.relay.router

@@ -1,0 +1,534 @@
+"""DERP relay load: delivered Mbit/s and packets/s, loss and one-way latency; or idle-connection scale.
+
+``relay`` mode (the default): ``--clients`` DERP clients in pairs, each client sending
+``--size``-byte packets to its partner at ``--rate`` packets/s (0 = as fast as the server takes
+them: a flood) and receiving its partner's, so ``--clients 8`` means 8 senders and 8 receivers
+on 8 connections. Every packet carries its send time (CLOCK_MONOTONIC, shared by all processes)
+and a sequence number: the receiver computes one-way latency, and loss is what was sent during
+the measured seconds but never arrived. Over TLS each packet is its own TLS record, as a
+Tailscale client writes it (``--coalesce`` packs each batch into one record instead); paced
+senders write what is due about every millisecond (5 records per write at 5k pkt/s). The pairs
+are spread over ``--procs`` processes so the generator is not the bottleneck.
+
+``conns`` mode: ``--conns`` idle DERP clients (TLS + DERP handshake) opened ``--concurrency`` at
+a time per process; reports completed connections per second and the server's resident memory
+per connection (when the server's pid is known: started here, or ``--server-pid``).
+
+Without ``--url`` a fresh ``derper`` is started over TLS with its self-signed IP certificate
+(pinned); any other server can be targeted with ``--url`` (and ``--cert-pin`` or ``--ca-file``),
+so the same load gives a side-by-side ratio.
+
+    python -m benchmarks.derp_bench                          # 8 clients x 10k pkt/s, 1280 B
+    python -m benchmarks.derp_bench --rate 0                 # flood
+    python -m benchmarks.derp_bench --suite                  # the README table
+    python -m benchmarks.derp_bench conns --conns 10000      # idle-connection scale
+    python -m benchmarks.derp_bench --url https://derp.example.com/derp --rate 5000
+    python -m benchmarks.derp_bench --smoke --json out.json  # seconds-long correctness run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import ssl
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a bare checkout too
+
+import trio  # noqa: E402
+
+from benchmarks.procstat import cpu_seconds, rss_bytes  # noqa: E402
+from derper import client as derp_client  # noqa: E402
+from derper import wire  # noqa: E402
+
+_STAMP = struct.Struct(">QII")  # send time ns, sender index, sequence number
+_RECV = int(wire.FrameType.RECV_PACKET)
+_KL = wire.KEY_LEN
+HIST_NS = 10_000  # latency histogram resolution: 10 us
+MAX_BATCH = 64  # packets per socket write
+
+
+# ---- the load processes -------------------------------------------------------------------------
+
+_contexts: dict = {}
+
+
+def _connect(target: dict):
+    """A DERP client for ``target``; one TLS context per process (building one costs ~1 ms)."""
+    key = (target["ca_file"], target["cert_pin"])
+    if key not in _contexts:
+        _contexts[key] = (ssl.create_default_context(cafile=target["ca_file"])
+                          if target["ca_file"] else derp_client.pinned_context()
+                          if target["cert_pin"] else ssl.create_default_context())
+    ctx = _contexts[key] if target["url"].startswith("https:") else None
+    return derp_client.connect(target["url"], cert_pin=target["cert_pin"], ssl_context=ctx,
+                               timeout=30)
+
+
+class _Flow:
+    """One direction of a pair: what a sender sent and its receiver got in the window."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.received = 0
+        self.late = 0  # received after the drain time (counted as lost)
+        self.hist: Counter = Counter()
+
+
+class _Sender:
+    """One client's outgoing packets: a frame template stamped with time and sequence."""
+
+    def __init__(self, client, dst: bytes, index: int, flow: _Flow, job: dict) -> None:
+        head = wire.header(wire.FrameType.SEND_PACKET, _KL + job["size"]) + dst
+        self.template = bytearray(head + os.urandom(job["size"]))
+        self.off = len(head)
+        self.client, self.index, self.flow = client, index, flow
+        self.coalesce = job["coalesce"]
+        self.seq = 0
+
+    async def send(self, n: int, now: int, counted: bool) -> None:
+        template, off, index, seq = self.template, self.off, self.index, self.seq
+        pack_into = _STAMP.pack_into
+        frames = []
+        for _ in range(n):
+            pack_into(template, off, now, index, seq)
+            frames.append(bytes(template))
+            seq += 1
+        self.seq = seq
+        if counted:
+            self.flow.sent += n
+        await self.client.send_frames([b"".join(frames)] if self.coalesce else frames)
+
+
+async def _paced(senders: list[_Sender], job: dict, t0: int) -> None:
+    """Every paced sender of this process on one timer: one wake-up sends for all of them."""
+    rate = job["rate"]
+    measure_from = t0 + int(job["warmup"] * 1e9)
+    stop = measure_from + int(job["seconds"] * 1e9)
+    clock = time.monotonic_ns
+    while (now := clock()) < stop:
+        due = int((now - t0) * rate // 1_000_000_000)
+        for sender in senders:
+            n = min(MAX_BATCH, due - sender.seq)
+            if n > 0:
+                await sender.send(n, now, now >= measure_from)
+        await trio.sleep(max(0.0, (due + 1) / rate - (clock() - t0) / 1e9))
+
+
+async def _flood(sender: _Sender, job: dict, t0: int) -> None:
+    """As fast as the server takes them: a task per sender, so one blocked socket stalls only
+    its own sender."""
+    measure_from = t0 + int(job["warmup"] * 1e9)
+    stop = measure_from + int(job["seconds"] * 1e9)
+    clock = time.monotonic_ns
+    while (now := clock()) < stop:
+        await sender.send(MAX_BATCH, now, now >= measure_from)
+        await trio.sleep(0)  # let this process's receivers read between flood batches
+
+
+async def _receiver(client, flows: dict[int, _Flow], job: dict, t0: int) -> None:
+    measure_from = t0 + int(job["warmup"] * 1e9)
+    measure_to = measure_from + int(job["seconds"] * 1e9)
+    unpack_from = _STAMP.unpack_from
+    clock = time.monotonic_ns
+    while True:
+        buf, frames = await client.recv_frames()
+        now = clock()
+        for ftype, s, e in frames:
+            if ftype != _RECV or e - s < _KL + _STAMP.size:
+                continue
+            sent_at, index, _ = unpack_from(buf, s + _KL)
+            if measure_from <= sent_at < measure_to:
+                flow = flows[index]
+                flow.received += 1
+                flow.hist[(now - sent_at) // HIST_NS] += 1
+
+
+async def _own_cpu(job: dict, t0: int, out: list) -> None:
+    """This process's CPU seconds over the measured window (is the generator the limit?)."""
+    measure_from = t0 / 1e9 + job["warmup"]
+    await trio.sleep(max(0.0, measure_from - time.monotonic()))
+    before = sum(os.times()[:2])
+    await trio.sleep(job["seconds"])
+    out.append(sum(os.times()[:2]) - before)
+
+
+def _relay_worker(target: dict, job: dict, indices: list[int], ready, start) -> list[dict]:
+    """One load process: its pairs of clients, sending and receiving until the drain ends."""
+    async def main() -> list[dict]:
+        flows = {i: _Flow() for i in indices}
+        cpu: list[float] = []
+        async with trio.open_nursery() as nursery:
+            clients = {}
+            for i in indices:
+                clients[i] = await nursery.start(_hold, target)
+            ready.put(len(clients))
+            t0 = await trio.to_thread.run_sync(start.get)
+            senders = [_Sender(clients[i], clients[i ^ 1].public_key, i, flows[i], job)
+                       for i in indices]  # pairs share a process
+            if job["rate"]:
+                nursery.start_soon(_paced, senders, job, t0)
+            else:
+                for sender in senders:
+                    nursery.start_soon(_flood, sender, job, t0)
+            for i in indices:
+                nursery.start_soon(_receiver, clients[i], flows, job, t0)
+            nursery.start_soon(_own_cpu, job, t0, cpu)
+            end = t0 + (job["warmup"] + job["seconds"] + job["drain"]) * 1e9
+            await trio.sleep(max(0.0, (end - time.monotonic_ns()) / 1e9))
+            nursery.cancel_scope.cancel()
+        return [{"index": i, "sent": f.sent, "received": f.received, "hist": dict(f.hist),
+                 "load_cpu": cpu[0] if cpu and n == 0 else 0.0}
+                for n, (i, f) in enumerate(flows.items())]
+    return trio.run(main)
+
+
+async def _hold(target: dict, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async with _connect(target) as client:
+        task_status.started(client)
+        await trio.sleep_forever()
+
+
+def _pairs_per_proc(clients: int, procs: int) -> list[list[int]]:
+    pairs = [[2 * p, 2 * p + 1] for p in range(clients // 2)]
+    groups: list[list[int]] = [[] for _ in range(min(procs, len(pairs)))]
+    for n, pair in enumerate(pairs):
+        groups[n % len(groups)].extend(pair)
+    return groups
+
+
+def run_relay(target: dict, job: dict, procs: int, server_pid: int | None) -> dict:
+    ctx = multiprocessing.get_context("fork")
+    groups = _pairs_per_proc(job["clients"], procs)
+    manager = ctx.Manager()
+    ready, start = manager.Queue(), manager.Queue()
+    with ctx.Pool(len(groups)) as pool:
+        pending = pool.starmap_async(_relay_worker,
+                                     [(target, job, g, ready, start) for g in groups])
+        for _ in groups:
+            _get_or_fail(ready, pending)
+        t0 = time.monotonic_ns() + 200_000_000
+        for _ in groups:
+            start.put(t0)
+        cpu = None
+        if server_pid:
+            time.sleep(max(0.0, (t0 - time.monotonic_ns()) / 1e9 + job["warmup"]))
+            before = cpu_seconds(server_pid)
+            time.sleep(job["seconds"])
+            cpu = (cpu_seconds(server_pid) - before) / job["seconds"]
+        flows = [f for part in pending.get() for f in part]
+    manager.shutdown()
+    return _relay_summary(job, flows, cpu)
+
+
+def _get_or_fail(queue, pending) -> None:
+    while True:
+        try:
+            return queue.get(timeout=0.2)
+        except Exception:  # queue.Empty from the manager proxy
+            if pending.ready():
+                pending.get()  # raises the worker's error
+                raise SystemExit("a load process ended before it was ready")
+
+
+def _relay_summary(job: dict, flows: list[dict], cpu: float | None) -> dict:
+    sent = sum(f["sent"] for f in flows)
+    received = sum(f["received"] for f in flows)
+    hist: Counter = Counter()
+    for f in flows:
+        hist.update(f["hist"])
+    seconds = job["seconds"]
+    pps = received / seconds
+    wire_bits = (job["size"] + _KL + wire.HEADER_LEN) * 8
+    return {
+        "clients": job["clients"], "size": job["size"], "rate_per_sender": job["rate"],
+        "coalesce": job["coalesce"], "seconds": seconds,
+        "offered_pps": round(sent / seconds), "delivered_pps": round(pps),
+        "delivered_mbit_s": round(pps * job["size"] * 8 / 1e6, 1),
+        "delivered_wire_mbit_s": round(pps * wire_bits / 1e6, 1),
+        "loss": round(1 - received / sent, 5) if sent else None,
+        "latency_ms": {f"p{q}": _percentile(hist, q / 100) for q in (50, 90, 99, 99.9)},
+        "server_cpu": None if cpu is None else round(cpu, 3),
+        "server_us_per_packet": round(cpu / pps * 1e6, 2) if cpu and pps else None,
+        "load_cpu": round(sum(f["load_cpu"] for f in flows) / seconds, 3),
+        "sent": sent, "received": received,
+    }
+
+
+def _percentile(hist: Counter, q: float) -> float | None:
+    total = sum(hist.values())
+    if not total:
+        return None
+    rank, seen = q * total, 0
+    for bucket in sorted(hist):
+        seen += hist[bucket]
+        if seen >= rank:
+            return round((bucket + 1) * HIST_NS / 1e6, 3)  # bucket's upper edge
+    return None
+
+
+# ---- connection scale ---------------------------------------------------------------------------
+
+def _conns_worker(target: dict, count: int, concurrency: int, ready, done) -> dict:
+    async def main() -> dict:
+        limiter = trio.CapacityLimiter(concurrency)
+        times: list[float] = []
+        failures: list[str] = []
+        connected = trio.Event()
+
+        async def one(task_status=trio.TASK_STATUS_IGNORED) -> None:
+            async with limiter:
+                try:
+                    cm = _connect(target)
+                    await cm.__aenter__()
+                except (derp_client.DerpClientError, OSError) as e:
+                    failures.append(str(e))
+                    task_status.started()
+                    return
+                times.append(time.monotonic())
+            task_status.started()
+            try:
+                await connected.wait()
+                await trio.sleep_forever()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await cm.__aexit__(None, None, None)
+
+        first = time.monotonic()
+        async with trio.open_nursery() as nursery:
+            async with trio.open_nursery() as starting:
+                for _ in range(count):
+                    starting.start_soon(nursery.start, one)
+            last = max(times, default=first)
+            ready.put({"connected": len(times), "failures": len(failures),
+                       "first_error": failures[0] if failures else None,
+                       "started": first, "finished": last})
+            await trio.to_thread.run_sync(done.get)
+            nursery.cancel_scope.cancel()
+        return {}
+    return trio.run(main)
+
+
+def run_conns(target: dict, conns: int, concurrency: int, procs: int,
+              server_pid: int | None) -> dict:
+    ctx = multiprocessing.get_context("fork")
+    procs = max(1, min(procs, conns))
+    counts = [conns // procs + (p < conns % procs) for p in range(procs)]
+    manager = ctx.Manager()
+    ready, done = manager.Queue(), manager.Queue()
+    rss_before = rss_bytes(server_pid) if server_pid else None
+    cpu_before = cpu_seconds(server_pid) if server_pid else None
+    with ctx.Pool(procs) as pool:
+        pending = pool.starmap_async(_conns_worker,
+                                     [(target, n, concurrency, ready, done) for n in counts])
+        parts = [_get_or_fail(ready, pending) for _ in counts]
+        time.sleep(0.5)  # let the server settle the last handshakes
+        rss_after = rss_bytes(server_pid) if server_pid else None
+        cpu = cpu_seconds(server_pid) - cpu_before if server_pid else None
+        for _ in counts:
+            done.put(True)
+        pending.get()
+    manager.shutdown()
+    connected = sum(p["connected"] for p in parts)
+    span = max(p["finished"] for p in parts) - min(p["started"] for p in parts)
+    errors = [p["first_error"] for p in parts if p["first_error"]]
+    return {
+        "conns": conns, "concurrency_per_proc": concurrency, "procs": procs,
+        "connected": connected, "failures": sum(p["failures"] for p in parts),
+        "first_error": errors[0] if errors else None,
+        "connects_per_second": round(connected / span) if span > 0 else None,
+        "server_rss_mb": None if rss_after is None else round(rss_after / 2**20, 1),
+        "server_cpu_ms_per_conn": (None if cpu is None or not connected
+                                   else round(cpu / connected * 1000, 3)),
+        "rss_per_conn_kb": (None if rss_after is None or not connected
+                            else round((rss_after - rss_before) / connected / 1024, 1)),
+    }
+
+
+# ---- the server under test ----------------------------------------------------------------------
+
+class StartedServer:
+    """A fresh ``derper`` over TLS with a self-signed, pinned IP certificate."""
+
+    def __init__(self, extra: list[str], wrapper: list[str] = (), cwd: str | None = None) -> None:
+        self._dir = tempfile.TemporaryDirectory()
+        self.dir = Path(self._dir.name)
+        port = _free_tcp_port()
+        args = [*wrapper, sys.executable, "-m", "derper", "-hostname", "127.0.0.1", "-certmode", "manual",
+                "-certdir", self._dir.name, "-a", f"127.0.0.1:{port}", "-http-port", "-1",
+                "-stun=false", *extra]
+        self._log = open(Path(self._dir.name) / "derper.log", "wb")
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._log,
+                                     text=True, cwd=cwd)
+        line = self.proc.stdout.readline()  # the DERP map node with the pin
+        if not line:
+            self.close()
+            raise SystemExit("derper did not start:\n" + self.log())
+        self.pin = json.loads(line)["CertName"]
+        self.url = f"https://127.0.0.1:{port}/derp"
+        _wait_listening(port, self.proc, 60 if wrapper else 10)
+
+    def log(self) -> str:
+        return (Path(self._dir.name) / "derper.log").read_text()
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        self._log.close()
+        self._dir.cleanup()
+
+
+def _free_tcp_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_listening(port: int, proc: subprocess.Popen, seconds: float) -> None:
+    import socket
+
+    for _ in range(int(seconds / 0.05)):
+        if proc.poll() is not None:
+            raise SystemExit(f"derper exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit("derper is not listening")
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+SUITE = [  # (label, rate per sender); the issue's targets
+    ("8 x 5k pkt/s", 5000),
+    ("8 x 10k pkt/s", 10000),
+    ("8 x flood", 0),
+]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", nargs="?", choices=("relay", "conns"), default="relay")
+    parser.add_argument("--url", help="DERP server to load (default: start our derper over TLS)")
+    parser.add_argument("--cert-pin", help="sha256-raw: pin of the server's certificate")
+    parser.add_argument("--ca-file", help="CA bundle to verify the server's certificate with")
+    parser.add_argument("--server-pid", type=int,
+                        help="pid of the --url server, for its CPU and memory figures")
+    parser.add_argument("--server-args", default="",
+                        help="extra flags for the started derper (space separated)")
+    parser.add_argument("--clients", type=int, default=8, help="clients (even: pairs)")
+    parser.add_argument("--size", type=int, default=1280, help="packet bytes")
+    parser.add_argument("--rate", type=int, default=10000,
+                        help="packets/s per sender; 0 = flood")
+    parser.add_argument("--coalesce", action="store_true",
+                        help="one TLS record per batch instead of per packet")
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--drain", type=float, default=1.0,
+                        help="seconds receivers keep reading after the senders stop")
+    parser.add_argument("--procs", type=int, default=4, help="load processes")
+    parser.add_argument("--repeat", type=int, default=1, help="runs; medians are reported")
+    parser.add_argument("--suite", action="store_true",
+                        help="5k, 10k and flood rows (the README table)")
+    parser.add_argument("--conns", type=int, default=1000, help="conns mode: connections")
+    parser.add_argument("--concurrency", type=int, default=64,
+                        help="conns mode: handshakes in flight per process")
+    parser.add_argument("--json", type=Path, default=Path("derp_bench.json"))
+    parser.add_argument("--smoke", action="store_true", help="seconds-long correctness run")
+    args = parser.parse_args(argv)
+    if args.clients < 2 or args.clients % 2:
+        parser.error("--clients must be an even number >= 2")
+    if args.smoke:
+        args.clients, args.rate, args.seconds, args.warmup, args.drain = 2, 200, 0.5, 0.2, 0.3
+        args.procs, args.repeat, args.conns, args.concurrency = 1, 1, 20, 10
+        args.suite = False
+    server = None if args.url else StartedServer(args.server_args.split())
+    try:
+        target = {"url": args.url or server.url,
+                  "cert_pin": args.cert_pin if args.url else server.pin,
+                  "ca_file": args.ca_file}
+        pid = server.proc.pid if server else args.server_pid
+        if args.mode == "conns":
+            runs = [run_conns(target, args.conns, args.concurrency, args.procs, pid)
+                    for _ in range(args.repeat)]
+            rows = {"conns": _median_row(runs)}
+        else:
+            plan = SUITE if args.suite else [(f"{args.clients} x {_rate_text(args.rate)}",
+                                              args.rate)]
+            runs, rows = [], {}
+            for _ in range(args.repeat):  # interleaved, so drift hits every row alike
+                for label, rate in plan:
+                    job = {"clients": args.clients, "size": args.size, "rate": rate,
+                           "coalesce": args.coalesce, "seconds": args.seconds,
+                           "warmup": args.warmup, "drain": args.drain}
+                    runs.append({"label": label, **run_relay(target, job, args.procs, pid)})
+            for label, _ in plan:
+                rows[label] = _median_row([r for r in runs if r["label"] == label])
+    finally:
+        if server:
+            server.close()
+    report = {"mode": args.mode, "target": target["url"], "started_server": server is not None,
+              "cpus": os.cpu_count(), "python": sys.version.split()[0],
+              "rows": rows, "runs": runs}
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    _print_table(args.mode, rows)
+    print(f"({args.repeat} run(s), medians; target {target['url']}; JSON in {args.json})")
+
+
+def _rate_text(rate: int) -> str:
+    return "flood" if not rate else f"{rate:,} pkt/s"
+
+
+def _median_row(runs: list[dict]) -> dict:
+    """The run with the median rate, whole, so its figures stay consistent with each other."""
+    if len(runs) == 1:
+        return runs[0]
+    key = "delivered_pps" if "delivered_pps" in runs[0] else "connects_per_second"
+    ordered = sorted(runs, key=lambda r: r[key] or 0)
+    row = dict(ordered[len(ordered) // 2])
+    row["runs"] = len(runs)
+    row[f"{key}_all"] = [r[key] for r in runs]
+    return row
+
+
+def _print_table(mode: str, rows: dict) -> None:
+    if mode == "conns":
+        print(f"{'connections':>11} {'connects/s':>11} {'failures':>9} {'server RSS':>11}"
+              f" {'RSS/conn':>9} {'server CPU/conn':>15}")
+        for row in rows.values():
+            rss = "-" if row["server_rss_mb"] is None else f"{row['server_rss_mb']:.0f} MB"
+            per = "-" if row["rss_per_conn_kb"] is None else f"{row['rss_per_conn_kb']:.1f} KB"
+            cpu = row["server_cpu_ms_per_conn"]
+            cpu = "-" if cpu is None else f"{cpu:.2f} ms"
+            print(f"{row['connected']:>11,} {row['connects_per_second'] or 0:>11,}"
+                  f" {row['failures']:>9} {rss:>11} {per:>9} {cpu:>15}")
+        return
+    print(f"{'load':<16} {'offered pkt/s':>13} {'delivered pkt/s':>15} {'Mbit/s':>7}"
+          f" {'loss':>7} {'p50 ms':>7} {'p99 ms':>7} {'p99.9 ms':>8} {'server CPU':>10}")
+    for label, r in rows.items():
+        lat = r["latency_ms"]
+        cpu = "-" if r["server_cpu"] is None else f"{r['server_cpu']:.0%}"
+        loss = "-" if r["loss"] is None else f"{r['loss']:.2%}"
+        print(f"{label:<16} {r['offered_pps']:>13,} {r['delivered_pps']:>15,}"
+              f" {r['delivered_mbit_s']:>7.0f} {loss:>7} {_ms(lat['p50']):>7}"
+              f" {_ms(lat['p99']):>7} {_ms(lat['p99.9']):>8} {cpu:>10} {r['load_cpu']:>8.0%}")
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+if __name__ == "__main__":
+    main()

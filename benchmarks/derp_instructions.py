@@ -1,0 +1,92 @@
+"""Server CPU instructions per relayed packet, counted by callgrind: repeatable on a busy machine.
+
+Wall-clock figures swing with whatever else the machine runs; instruction counts do not. The
+server runs under ``valgrind --tool=callgrind`` and two TLS clients exchange packets in lock
+step (``--batch`` packets one way, each as its own TLS record, all received, then back), so
+every run gives the server the same reads and writes. Counters are zeroed after the handshakes
+and dumped after the exchange: the figure covers the relay path only.
+
+    python benchmarks/derp_instructions.py                  # this checkout
+    python benchmarks/derp_instructions.py --tree /tmp/old  # a checkout to compare with
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a bare checkout too
+
+import trio  # noqa: E402
+
+from benchmarks.derp_bench import StartedServer, _connect  # noqa: E402
+from derper import wire  # noqa: E402
+
+
+async def lockstep(target: dict, rounds: int, batch: int, size: int, between) -> None:
+    async with _connect(target) as a, _connect(target) as b:
+        payload = bytes(size)
+        frames = {c: [wire.send_packet(peer.public_key, payload)] * batch
+                  for c, peer in ((a, b), (b, a))}
+        await exchange(a, b, frames, 2, batch)  # warm every path once
+        await trio.to_thread.run_sync(between, "--zero")
+        await exchange(a, b, frames, rounds, batch)
+        await trio.to_thread.run_sync(between, "--dump")
+
+
+async def exchange(a, b, frames: dict, rounds: int, batch: int) -> None:
+    for _ in range(rounds):
+        for src, dst in ((a, b), (b, a)):
+            await src.send_frames(frames[src])
+            got = 0
+            while got < batch:
+                _, received = await dst.recv_frames()
+                got += sum(1 for f in received if f[0] == wire.FrameType.RECV_PACKET)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tree", help="checkout whose derper/ runs as the server")
+    parser.add_argument("--rounds", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=10, help="packets per write")
+    parser.add_argument("--size", type=int, default=1280)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--keep", action="store_true", help="keep the callgrind dump")
+    args = parser.parse_args()
+    server = StartedServer([], wrapper=["valgrind", "--tool=callgrind", "--dump-line=no",
+                                        "--callgrind-out-file=%q{PWD}/callgrind.out.%p"],
+                           cwd=args.tree)
+    try:
+        pid = server.proc.pid
+
+        def control(option: str) -> None:
+            subprocess.run(["callgrind_control", option, str(pid)], check=True,
+                           capture_output=True)
+
+        target = {"url": server.url, "cert_pin": server.pin, "ca_file": None}
+        dumps: list[Path] = []
+        trio.run(lockstep, target, args.rounds, args.batch, args.size, control)
+        dumps = sorted((Path(args.tree or ".")).glob(f"callgrind.out.{pid}.*"))
+        text = dumps[-1].read_text()
+    finally:
+        server.close()
+        for f in Path(args.tree or ".").glob(f"callgrind.out.{server.proc.pid}*"):
+            if not (args.keep and f == dumps[-1]):
+                f.unlink()
+    instructions = int(re.search(r"^summary: (\d+)", text, re.M).group(1))
+    packets = 2 * args.rounds * args.batch
+    result = {"tree": args.tree or ".", "packets": packets, "batch": args.batch,
+              "size": args.size, "instructions": instructions,
+              "instructions_per_packet": round(instructions / packets)}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{result['instructions_per_packet']:,} server instructions per relayed packet "
+          f"({packets:,} packets of {args.size} B, {args.batch} per write; {result['tree']})")
+
+
+if __name__ == "__main__":
+    main()

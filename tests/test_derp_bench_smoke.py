@@ -1,0 +1,39 @@
+"""The DERP benchmark's smoke modes run end to end: a correctness check, not a speed check."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "derp_bench.py"
+
+
+def run_smoke(tmp_path: Path, *mode: str) -> tuple[dict, str]:
+    out = tmp_path / "derp_bench.json"
+    proc = subprocess.run([sys.executable, str(BENCH), *mode, "--smoke", "--json", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_relay_smoke_delivers_timestamped_packets_over_tls(tmp_path):
+    report, stdout = run_smoke(tmp_path)
+    assert report["started_server"] and report["target"].startswith("https://")
+    [run] = report["runs"]
+    assert run["clients"] == 2 and run["size"] == 1280
+    assert run["sent"] > 0 and 0 < run["received"] <= run["sent"]
+    assert run["delivered_mbit_s"] > 0
+    assert 0 < run["latency_ms"]["p50"] <= run["latency_ms"]["p99"]
+    assert run["server_cpu"] is not None
+    assert "delivered pkt/s" in stdout
+
+
+def test_conns_smoke_holds_idle_clients_and_reads_server_memory(tmp_path):
+    report, stdout = run_smoke(tmp_path, "conns")
+    [run] = report["runs"]
+    assert run["connected"] == run["conns"] == 20 and run["failures"] == 0
+    assert run["connects_per_second"] > 0
+    assert run["rss_per_conn_kb"] is not None and run["server_cpu_ms_per_conn"] > 0
+    assert "connects/s" in stdout
