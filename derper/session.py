@@ -447,7 +447,7 @@ class Session:
         nd = bd = no = bo = 0
         frames_per_write = stats.buffered_write_frames
         fpw, fpw_cap = frames_per_write.by_value, frames_per_write.cap
-        last_take = trio.current_time()
+        last_take = None  # when this writer last took packets; None until it first did
         # One scope for every write, its deadline armed per write: cheaper than a new scope.
         with trio.CancelScope() as deadline:
             while True:
@@ -474,10 +474,10 @@ class Session:
                 nd, bd, no, bo = queue.take(batch)
                 if nd or no:
                     now = trio.current_time()
-                    if not idle:
+                    if not idle and last_take is not None:
                         # Packets that found the writer busy waited at most since the last
-                        # take; those that woke an idle writer are not timed (a clock read
-                        # per packet).
+                        # take; those that woke an idle (or not yet started) writer are not
+                        # timed: that would be a clock read per packet.
                         stats.average_queue_duration_ms = (
                             0.9 * stats.average_queue_duration_ms
                             + 100.0 * (now - last_take))  # α=0.1, in ms
