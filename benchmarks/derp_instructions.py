@@ -8,6 +8,10 @@ and dumped after the exchange: the figure covers the relay path only.
 
     python benchmarks/derp_instructions.py                  # this checkout
     python benchmarks/derp_instructions.py --tree /tmp/old  # a checkout to compare with
+    python benchmarks/derp_instructions.py --conns 200      # per new TLS + DERP connection
+
+``--conns N`` counts instead what N new connections cost (TLS handshake, HTTP upgrade, DERP
+handshake, registration), opened one after another and all held open until the dump.
 """
 
 from __future__ import annotations
@@ -48,12 +52,31 @@ async def exchange(a, b, frames: dict, rounds: int, batch: int) -> None:
                 got += sum(1 for f in received if f[0] == wire.FrameType.RECV_PACKET)
 
 
+async def connect_many(target: dict, conns: int, between) -> None:
+    async with trio.open_nursery() as nursery:
+        async def hold(task_status=trio.TASK_STATUS_IGNORED) -> None:
+            async with _connect(target):
+                task_status.started()
+                await trio.sleep_forever()
+
+        for _ in range(5):  # warm every path once
+            await nursery.start(hold)
+        await trio.to_thread.run_sync(between, "--zero")
+        for _ in range(conns):
+            await nursery.start(hold)
+        await trio.sleep(0.5)  # the server's last steps after its ServerInfo write
+        await trio.to_thread.run_sync(between, "--dump")
+        nursery.cancel_scope.cancel()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tree", help="checkout whose derper/ runs as the server")
     parser.add_argument("--rounds", type=int, default=300)
     parser.add_argument("--batch", type=int, default=10, help="packets per write")
     parser.add_argument("--size", type=int, default=1280)
+    parser.add_argument("--conns", type=int, default=0,
+                        help="count N new connections instead of relayed packets")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--keep", action="store_true", help="keep the callgrind dump")
     args = parser.parse_args()
@@ -69,7 +92,10 @@ def main() -> None:
 
         target = {"url": server.url, "cert_pin": server.pin, "ca_file": None}
         dumps: list[Path] = []
-        trio.run(lockstep, target, args.rounds, args.batch, args.size, control)
+        if args.conns:
+            trio.run(connect_many, target, args.conns, control)
+        else:
+            trio.run(lockstep, target, args.rounds, args.batch, args.size, control)
         dumps = sorted((Path(args.tree or ".")).glob(f"callgrind.out.{pid}.*"))
         text = dumps[-1].read_text()
     finally:
@@ -78,6 +104,14 @@ def main() -> None:
             if not (args.keep and f == dumps[-1]):
                 f.unlink()
     instructions = int(re.search(r"^summary: (\d+)", text, re.M).group(1))
+    if args.conns:
+        result = {"tree": args.tree or ".", "conns": args.conns, "instructions": instructions,
+                  "instructions_per_conn": round(instructions / args.conns)}
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"{result['instructions_per_conn']:,} server instructions per new connection "
+              f"({args.conns} TLS + DERP connections; {result['tree']})")
+        return
     packets = 2 * args.rounds * args.batch
     result = {"tree": args.tree or ".", "packets": packets, "batch": args.batch,
               "size": args.size, "instructions": instructions,

@@ -62,6 +62,8 @@ def host_literal(host: str | None) -> str:
 
 def normalize_ip(ip: str) -> str:
     """``::ffff:a.b.c.d`` (IPv4 on a dual-stack socket) → ``a.b.c.d``."""
+    if ":" not in ip:
+        return ip  # IPv4 already: skip the parse (once per accepted connection)
     try:
         addr = ipaddress.ip_address(ip.split("%", 1)[0])
     except ValueError:

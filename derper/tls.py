@@ -18,7 +18,10 @@ def make_context(bundle: CertBundle, meta_pem: bytes, required_sni: str | None) 
     certificate last in the chain, and, for a DNS hostname, SNI that must name it (as Go does)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
+    ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION | ssl.OP_NO_TICKET
+    # No session tickets: DERP clients (Tailscale's included) keep no TLS session cache, so a
+    # ticket is never used; TLS 1.3 would make one per connection and send it in its own write.
+    ctx.num_tickets = 0
     ctx.set_alpn_protocols(["http/1.1"])
     # load_cert_chain only reads files: hand it a private temporary one.
     fd, path = tempfile.mkstemp(prefix="derper-chain-", suffix=".pem")
