@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 
@@ -17,9 +18,12 @@ _SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, loggi
                     logging.CRITICAL: 2}
 
 
+_NEEDS_QUOTES = re.compile(r'[ "=\\\n\t]').search
+
+
 def _quote(value: object) -> str:
     text = str(value)
-    if text and not any(c in text for c in ' "=\\\n\t'):
+    if text and not _NEEDS_QUOTES(text):
         return text
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
@@ -28,14 +32,19 @@ class KeyValueFormatter(logging.Formatter):
     def __init__(self, journald: bool) -> None:
         super().__init__()
         self.journald = journald
+        self._second: int | None = None  # the whole second _stamp was formatted for
+        self._stamp = ""
 
     def format(self, record: logging.LogRecord) -> str:
         parts = []
         if self.journald:
             parts.append(f"<{_SYSLOG_PRIORITY.get(record.levelno, 6)}>")
         else:
-            t = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            parts.append(f"time={t}.{int(record.msecs):03d}Z")
+            second = int(record.created)
+            if second != self._second:  # one strftime per second, not per line
+                self._second = second
+                self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            parts.append(f"time={self._stamp}.{int(record.msecs):03d}Z")
         parts.append(f"level={record.levelname.lower()}")
         parts.append(f"logger={record.name}")
         parts.append(f"msg={_quote(record.getMessage())}")
