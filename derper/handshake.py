@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import hmac
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from nacl.bindings import crypto_box, crypto_box_open
+from nacl.bindings import crypto_box_afternm, crypto_box_beforenm, crypto_box_open_afternm
 from nacl.exceptions import CryptoError
 
 from . import gojson, wire
@@ -34,6 +34,9 @@ class ClientInfo:
     is_prober: bool = False
     mesh_key: bytes | None = None
     app_name: str = ""
+    # The box's X25519 shared key: ServerInfo is sealed with it instead of a second key
+    # agreement (one of the costliest steps of a new connection).
+    box_key: bytes = field(default=b"", repr=False, compare=False)
 
     def has_mesh_key(self, server_mesh_key: bytes | None) -> bool:
         """Constant-time comparison; an absent or all-zero key never matches."""
@@ -49,17 +52,24 @@ class ServerInfo:
     token_bucket_bytes_burst: int = 0
 
 
-def _seal(plaintext: bytes, peer_public: bytes, own_private: bytes, nonce: bytes | None) -> bytes:
+def _box_key(peer_public: bytes, own_private: bytes, what: str) -> bytes:
+    try:
+        return crypto_box_beforenm(peer_public, own_private)
+    except CryptoError:  # a low-order point: no box made with it can open
+        raise HandshakeError(f"{what} box does not decrypt with this key") from None
+
+
+def _seal(plaintext: bytes, box_key: bytes, nonce: bytes | None) -> bytes:
     nonce = nonce if nonce is not None else secrets.token_bytes(NONCE_LEN)
-    return nonce + crypto_box(plaintext, nonce, peer_public, own_private)
+    return nonce + crypto_box_afternm(plaintext, nonce, box_key)
 
 
-def _open(sealed: bytes, peer_public: bytes, own_private: bytes, what: str) -> bytes:
+def _open(sealed: bytes, box_key: bytes, what: str) -> bytes:
     if len(sealed) < NONCE_LEN + 16:
         raise HandshakeError(f"{what} box of {len(sealed)} bytes is too short")
     try:
-        return crypto_box_open(bytes(sealed[NONCE_LEN:]), bytes(sealed[:NONCE_LEN]),
-                               peer_public, own_private)
+        return crypto_box_open_afternm(bytes(sealed[NONCE_LEN:]), bytes(sealed[:NONCE_LEN]),
+                                       box_key)
     except CryptoError:
         raise HandshakeError(f"{what} box does not decrypt with this key") from None
 
@@ -91,8 +101,8 @@ def open_client_info(payload: bytes, server_private: bytes) -> ClientInfo:
     key = bytes(payload[:wire.KEY_LEN])
     if key == ZERO_KEY:
         raise HandshakeError("ClientInfo carries the all-zero key")
-    obj = _json_object(_open(payload[wire.KEY_LEN:], key, server_private, "ClientInfo"),
-                       "ClientInfo")
+    box_key = _box_key(key, server_private, "ClientInfo")
+    obj = _json_object(_open(payload[wire.KEY_LEN:], box_key, "ClientInfo"), "ClientInfo")
     mesh_text = obj.get("meshkey")
     mesh_key = None
     if mesh_text is not None:
@@ -109,6 +119,7 @@ def open_client_info(payload: bytes, server_private: bytes) -> ClientInfo:
         is_prober=_field(obj, "IsProber", bool, False, "ClientInfo"),
         mesh_key=mesh_key,
         app_name=_field(obj, "AppName", str, "", "ClientInfo"),
+        box_key=box_key,
     )
 
 
@@ -116,10 +127,12 @@ SERVER_INFO_JSON = b'{"version":2}'
 
 
 def server_info_frame(client_public: bytes, server_private: bytes,
-                      nonce: bytes | None = None) -> bytes:
-    """ServerInfo as the Go server sends it: ``{"version":2}``, never a token bucket."""
-    return wire.frame(wire.FrameType.SERVER_INFO,
-                      _seal(SERVER_INFO_JSON, client_public, server_private, nonce))
+                      nonce: bytes | None = None, *, box_key: bytes = b"") -> bytes:
+    """ServerInfo as the Go server sends it: ``{"version":2}``, never a token bucket.
+
+    ``box_key`` (``ClientInfo.box_key``) saves the key agreement with ``client_public``."""
+    box_key = box_key or crypto_box_beforenm(client_public, server_private)
+    return wire.frame(wire.FrameType.SERVER_INFO, _seal(SERVER_INFO_JSON, box_key, nonce))
 
 
 # ---- client side ------------------------------------------------------------------------------
@@ -144,13 +157,16 @@ def client_info_json(*, mesh_key: bytes | None = None, version: int = wire.PROTO
 def client_info_frame(client_private: bytes, client_public: bytes, server_public: bytes,
                       info_json: bytes, nonce: bytes | None = None) -> bytes:
     return wire.frame(wire.FrameType.CLIENT_INFO,
-                      client_public + _seal(info_json, server_public, client_private, nonce))
+                      client_public + _seal(info_json, crypto_box_beforenm(server_public,
+                                                                           client_private),
+                                            nonce))
 
 
 def open_server_info(payload: bytes, client_private: bytes, server_public: bytes) -> ServerInfo:
     if len(payload) > NONCE_LEN + wire.MAX_INFO_LEN:
         raise HandshakeError(f"ServerInfo of {len(payload)} bytes is too long")
-    obj = _json_object(_open(payload, server_public, client_private, "ServerInfo"), "ServerInfo")
+    obj = _json_object(_open(payload, _box_key(server_public, client_private, "ServerInfo"),
+                             "ServerInfo"), "ServerInfo")
     return ServerInfo(
         version=_field(obj, "version", int, 0, "ServerInfo"),
         token_bucket_bytes_per_second=_field(obj, "TokenBucketBytesPerSecond", int, 0,

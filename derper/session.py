@@ -112,7 +112,8 @@ async def serve_derp(relay: Relay, stream: trio.abc.Stream, *, remote_ip: str | 
     try:
         with session.cancel_scope:
             with trio.fail_after(relay.handshake_timeout):
-                await stream.send_all(handshake.server_info_frame(info.key, relay.keypair.private))
+                await stream.send_all(handshake.server_info_frame(
+                    info.key, relay.keypair.private, box_key=info.box_key))
             await session.run(reader)
     except trio.TooSlowError:
         session.close_reason = "timed out writing ServerInfo"

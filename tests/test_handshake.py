@@ -65,6 +65,13 @@ def test_server_info_frame_matches_vector():
                                        nonce=SERVER_NONCE) == SERVER_INFO_FRAME
 
 
+def test_server_info_sealed_with_the_client_info_box_key_matches_vector():
+    info = handshake.open_client_info(CLIENT_INFO_FRAME[5:], SERVER_PRIV)
+    assert len(info.box_key) == 32
+    assert handshake.server_info_frame(b"unused", b"unused", nonce=SERVER_NONCE,
+                                       box_key=info.box_key) == SERVER_INFO_FRAME
+
+
 def test_open_client_info_vector():
     assert handshake.open_client_info(CLIENT_INFO_FRAME[5:], SERVER_PRIV) == ClientInfo(
         key=CLIENT_PUB, version=2, can_ack_pings=True, is_prober=False, mesh_key=None,
@@ -192,7 +199,8 @@ def test_tampered_client_info_is_rejected(offset):
     CLIENT_PUB + CLIENT_NONCE + bytes(15),  # shorter than a Poly1305 tag
     CLIENT_PUB + CLIENT_NONCE + bytes(wire.CLIENT_INFO_MAX),  # over 256 KiB
     bytes(32) + CLIENT_INFO_FRAME[5 + 32:],  # all-zero client key
-], ids=["empty", "55", "56", "short-box", "too-long", "zero-key"])
+    b"\x01" + bytes(31) + CLIENT_INFO_FRAME[5 + 32:],  # a low-order point: no shared key
+], ids=["empty", "55", "56", "short-box", "too-long", "zero-key", "low-order-key"])
 def test_bad_client_info_payloads(payload):
     with pytest.raises(HandshakeError):
         handshake.open_client_info(payload, SERVER_PRIV)
