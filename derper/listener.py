@@ -106,9 +106,12 @@ def bound_port(listener: trio.SocketListener) -> int:
     return listener.socket.getsockname()[1]
 
 
-def tune(stream: trio.SocketStream, keepalive_idle: float, user_timeout: float) -> None:
-    """TCP keepalive and TCP_USER_TIMEOUT so dead peers are noticed (spec §4.12)."""
-    sock = stream.socket
+def tune(sock: trio.socket.SocketType, keepalive_idle: float, user_timeout: float) -> None:
+    """TCP keepalive and TCP_USER_TIMEOUT so dead peers are noticed (spec §4.12).
+
+    Set once on the listening socket: Linux copies these options to every connection it accepts,
+    which saves five system calls per connection.
+    """
     try:
         if keepalive_idle > 0:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -117,8 +120,8 @@ def tune(stream: trio.SocketStream, keepalive_idle: float, user_timeout: float) 
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
         if user_timeout > 0 and hasattr(socket, "TCP_USER_TIMEOUT"):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(user_timeout * 1000))
-    except OSError:
-        pass  # the peer may already be gone; the connection handler will notice
+    except OSError as e:
+        log.warning("cannot set TCP keepalive or user timeout", error=e.strerror)
 
 
 def peer_address(stream: trio.SocketStream) -> tuple[str | None, int]:

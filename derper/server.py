@@ -217,6 +217,7 @@ class Server:
         # Bind before the nursery so a bind error reaches the caller as a plain OSError.
         main = await open_listener(self.listen_host, self.listen_port)
         self._listeners.append(main)
+        tune(main.socket, config.tcp_keepalive_time, config.tcp_user_timeout)
         self.main_port = bound_port(main)
         helper = stun = None
         try:
@@ -327,7 +328,6 @@ class Server:
             self.relay.stats.rejected_half_open += 1
             stream.socket.close()
             return
-        tune(stream, config.tcp_keepalive_time, config.tcp_user_timeout)
         ip, port = peer_address(stream)
         conn: trio.abc.Stream = stream
         stats = self.relay.stats

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
+import subprocess
 
 import pytest
 import trio
 
 from derper import client as dc
 from stun.message import tailscale_request
+from tests.system import require_binary
 
 
 async def stun_reply(ip: str, port: int) -> tuple[bytes, bytes]:
@@ -43,3 +46,19 @@ async def test_an_ip_binds_only_there(start_server):
         await trio.open_tcp_stream("::1", server.main_port)
     with pytest.raises(ConnectionRefusedError):
         await stun_reply("::1", server.stun_port)
+
+
+async def test_accepted_connections_get_keepalive_and_user_timeout(start_server):
+    """Set once on the listener; the kernel's view of the accepted socket shows they stuck."""
+    ss = require_binary("ss", "iproute2")
+    server = await start_server(tcp_keepalive_time=77, tcp_user_timeout=9)
+    async with dc.connect(f"http://127.0.0.1:{server.main_port}/derp"):
+        for _ in range(50):  # until the handshake's last segment is acked (delayed ACK)
+            out = subprocess.run([ss, "-tnoi", "state", "established", "sport", "=",
+                                  f":{server.main_port}"], capture_output=True, text=True,
+                                 check=True).stdout
+            if "timer:(on," not in out:
+                break
+            await trio.sleep(0.02)
+    # SO_KEEPALIVE and TCP_KEEPIDLE: the first probe is due in at most 77 s.
+    assert re.search(r"timer:\(keepalive,(1min1[0-7]|[0-9.]+(ms|sec))", out), out
