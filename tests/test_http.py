@@ -160,6 +160,12 @@ async def test_tls_policy(start_server, ca):
     old.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
     with pytest.raises(trio.BrokenResourceError):
         await open_conn(port, old)
+    tls12 = client_context(ca, max_version=ssl.TLSVersion.TLSv1_2)
+    tls12.set_ciphers("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+                      "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384")
+    tls = await open_conn(port, tls12)  # the client's order wins, as with Go's server
+    assert "AES128" in tls.ssl_object.cipher()[0]
+    await tls.aclose()
     wrong_name = client_context(ca)
     wrong_name.check_hostname = False
     with pytest.raises(trio.BrokenResourceError, match="UNRECOGNIZED_NAME|unrecognized name"):
