@@ -103,3 +103,25 @@ async def test_a_receiver_that_does_not_read_gets_the_rest_from_its_writer(start
     # Whatever was carried over from a partial direct write is counted once it went out.
     await wait_until(lambda: stats.packets_sent
                      == stats.packets_received - stats.dropped(DropReason.QUEUE_HEAD))
+
+
+async def test_what_a_direct_write_left_is_under_the_write_deadline(start_server, ca,
+                                                                    direct_writes):
+    server = await start_server(tls=True, tcp_write_timeout=0.5)
+    stats = server.relay.stats
+    opts = connect_opts(server, ca)
+    async with dc.connect(url(server), **opts) as sender, \
+            dc.connect(url(server), **opts) as stalled, dc.connect(url(server), **opts) as c:
+        await assert_relays(sender, stalled)
+        server_side = server.relay.router.active[stalled.public_key].stream.transport.socket
+        server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        big = bytes(wire.MAX_PACKET_SIZE)
+        with trio.fail_after(30):
+            while stats.sclient_write_timeouts == 0:
+                await sender.send_many([(stalled.public_key, big)] * 4)
+                await assert_relays(c, sender, b"still flowing")
+                await trio.sleep(0.01)
+        await wait_until(lambda: stalled.public_key not in server.relay.router.conns)
+        await assert_relays(sender, c)
+    assert False in direct_writes
+    assert stats.dropped(DropReason.WRITE_ERROR) > 0
