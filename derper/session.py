@@ -289,6 +289,10 @@ class Session:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
             self.close_reason = _lost(e)
         finally:
+            ready = self.relay.ready
+            for dst in ready:  # an error ended a read midway: those writers take over
+                dst._lot.unpark()
+            ready.clear()
             scope.cancel()
 
     def finish(self) -> None:
@@ -312,65 +316,60 @@ class Session:
         my_key = self.key
         ready = relay.ready
         leftover = reader.buffered > 0  # frames that came with the handshake read
-        try:
-            while True:
-                if leftover:
-                    leftover = False
+        while True:
+            if leftover:
+                leftover = False
+            else:
+                if relay.pacing or self._unpaced:  # (a reload may lift the limit mid-chunk)
+                    chunk = await self._paced_receive()
                 else:
-                    if relay.pacing or self._unpaced:  # (a reload may lift the limit mid-chunk)
-                        chunk = await self._paced_receive()
-                    else:
-                        chunk = await stream.receive_some(RECV_SIZE)
-                    if not chunk:
-                        return
-                    reader.feed(chunk)
-                if self.dup:
-                    router.note_activity(self)
-                yields = YIELDS_PER_READ
-                buf = reader.data
-                view = None
-                while (f := reader.next()) is not None:
-                    ftype, s, e = f
-                    if ftype == _SEND:
-                        ps = s + _KL
-                        n = e - ps
-                        if n < 0:
-                            raise ProtocolError("SendPacket shorter than a key")
-                        disco = n >= _DISCO_MIN and buf.startswith(_DISCO_MAGIC, ps)
-                        stats.packets_received += 1
-                        stats.bytes_received += n
-                        if disco:
-                            stats.packets_received_disco += 1
-                        dst = active_get(buf[s:ps])
-                        if dst is None:
-                            self._unknown_dest(buf[s:ps], disco, n, DropReason.UNKNOWN_DEST)
-                            continue
-                        if view is None:
-                            view = memoryview(buf)
-                        out = bytearray(view[s - 5:e])  # SendPacket → RecvPacket: same length
-                        out[0] = _RECV
-                        out[5:37] = my_key
-                        full = dst.deliver(out, disco)
-                        if dst is not self._last_dst:
-                            router.note_sent(my_key, dst)
-                            self._last_dst = dst
-                        while full and yields:  # let its writer take the queue first
-                            if ready:  # (none may wait in ready while we await)
-                                _write_ready(ready)
-                            else:  # the writer may run after us in a batch
-                                yields -= 1
-                                await trio.lowlevel.checkpoint()
-                            full = dst.queue.full(disco)
-                    else:
-                        if view is None:
-                            view = memoryview(buf)
-                        self._handle_control(ftype, buf, view, s, e)
-                if ready:
-                    _write_ready(ready)
-        finally:
-            for dst in ready:  # an error ended this read: those writers take over
-                dst._lot.unpark()
-            ready.clear()
+                    chunk = await stream.receive_some(RECV_SIZE)
+                if not chunk:
+                    return
+                reader.feed(chunk)
+            if self.dup:
+                router.note_activity(self)
+            yields = YIELDS_PER_READ
+            buf = reader.data
+            view = None
+            while (f := reader.next()) is not None:
+                ftype, s, e = f
+                if ftype == _SEND:
+                    ps = s + _KL
+                    n = e - ps
+                    if n < 0:
+                        raise ProtocolError("SendPacket shorter than a key")
+                    disco = n >= _DISCO_MIN and buf.startswith(_DISCO_MAGIC, ps)
+                    stats.packets_received += 1
+                    stats.bytes_received += n
+                    if disco:
+                        stats.packets_received_disco += 1
+                    dst = active_get(buf[s:ps])
+                    if dst is None:
+                        self._unknown_dest(buf[s:ps], disco, n, DropReason.UNKNOWN_DEST)
+                        continue
+                    if view is None:
+                        view = memoryview(buf)
+                    out = bytearray(view[s - 5:e])  # SendPacket → RecvPacket: same length
+                    out[0] = _RECV
+                    out[5:37] = my_key
+                    full = dst.deliver(out, disco)
+                    if dst is not self._last_dst:
+                        router.note_sent(my_key, dst)
+                        self._last_dst = dst
+                    while full and yields:  # let its writer take the queue first
+                        if ready:  # (none may wait in ready while we await)
+                            _write_ready(ready)
+                        else:  # the writer may run after us in a batch
+                            yields -= 1
+                            await trio.lowlevel.checkpoint()
+                        full = dst.queue.full(disco)
+                else:
+                    if view is None:
+                        view = memoryview(buf)
+                    self._handle_control(ftype, buf, view, s, e)
+            if ready:
+                _write_ready(ready)
 
     async def _paced_receive(self) -> bytes:
         """The next at most PACE_STEP bytes from the client, once the limits allow them.

@@ -13,7 +13,8 @@ from derper import wire
 from derper.metrics import DropReason
 from derper.tls_stream import TLSStream
 from tests.conftest import url
-from tests.relay_helpers import assert_relays, connect_opts, recv_kind, wait_until
+from tests.relay_helpers import (assert_relays, connect_opts, expect_closed, recv_kind,
+                                 wait_until)
 
 
 @pytest.fixture
@@ -125,3 +126,18 @@ async def test_what_a_direct_write_left_is_under_the_write_deadline(start_server
         await assert_relays(sender, c)
     assert False in direct_writes
     assert stats.dropped(DropReason.WRITE_ERROR) > 0
+
+
+async def test_packets_a_read_queued_before_a_protocol_error_still_go_out(start_server, ca):
+    server = await start_server(tls=True)
+    opts = connect_opts(server, ca)
+    async with dc.connect(url(server), **opts) as bad, dc.connect(url(server), **opts) as b, \
+            dc.connect(url(server), **opts) as c:
+        await assert_relays(bad, b)
+        await bad.send_frames([wire.send_packet(b.public_key, b"before"),
+                               wire.header(wire.FrameType.SEND_PACKET, 4) + b"oops"])
+        await expect_closed(bad)
+        skip = (dc.KeepAliveMessage, dc.PeerGoneMessage)
+        assert (await recv_kind(b, dc.ReceivedPacket, skip)).data == b"before"
+        await c.send(b.public_key, b"after")
+        assert (await recv_kind(b, dc.ReceivedPacket, skip)).data == b"after"
