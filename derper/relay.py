@@ -34,6 +34,9 @@ class Relay:
     bandwidth: BandwidthLimiter | None = None  # relay-wide fair budget (-bandwidth-limit)
     pacing: bool = False  # either of the two above is set
     router: Router = field(init=False)
+    # Sessions whose idle writer a reader just queued packets for; that reader writes or wakes
+    # each before it next awaits, so the list is empty whenever another task runs.
+    ready: list = field(default_factory=list, repr=False)
     _conn_ids: itertools.count = field(default_factory=lambda: itertools.count(1), repr=False)
 
     def __post_init__(self) -> None:

@@ -1,10 +1,12 @@
 """One server-side DERP connection: handshake, then a reader task and a writer task (spec §4).
 
 The reader parses every complete frame a socket read brought, routes packets straight into the
-destinations' send queues and never blocks on another client. The writer is the only task that
-writes: it drains the queues, pongs, PeerGone/PeerPresent notes and keepalives into one buffer
-and sends it with one ``send_all`` under the write deadline. A slow or hostile client can
-therefore only lose its own packets.
+destinations' send queues and never blocks on another client. The writer drains the queues,
+pongs, PeerGone/PeerPresent notes and keepalives into one buffer and sends it with one
+``send_all`` under the write deadline. A slow or hostile client can therefore only lose its own
+packets. One shortcut: when a read queued packets for a destination whose writer is idle with
+nothing else to send, the reader encrypts them and offers them to that socket itself, without
+waiting (``_write_now``); what the socket does not take is left to the writer.
 """
 
 from __future__ import annotations
@@ -53,6 +55,13 @@ _RECV = int(FrameType.RECV_PACKET)
 _DISCO_MAGIC = wire.DISCO_MAGIC
 _DISCO_MIN = wire.DISCO_MIN_LEN
 _KL = wire.KEY_LEN
+
+
+def _write_ready(ready: list) -> None:
+    """Write (or wake) every idle writer the current read queued packets for."""
+    for dst in ready:
+        dst._write_now()
+    ready.clear()
 
 
 class ProtocolError(Exception):
@@ -169,7 +178,11 @@ class Session:
         self.connected_at = trio.current_time()
         self.preferred = False
         self._lot = trio.lowlevel.ParkingLot()
-        self._parked = False
+        self._parked = False  # the writer waits in _lot and nobody has claimed it yet
+        # The stream's non-blocking write (TLS only), for _write_now; and what that left to the
+        # writer: counts of packets handed over but not yet all in the kernel.
+        self._send_nowait = getattr(stream, "send_nowait", None)
+        self._carried: tuple[int, int, int, int] | None = None
         self._closing = False
         self._pong: bytes | None = None
         self._peer_gone: dict[bytes, bytes] = {}  # coalesced by key
@@ -191,8 +204,9 @@ class Session:
             self.relay.stats.drop(DropReason.GONE_DISCONNECTED, disco, len(frame) - RECV_OVERHEAD)
             return False
         full = self.queue.put(frame, disco)
-        if self._parked:
-            self._wake()
+        if self._parked:  # the reader calling us writes or wakes us before it awaits
+            self._parked = False
+            self.relay.ready.append(self)
         return full
 
     def send_peer_gone(self, key: bytes, reason: int) -> None:
@@ -225,6 +239,38 @@ class Session:
             self._parked = False
             self._lot.unpark()
 
+    def _write_now(self) -> None:
+        """Write the packets a reader just queued for this idle writer, if that cannot block.
+
+        Saves the trip through the scheduler to the writer per batch. Only when nothing but
+        packets is pending (so frame order is the writer's) and the stream is free; else, or
+        if the socket does not take everything at once, the writer is woken as usual and sends
+        the rest under its write deadline. Never raises into the calling reader.
+        """
+        if (self._send_nowait is None or self._closing or not self.stream.can_send_now()
+                or self._control_pending()):
+            self._lot.unpark()
+            return
+        stats = self.relay.stats
+        batch: list = []
+        nd, bd, no, bo = self.queue.take(batch)
+        stats.buffered_write_frames.observe(len(batch))
+        try:
+            done = self._send_nowait(batch[0] if len(batch) == 1 else b"".join(batch))
+        except trio.BrokenResourceError as e:
+            self._count_write_error(nd, bd, no, bo)
+            self.close_reason = _lost(e)
+            self.cancel_scope.cancel()
+            self._lot.unpark()
+            return
+        if done:
+            stats.packets_sent += nd + no
+            stats.bytes_sent += bd + bo
+            self._parked = True
+        else:
+            self._carried = (nd, bd, no, bo)
+            self._lot.unpark()
+
     # ---- lifecycle ----------------------------------------------------------------------------
 
     async def run(self, reader: FrameReader) -> None:
@@ -244,6 +290,10 @@ class Session:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
             self.close_reason = _lost(e)
         finally:
+            ready = self.relay.ready
+            for dst in ready:  # an error ended a read midway: those writers take over
+                dst._lot.unpark()
+            ready.clear()
             scope.cancel()
 
     def finish(self) -> None:
@@ -265,6 +315,7 @@ class Session:
         router = relay.router
         active_get = router.active.get
         my_key = self.key
+        ready = relay.ready
         leftover = reader.buffered > 0  # frames that came with the handshake read
         while True:
             if leftover:
@@ -307,14 +358,19 @@ class Session:
                     if dst is not self._last_dst:
                         router.note_sent(my_key, dst)
                         self._last_dst = dst
-                    while full and yields:  # the writer may run after us in a batch
-                        yields -= 1
-                        await trio.lowlevel.checkpoint()
+                    while full and yields:  # let its writer take the queue first
+                        if ready:  # (none may wait in ready while we await)
+                            _write_ready(ready)
+                        else:  # the writer may run after us in a batch
+                            yields -= 1
+                            await trio.lowlevel.checkpoint()
                         full = dst.queue.full(disco)
                 else:
                     if view is None:
                         view = memoryview(buf)
                     self._handle_control(ftype, buf, view, s, e)
+            if ready:
+                _write_ready(ready)
 
     async def _paced_receive(self) -> bytes:
         """The next at most PACE_STEP bytes from the client, once the limits allow them.
@@ -420,9 +476,12 @@ class Session:
     # ---- writing ------------------------------------------------------------------------------
 
     def _pending(self) -> bool:
-        return bool(self.queue.disco or self.queue.other or self._pong is not None
-                    or self._peer_gone or self._presence or self._restarting is not None
-                    or self._keepalive_due)
+        return bool(self.queue.disco or self.queue.other or self._carried is not None
+                    or self._control_pending())
+
+    def _control_pending(self) -> bool:
+        return bool(self._pong is not None or self._peer_gone or self._presence
+                    or self._restarting is not None or self._keepalive_due)
 
     async def _tick_keepalives(self) -> None:
         """Go's ticker: 60 s + jitter, a KeepAlive on every tick whatever else was sent.
@@ -483,6 +542,11 @@ class Session:
                             0.9 * stats.average_queue_duration_ms
                             + 100.0 * (now - last_take))  # α=0.1, in ms
                     last_take = now
+                carried = self._carried
+                if carried is not None:  # a reader's write the socket did not take whole
+                    self._carried = None
+                    nd, bd = nd + carried[0], bd + carried[1]
+                    no, bo = no + carried[2], bo + carried[3]
                 if self._presence:
                     stats.mesh_update_batch_size.observe(len(self._presence))
                     batch.extend(self._presence.values())
@@ -490,14 +554,15 @@ class Session:
                 restarting = self._restarting
                 if restarting is not None:
                     batch.append(restarting)
-                if not batch:
-                    continue
                 n = len(batch)
-                if n < fpw_cap:
+                if not n:
+                    if carried is None:
+                        continue
+                elif n < fpw_cap:
                     fpw[n] += 1
                 else:
                     frames_per_write.observe(n)
-                data = batch[0] if len(batch) == 1 else b"".join(batch)
+                data = batch[0] if n == 1 else b"".join(batch)  # b"": send what was carried
                 batch.clear()
                 if timeout > 0:
                     deadline.deadline = trio.current_time() + timeout

@@ -40,6 +40,7 @@ class TLSStream(trio.abc.Stream):
         # The reader may have to send too (a TLS 1.3 KeyUpdate reply); the lock keeps whole
         # flushes of the outgoing BIO in order.
         self._send_lock = trio.Lock()
+        self._unsent = b""  # ciphertext send_nowait could not hand the kernel; flushed first
         self._closed = False
 
     async def do_handshake(self) -> None:
@@ -134,6 +135,34 @@ class TLSStream(trio.abc.Stream):
             raise trio.BrokenResourceError(f"TLS error: {_reason(e)}") from e
         await self._flush()
 
+    def can_send_now(self) -> bool:
+        """Whether ``send_nowait`` may run: no flush in progress, nothing left from the last."""
+        return not self._unsent and not self._send_lock.locked()
+
+    def send_nowait(self, data: bytes | bytearray) -> bool:
+        """Encrypt ``data`` and hand the kernel what it takes at once, without awaiting.
+
+        For a task other than this connection's writer (a relay's reader) when ``can_send_now``:
+        what the socket does not take (or all of it, on a socket error) stays here and goes out
+        first with the next ``send_all``, which then waits or raises. True if all went out.
+        """
+        try:
+            self.ssl_object._sslobj.write(data)
+        except ssl.SSLError as e:
+            raise trio.BrokenResourceError(f"TLS error: {_reason(e)}") from e
+        out = self._outgoing.read()
+        fd = self.transport.socket.fileno()
+        n = 0
+        if fd >= 0:
+            try:
+                n = os.write(fd, out)
+            except OSError:
+                pass
+        if n == len(out):
+            return True
+        self._unsent = out[n:]
+        return False
+
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport.wait_send_all_might_not_block()
 
@@ -143,7 +172,10 @@ class TLSStream(trio.abc.Stream):
         else:
             self._send_lock.acquire_nowait()
         try:
-            if self._outgoing.pending:
+            if self._unsent:
+                data, self._unsent = self._unsent + self._outgoing.read(), b""
+                await self._send(data)
+            elif self._outgoing.pending:
                 await self._send(self._outgoing.read())
         finally:
             self._send_lock.release()
