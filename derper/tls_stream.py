@@ -102,11 +102,13 @@ class TLSStream(trio.abc.Stream):
             try:
                 n = os.readv(fd, _RECV_BUFS)
             except BlockingIOError:
+                n = -1  # wait outside the handler: an idle connection keeps no traceback alive
+            except OSError:
+                break  # a reset: trio raises the right error below
+            if n < 0:
                 await trio.lowlevel.wait_readable(sock)
                 waited = True
                 continue
-            except OSError:
-                break  # a reset: trio raises the right error below
             self._incoming.write(_RECV_VIEW[:n])  # before yielding: the buffer is shared
             if not waited:
                 await trio.lowlevel.cancel_shielded_checkpoint()
