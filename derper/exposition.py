@@ -17,7 +17,7 @@ from stun.counters import StunCounters
 from stun.message import Disposition
 
 from . import logs
-from .metrics import KINDS, TLS_VERSIONS, DropReason, Histogram
+from .metrics import KINDS, TCP_RTT_LABELS, TLS_VERSIONS, DropReason, Histogram
 from .relay import Relay
 
 Labels = tuple[tuple[str, str], ...]
@@ -125,6 +125,16 @@ class Exposition:
             m("counter_mesh_update_batch_size", "histogram",
               "PeerPresent/PeerGone notes per write to a mesh watcher",
               histogram=s.mesh_update_batch_size),
+            m("counter_mesh_update_loop_count", "histogram",
+              "passes needed to write a mesh watcher's pending notes",
+              histogram=s.mesh_update_loop_count),
+            m("counter_tcp_rtt", "counter",
+              "connection RTT samples (every 10 s) by bucket; non-tcp/error once per connection",
+              samples=_by("le", dict(zip(TCP_RTT_LABELS, s.tcp_rtt))), prom=None),
+            # Prometheus reserves "le" for histogram buckets: /metrics says "bucket".
+            m("counter_tcp_rtt", "counter",
+              "connection RTT samples (every 10 s) by bucket; non-tcp/error once per connection",
+              samples=_by("bucket", dict(zip(TCP_RTT_LABELS, s.tcp_rtt))), varz=False),
             m("counter_packets_received_kind", "counter", "SendPacket frames received by kind",
               samples=_by("kind", {"disco": disco, "other": s.packets_received - disco})),
             m("counter_total_dup_client_conns", "counter",

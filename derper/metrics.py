@@ -33,6 +33,9 @@ def tls_version_index(version: str | None) -> int:
 # Upper bounds of Go's histogram buckets (spec §6.1), before the implicit +Inf.
 BUFFERED_WRITE_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 15, 20, 25, 50, 100)
 MESH_UPDATE_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+MESH_LOOP_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100)
+TCP_RTT_LABELS = ("10ms", "20ms", "50ms", "100ms", "150ms", "250ms", "500ms", "inf", "non-tcp",
+                  "error")
 
 
 class Histogram:
@@ -90,7 +93,7 @@ class Stats:
         "bandwidth_limit_waited",
         "packets_dropped", "bytes_dropped",
         "average_queue_duration_ms", "buffered_write_frames", "mesh_update_batch_size",
-        "tls_handshakes", "tls_active",
+        "mesh_update_loop_count", "tcp_rtt", "tls_handshakes", "tls_active",
     )
 
     def __init__(self) -> None:
@@ -103,6 +106,9 @@ class Stats:
         self.average_queue_duration_ms = 0.0
         self.buffered_write_frames = Histogram(BUFFERED_WRITE_BUCKETS)  # frames per socket write
         self.mesh_update_batch_size = Histogram(MESH_UPDATE_BUCKETS)  # presence notes per write
+        # Go's loop passes per mesh update; derper's writer sends a watcher's notes in one pass.
+        self.mesh_update_loop_count = Histogram(MESH_LOOP_BUCKETS)
+        self.tcp_rtt = [0] * len(TCP_RTT_LABELS)  # RTT samples by bucket (tcp_rtt.py)
         # Completed TLS handshakes, and live TLS connections, by TLS_VERSIONS index.
         self.tls_handshakes = [0] * len(TLS_VERSIONS)
         self.tls_active = [0] * len(TLS_VERSIONS)

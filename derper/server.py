@@ -17,7 +17,7 @@ import trio
 from stun.counters import StunCounters
 from stun.server import open_stun_socket, serve_socket
 
-from . import __version__, logs, metacert, prom, sdnotify, varz, wire
+from . import __version__, logs, metacert, prom, sdnotify, tcp_rtt, varz, wire
 from .acme_certs import AcmeCerts
 from .acme_issuer import AcmeSettings, resolve_directory
 from .admission import DEFAULT_SOCKET, Admission, AdmissionConfigError, AllowList
@@ -245,6 +245,8 @@ class Server:
                                                 counters=self.stun_counters))
                 if self.bootstrap.names:
                     nursery.start_soon(self.bootstrap.refresh_forever)
+                if not os.environ.get("TS_DERP_DISABLE_RTT_STATS"):
+                    nursery.start_soon(tcp_rtt.sample_forever, self.relay)
                 if self.acme is not None:
                     nursery.start_soon(self.acme.run)
                 if self.manual is not None and config.cert_watch_interval > 0:

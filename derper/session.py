@@ -549,6 +549,7 @@ class Session:
                     no, bo = no + carried[2], bo + carried[3]
                 if self._presence:
                     stats.mesh_update_batch_size.observe(len(self._presence))
+                    stats.mesh_update_loop_count.observe(1)
                     batch.extend(self._presence.values())
                     self._presence.clear()
                 restarting = self._restarting

@@ -51,10 +51,7 @@ GO_VARZ_NAMES = {
     "derper_tls_request_version", "derper_tls_active_version",
 }
 # What we do not measure, rather than show made-up numbers.
-NOT_EXPORTED = {
-    "derp_tcp_rtt",  # no periodic TCP_INFO sampling per connection
-    "derp_mesh_update_loop_count",  # Go's per-watcher goroutine loop has no equivalent here
-}
+
 # Go shows derp_rate_limit_per_client_* only with -rate-config (test_admission_and_limit_metrics).
 
 DISCO = wire.DISCO_MAGIC + bytes(56)
@@ -152,7 +149,7 @@ async def test_varz_has_the_go_names_and_layout(start_server, ca):
     assert status == 200
     names = set(families(text)) | {n for n in sample_names(text)
                                    if n in GO_VARZ_NAMES}  # untyped: no TYPE line
-    assert names == GO_VARZ_NAMES - NOT_EXPORTED
+    assert names == GO_VARZ_NAMES
     assert "derp_packets_received 3\n" in text  # no _total: Go's name, Go's integer format
     assert '# TYPE derp_packets_dropped counter\n# HELP derp_packets_dropped ' in text
     assert 'derp_packets_dropped{reason="unknown_dest",kind="disco"} 1\n' in text
