@@ -7,7 +7,6 @@ thread; everything it needs arrives as arguments and nothing here touches trio.
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from . import __version__
+from .certs import parse_ip
 from .config import LETSENCRYPT_DIRECTORY as LETSENCRYPT
 from .files import write_atomic
 
@@ -90,7 +90,7 @@ def obtain(settings: AcmeSettings, account_key: jose.JWKEC, hostname: str,
     key = ec.generate_private_key(ec.SECP256R1())
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
-    ip = _ip(hostname)
+    ip = parse_ip(hostname)
     csr_pem = crypto_util.make_csr(key_pem, ipaddrs=[ip]) if ip else \
         crypto_util.make_csr(key_pem, domains=[hostname])
     net = client.ClientNetwork(account_key, alg=jose.ES256,
@@ -132,13 +132,6 @@ def obtain(settings: AcmeSettings, account_key: jose.JWKEC, hostname: str,
     except errors.Error as e:
         raise AcmeError(f"ACME protocol error: {e}") from None
     return order.fullchain_pem.encode(), key_pem
-
-
-def _ip(hostname: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(hostname.strip("[]"))
-    except ValueError:
-        return None
 
 
 def _register(acme: client.ClientV2, email: str) -> None:
