@@ -108,7 +108,8 @@ SERVE_FLAGS = [
          ("DERP_MAX_CLIENTS",)),
     Flag("max-handshakes", "max_handshakes", "int",
          "cap on connections still in their TLS/HTTP/DERP handshake (slowloris); excess ones "
-         "are closed at once; 0 = no cap", ("DERP_MAX_HANDSHAKES",)),
+         "are closed at once (the HTTP helper's connections: the same cap, their own pool); "
+         "0 = no cap", ("DERP_MAX_HANDSHAKES",)),
     Flag("verify-clients", "verify_clients", "bool",
          "admit only nodes the local tailscaled knows (LocalAPI whois over -socket)",
          ("DERP_VERIFY_CLIENTS",)),

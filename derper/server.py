@@ -121,6 +121,9 @@ class Server:
             raise ConfigError("-max-clients and -max-handshakes must be 0 (no cap) or positive")
         relay.max_clients = config.max_clients
         self.handshakes = HandshakeSlots(config.max_handshakes)
+        # The port-80 helper's connections never upgrade: all of them count, in a pool of
+        # their own so a slowloris there cannot starve the DERP port's handshakes.
+        self.helper_connections = HandshakeSlots(config.max_handshakes)
         if self.allow_list or config.verify_clients or url:
             relay.admission = Admission(
                 relay.stats, allow_list=self.allow_list,
@@ -371,6 +374,11 @@ class Server:
 
     async def _serve_helper(self, stream: trio.SocketStream) -> None:
         config = self.config
+        slot = self.helper_connections.try_enter()
+        if slot is None:
+            self.relay.stats.rejected_half_open += 1
+            stream.socket.close()
+            return
         ip, port = peer_address(stream)
         try:
             await serve_http(stream, ip, port, head_timeout=config.handshake_timeout,
@@ -381,4 +389,5 @@ class Server:
             log.exception("internal error on an HTTP helper connection; closed it",
                           remote=f"{ip}:{port}")
         finally:
+            slot.release()
             await stream.aclose()

@@ -45,6 +45,25 @@ async def test_handshake_cap_closes_excess_idle_connections(start_server, ca):
         assert server.handshakes.count == 0  # an established session holds no slot
 
 
+async def test_http_helper_connections_have_their_own_cap(start_server, ca):
+    server = await start_server(tls=True, max_handshakes=3, http_port=0)
+    idle = [await trio.open_tcp_stream("127.0.0.1", server.http_port) for _ in range(3)]
+    try:
+        await wait_until(lambda: server.helper_connections.count == 3)
+        extra = await trio.open_tcp_stream("127.0.0.1", server.http_port)
+        with trio.fail_after(5):
+            assert await extra.receive_some(1) == b""  # closed at once
+        await extra.aclose()
+        assert server.relay.stats.rejected_half_open == 1
+        # The DERP port's own pool is untouched by the helper's slowloris.
+        async with dc.connect(url(server), **connect_opts(server, ca)) as c:
+            await assert_relays(c, c)
+    finally:
+        for s in idle:
+            await s.aclose()
+    await wait_until(lambda: server.helper_connections.count == 0)
+
+
 async def test_accept_flood_does_not_lock_out_a_real_client(start_server, ca):
     """3000 idle connections arrive at once; a client retrying like tailscaled still gets in."""
     server = await start_server(tls=True, max_handshakes=100, handshake_timeout=1.0,
