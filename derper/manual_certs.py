@@ -17,6 +17,7 @@ from .tls import ServerTLS
 
 log = logs.get("derper.certs")
 
+
 class ManualCerts:
     def __init__(self, certdir: Path, hostname: str, tls: ServerTLS, *,
                  wait_for_files: bool = False) -> None:
