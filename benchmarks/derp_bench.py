@@ -33,7 +33,6 @@ import json
 import multiprocessing
 import os
 import ssl
-import statistics
 import struct
 import subprocess
 import sys

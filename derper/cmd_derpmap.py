@@ -13,7 +13,7 @@ from typing import Mapping
 from .certs import CertError, load_manual, manual_paths, parse_ip
 from .cli import SERVE_FLAGS, config_from_values, flag_defaults
 from .config import Config
-from .derpmap import FORMATS, DerpMapError, MapOptions, build, render
+from .derpmap import DerpMapError, MapOptions, build, render
 from .goflags import Flag, HelpRequested, UsageError, parse, usage
 
 MAP_FLAGS = [

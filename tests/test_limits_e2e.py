@@ -5,7 +5,6 @@ from __future__ import annotations
 import trio
 
 from derper import client as dc
-from derper.keys import KeyPair
 from tests.conftest import url
 from tests.relay_helpers import assert_relays, connect_opts, recv_kind, wait_until
 
