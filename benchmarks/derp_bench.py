@@ -29,6 +29,7 @@ so the same load gives a side-by-side ratio.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import multiprocessing
 import os
@@ -47,6 +48,7 @@ import trio  # noqa: E402
 
 from benchmarks.procstat import cpu_seconds, rss_bytes  # noqa: E402
 from derper import client as derp_client  # noqa: E402
+from derper.cli import GC_THRESHOLDS  # noqa: E402
 from derper import wire  # noqa: E402
 
 _STAMP = struct.Struct(">QII")  # send time ns, sender index, sequence number
@@ -278,6 +280,8 @@ def _percentile(hist: Counter, q: float) -> float | None:
 # ---- connection scale ---------------------------------------------------------------------------
 
 def _conns_worker(target: dict, count: int, concurrency: int, ready, done) -> dict:
+    gc.set_threshold(*GC_THRESHOLDS)  # the server's setting, for the same reason
+
     async def main() -> dict:
         limiter = trio.CapacityLimiter(concurrency)
         times: list[float] = []
@@ -302,13 +306,14 @@ def _conns_worker(target: dict, count: int, concurrency: int, ready, done) -> di
                 with trio.CancelScope(shield=True):
                     await cm.__aexit__(None, None, None)
 
-        first = time.monotonic()
+        first, cpu_first = time.monotonic(), sum(os.times()[:2])
         async with trio.open_nursery() as nursery:
             async with trio.open_nursery() as starting:
                 for _ in range(count):
                     starting.start_soon(nursery.start, one)
             last = max(times, default=first)
-            ready.put({"connected": len(times), "failures": len(failures),
+            cpu = sum(os.times()[:2]) - cpu_first
+            ready.put({"connected": len(times), "failures": len(failures), "cpu": cpu,
                        "first_error": failures[0] if failures else None,
                        "started": first, "finished": last})
             await trio.to_thread.run_sync(done.get)
@@ -348,6 +353,8 @@ def run_conns(target: dict, conns: int, concurrency: int, procs: int,
         "server_rss_mb": None if rss_after is None else round(rss_after / 2**20, 1),
         "server_cpu_ms_per_conn": (None if cpu is None or not connected
                                    else round(cpu / connected * 1000, 3)),
+        "load_cpu_ms_per_conn": (round(sum(p["cpu"] for p in parts) / connected * 1000, 3)
+                                 if connected else None),
         "rss_per_conn_kb": (None if rss_after is None or not connected
                             else round((rss_after - rss_before) / connected / 1024, 1)),
     }
@@ -505,14 +512,16 @@ def _median_row(runs: list[dict]) -> dict:
 def _print_table(mode: str, rows: dict) -> None:
     if mode == "conns":
         print(f"{'connections':>11} {'connects/s':>11} {'failures':>9} {'server RSS':>11}"
-              f" {'RSS/conn':>9} {'server CPU/conn':>15}")
+              f" {'RSS/conn':>9} {'server CPU/conn':>15} {'load CPU/conn':>13}")
         for row in rows.values():
             rss = "-" if row["server_rss_mb"] is None else f"{row['server_rss_mb']:.0f} MB"
             per = "-" if row["rss_per_conn_kb"] is None else f"{row['rss_per_conn_kb']:.1f} KB"
             cpu = row["server_cpu_ms_per_conn"]
             cpu = "-" if cpu is None else f"{cpu:.2f} ms"
+            load = row["load_cpu_ms_per_conn"]
+            load = "-" if load is None else f"{load:.2f} ms"
             print(f"{row['connected']:>11,} {row['connects_per_second'] or 0:>11,}"
-                  f" {row['failures']:>9} {rss:>11} {per:>9} {cpu:>15}")
+                  f" {row['failures']:>9} {rss:>11} {per:>9} {cpu:>15} {load:>13}")
         return
     print(f"{'load':<16} {'offered pkt/s':>13} {'delivered pkt/s':>15} {'Mbit/s':>7}"
           f" {'loss':>7} {'p50 ms':>7} {'p99 ms':>7} {'p99.9 ms':>8} {'server CPU':>10}")

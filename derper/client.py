@@ -9,7 +9,10 @@ or a WebSocket with subprotocol ``derp``. Certificates are checked normally, aga
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
+import ipaddress
+import socket
 import ssl
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -234,10 +237,15 @@ def check_pin(chain: list[bytes], pin: str) -> None:
     got = "sha256-raw:" + hashlib.sha256(leaves[0]).hexdigest()
     if got != pin.lower():
         raise DerpClientError(f"certificate pin mismatch: server has {got}")
-    cert = x509.load_der_x509_certificate(leaves[0])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+    not_before, not_after = _validity(leaves[0])
+    if not not_before <= datetime.datetime.now(datetime.timezone.utc) <= not_after:
         raise DerpClientError("pinned certificate is outside its validity period")
+
+
+@functools.lru_cache(maxsize=64)  # the pinned certificate, parsed once, not per reconnect
+def _validity(der: bytes) -> tuple[datetime.datetime, datetime.datetime]:
+    cert = x509.load_der_x509_certificate(der)
+    return cert.not_valid_before_utc, cert.not_valid_after_utc
 
 
 CLOSE_TIMEOUT = 1.0
@@ -325,7 +333,7 @@ async def _establish(opts: _Options, nursery: trio.Nursery | None) -> DerpClient
 
 async def _connect(opts: _Options, nursery: trio.Nursery | None) -> DerpClient:
     url, keypair = opts.url, opts.keypair
-    stream: trio.abc.Stream = await trio.open_tcp_stream(opts.dial_host, opts.dial_port)
+    stream: trio.abc.Stream = await _open_tcp(opts.dial_host, opts.dial_port)
     tls_version, chain, meta = None, [], None
     try:
         if url.scheme == "https":
@@ -372,6 +380,21 @@ async def _connect(opts: _Options, nursery: trio.Nursery | None) -> DerpClient:
         raise
     return DerpClient(stream, keypair, server_key, info, reader, tls_version=tls_version,
                       fast_start=use_fast, peer_chain=chain)
+
+
+async def _open_tcp(host: str, port: int) -> trio.SocketStream:
+    """``trio.open_tcp_stream``, less its happy-eyeballs tasks when there is one address."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return await trio.open_tcp_stream(host, port)
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
 
 
 def _upgrade_request(http: h11.Connection, url, fast: bool, ideal_node: str | None) -> bytes:

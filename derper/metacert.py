@@ -9,6 +9,7 @@ their validity checks.
 from __future__ import annotations
 
 import datetime
+import functools
 import warnings
 
 from cryptography import x509
@@ -46,6 +47,7 @@ def build(server_public: bytes, now: datetime.datetime | None = None) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
+@functools.lru_cache(maxsize=64)  # a client meets the same few chains on every reconnect
 def parse(der: bytes) -> tuple[bytes, int] | None:
     """(server key, protocol version) if ``der`` is a DERP meta certificate, else None.
 

@@ -89,10 +89,16 @@ async def serve_derp(relay: Relay, stream: trio.abc.Stream, *, remote_ip: str | 
     reader.feed(initial)
     stats = relay.stats
     stats.accepts += 1
+    # ServerKey comes first (spec §3.1). A fast-start ClientInfo is already here, and its client
+    # skips ServerKey: then it goes out with ServerInfo, one write instead of two.
+    key_frame = preamble + wire.server_key(relay.public_key)
     try:
         with trio.fail_after(relay.handshake_timeout):
-            await stream.send_all(preamble + wire.server_key(relay.public_key))
-            info = await _read_client_info(relay, stream, reader)
+            info = _buffered_client_info(relay, reader)
+            if info is None:
+                await stream.send_all(key_frame)
+                key_frame = b""
+                info = await _read_client_info(relay, stream, reader)
     except (FrameError, HandshakeError, ProtocolError) as e:
         stats.handshake_failures += 1
         logs.throttled(log, "warning", "closing connection: bad DERP handshake", remote=remote,
@@ -121,7 +127,7 @@ async def serve_derp(relay: Relay, stream: trio.abc.Stream, *, remote_ip: str | 
     try:
         with session.cancel_scope:
             with trio.fail_after(relay.handshake_timeout):
-                await stream.send_all(handshake.server_info_frame(
+                await stream.send_all(key_frame + handshake.server_info_frame(
                     info.key, relay.keypair.private, box_key=info.box_key))
             await session.run(reader)
     except trio.TooSlowError:
@@ -135,21 +141,27 @@ async def serve_derp(relay: Relay, stream: trio.abc.Stream, *, remote_ip: str | 
           reason=session.close_reason)
 
 
+def _buffered_client_info(relay: Relay, reader: FrameReader) -> ClientInfo | None:
+    """The ClientInfo if all of it has arrived, else None."""
+    ftype = reader.peek_type()
+    if ftype is not None and ftype != FrameType.CLIENT_INFO:
+        raise ProtocolError(f"first frame has type {ftype:#04x}, not ClientInfo; "
+                            "not a DERP client?")
+    f = reader.next()
+    if f is None:
+        return None
+    _, start, end = f
+    return handshake.open_client_info(reader.data[start:end], relay.keypair.private)
+
+
 async def _read_client_info(relay: Relay, stream: trio.abc.Stream,
                             reader: FrameReader) -> ClientInfo:
-    while True:
-        ftype = reader.peek_type()
-        if ftype is not None and ftype != FrameType.CLIENT_INFO:
-            raise ProtocolError(f"first frame has type {ftype:#04x}, not ClientInfo; "
-                                "not a DERP client?")
-        f = reader.next()
-        if f is not None:
-            _, start, end = f
-            return handshake.open_client_info(reader.data[start:end], relay.keypair.private)
+    while (info := _buffered_client_info(relay, reader)) is None:
         data = await stream.receive_some(RECV_SIZE)
         if not data:
             raise EOFError("peer closed before sending ClientInfo")
         reader.feed(data)
+    return info
 
 
 class Session:

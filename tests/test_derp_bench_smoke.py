@@ -36,4 +36,5 @@ def test_conns_smoke_holds_idle_clients_and_reads_server_memory(tmp_path):
     assert run["connected"] == run["conns"] == 20 and run["failures"] == 0
     assert run["connects_per_second"] > 0
     assert run["rss_per_conn_kb"] is not None and run["server_cpu_ms_per_conn"] > 0
+    assert run["load_cpu_ms_per_conn"] > 0
     assert "connects/s" in stdout

@@ -84,6 +84,46 @@ async def test_fast_start_gets_no_http_response(start_server, ca):
     await tls.aclose()
 
 
+async def test_fast_start_server_key_and_server_info_share_one_tls_record(start_server, ca):
+    """ServerKey waits for ServerInfo when the ClientInfo came with the request: one write."""
+    server = await start_server(tls=True)
+    sock = trio.socket.socket()
+    await sock.connect(("127.0.0.1", server.main_port))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = client_context(ca).wrap_bio(incoming, outgoing, server_hostname="localhost")
+    me = KeyPair.generate()
+    with trio.fail_after(10):
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await sock.send(outgoing.read())
+                incoming.write(await sock.recv(65536))
+        tls.write(b"GET /derp HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\n"
+                  b"Derp-Fast-Start: 1\r\nUpgrade: DERP\r\n\r\n"
+                  + handshake.client_info_frame(me.private, me.public, server.relay.public_key,
+                                                handshake.client_info_json()))
+        await sock.send(outgoing.read())
+        raw, plain = b"", b""
+        while len(plain) < 45 + 5 + 53:  # ServerKey, then ServerInfo
+            chunk = await sock.recv(65536)
+            assert chunk
+            raw += chunk
+            incoming.write(chunk)
+            try:
+                while True:
+                    plain += tls.read(65536)
+            except ssl.SSLWantReadError:
+                pass
+    records, pos = 0, 0
+    while pos < len(raw):
+        records += 1
+        pos += 5 + int.from_bytes(raw[pos + 3:pos + 5], "big")
+    assert records == 1
+    sock.close()
+
+
 async def test_upgrade_response_and_server_key_bytes(start_server):
     """The 101 carries exactly the headers of spec §1.3, followed by ServerKey."""
     server = await start_server()
