@@ -323,13 +323,13 @@ def _conns_worker(target: dict, count: int, concurrency: int, ready, done) -> di
 
 
 def run_conns(target: dict, conns: int, concurrency: int, procs: int,
-              server_pid: int | None) -> dict:
+              server_pid: int | None, rss_before: int | None) -> dict:
+    """``rss_before``: the server's RSS before the first run (later runs reuse its memory)."""
     ctx = multiprocessing.get_context("fork")
     procs = max(1, min(procs, conns))
     counts = [conns // procs + (p < conns % procs) for p in range(procs)]
     manager = ctx.Manager()
     ready, done = manager.Queue(), manager.Queue()
-    rss_before = rss_bytes(server_pid) if server_pid else None
     cpu_before = cpu_seconds(server_pid) if server_pid else None
     with ctx.Pool(procs) as pool:
         pending = pool.starmap_async(_conns_worker,
@@ -467,7 +467,8 @@ def main(argv: list[str] | None = None) -> None:
                   "ca_file": args.ca_file}
         pid = server.proc.pid if server else args.server_pid
         if args.mode == "conns":
-            runs = [run_conns(target, args.conns, args.concurrency, args.procs, pid)
+            rss = rss_bytes(pid) if pid else None
+            runs = [run_conns(target, args.conns, args.concurrency, args.procs, pid, rss)
                     for _ in range(args.repeat)]
             rows = {"conns": _median_row(runs)}
         else:

@@ -38,3 +38,15 @@ def test_conns_smoke_holds_idle_clients_and_reads_server_memory(tmp_path):
     assert run["rss_per_conn_kb"] is not None and run["server_cpu_ms_per_conn"] > 0
     assert run["load_cpu_ms_per_conn"] > 0
     assert "connects/s" in stdout
+
+
+def test_tls_floor_smoke_measures_both_ends(tmp_path):
+    out = tmp_path / "tls_floor.json"
+    proc = subprocess.run([sys.executable, str(BENCH.parent / "tls_floor.py"), "--smoke",
+                           "--json", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["connections"] == 20
+    assert report["server_cpu_ms_per_conn"] > 0 and report["client_cpu_ms_per_conn"] > 0
+    assert report["ceiling_connects_per_second"] > 0
+    assert "connections/s" in proc.stdout
