@@ -27,12 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a b
 
 import trio  # noqa: E402
 
-from benchmarks.derp_bench import StartedServer, _connect  # noqa: E402
+from derper.cmd_bench import StartedServer  # noqa: E402
+from derper.loadgen import connect_target  # noqa: E402
 from derper import wire  # noqa: E402
 
 
 async def lockstep(target: dict, rounds: int, batch: int, size: int, between) -> None:
-    async with _connect(target) as a, _connect(target) as b:
+    async with connect_target(target) as a, connect_target(target) as b:
         payload = bytes(size)
         frames = {c: [wire.send_packet(peer.public_key, payload)] * batch
                   for c, peer in ((a, b), (b, a))}
@@ -55,7 +56,7 @@ async def exchange(a, b, frames: dict, rounds: int, batch: int) -> None:
 async def connect_many(target: dict, conns: int, between) -> None:
     async with trio.open_nursery() as nursery:
         async def hold(task_status=trio.TASK_STATUS_IGNORED) -> None:
-            async with _connect(target):
+            async with connect_target(target):
                 task_status.started()
                 await trio.sleep_forever()
 

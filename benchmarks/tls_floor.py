@@ -2,7 +2,7 @@
 
 Both ends run as plain blocking ``ssl`` sockets (OpenSSL does the whole handshake in C), in two
 processes, one connection after another, with the same certificate chain (self-signed P-256 IP
-certificate plus the meta certificate) and client context as ``derp_bench.py conns``. Each side
+certificate plus the meta certificate) and client context as ``derper bench conns``. Each side
 reads its own CPU time. ``cores / (server + client CPU per connection)`` is then the most new
 connections per second this machine can make when the load generator runs on it too, whatever
 the server is written in.

@@ -145,9 +145,10 @@ SERVE_FLAGS = [
 ]
 
 # Subcommands: name → (module with ``run(argv, environ) -> exit code``, summary). Imported on
-# use, so serving never loads them; each takes SERVE_FLAGS too, to describe the same server.
+# use, so serving never loads them.
 COMMANDS = {
     "derpmap": ("derper.cmd_derpmap", "print this relay's DERP map for Headscale or Tailscale"),
+    "bench": ("derper.cmd_bench", "load a DERP relay: throughput, latency, connections/s"),
 }
 
 _COMMAND_LINES = "\n".join(f"       derper {name} [flags]".ljust(35) + summary
@@ -256,7 +257,7 @@ def _listen_error(e: OSError, config: Config) -> str:
 
 # Each new connection allocates a few hundred tracked objects that live as long as it does; at
 # Python's default (700, 10, 10) the collector spent a quarter of the server's CPU per new
-# connection walking them again (benchmarks/derp_bench.py conns: 1.03 -> 0.74 ms/conn). The
+# connection walking them again (derper bench conns: 1.03 -> 0.74 ms/conn). The
 # relay hot path allocates no tracked objects, so rarer young passes cost it nothing.
 GC_THRESHOLDS = (20_000, 50, 100)
 

@@ -1,4 +1,4 @@
-"""The DERP benchmark's smoke modes run end to end: a correctness check, not a speed check."""
+"""``derper bench`` and the TLS floor run end to end in smoke mode: correctness, not speed."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "derp_bench.py"
+TLS_FLOOR = Path(__file__).resolve().parent.parent / "benchmarks" / "tls_floor.py"
 
 
 def run_smoke(tmp_path: Path, *mode: str) -> tuple[dict, str]:
     out = tmp_path / "derp_bench.json"
-    proc = subprocess.run([sys.executable, str(BENCH), *mode, "--smoke", "--json", str(out)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "derper", "bench", *mode, "-smoke",
+                           "--json", str(out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return json.loads(out.read_text()), proc.stdout
 
@@ -42,7 +42,7 @@ def test_conns_smoke_holds_idle_clients_and_reads_server_memory(tmp_path):
 
 def test_tls_floor_smoke_measures_both_ends(tmp_path):
     out = tmp_path / "tls_floor.json"
-    proc = subprocess.run([sys.executable, str(BENCH.parent / "tls_floor.py"), "--smoke",
+    proc = subprocess.run([sys.executable, str(TLS_FLOOR), "--smoke",
                            "--json", str(out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())

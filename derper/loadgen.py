@@ -1,55 +1,39 @@
-"""DERP relay load: delivered Mbit/s and packets/s, loss and one-way latency; or idle-connection scale.
+"""DERP load from several processes: pairs of relaying clients, or many idle connections.
 
-``relay`` mode (the default): ``--clients`` DERP clients in pairs, each client sending
-``--size``-byte packets to its partner at ``--rate`` packets/s (0 = as fast as the server takes
-them: a flood) and receiving its partner's, so ``--clients 8`` means 8 senders and 8 receivers
-on 8 connections. Every packet carries its send time (CLOCK_MONOTONIC, shared by all processes)
-and a sequence number: the receiver computes one-way latency, and loss is what was sent during
-the measured seconds but never arrived. Over TLS each packet is its own TLS record, as a
-Tailscale client writes it (``--coalesce`` packs each batch into one record instead); paced
-senders write what is due about every millisecond (5 records per write at 5k pkt/s). The pairs
-are spread over ``--procs`` processes so the generator is not the bottleneck.
+Relay load: clients in pairs, each sending ``size``-byte packets to its partner at ``rate``
+packets/s (0 = as fast as the server takes them: a flood) and receiving its partner's. Every
+packet carries its send time (CLOCK_MONOTONIC, shared by all processes of the machine) and a
+sequence number, so the receiver computes one-way latency through the relay, and loss is what was
+sent during the measured seconds but never arrived. Over TLS each packet is its own TLS record,
+as a Tailscale client writes it (``coalesce`` packs each batch into one record); paced senders
+write what is due about every millisecond. The pairs are spread over processes so the generator
+is not the bottleneck.
 
-``conns`` mode: ``--conns`` idle DERP clients (TLS + DERP handshake) opened ``--concurrency`` at
-a time per process; reports completed connections per second and the server's resident memory
-per connection (when the server's pid is known: started here, or ``--server-pid``).
-
-Without ``--url`` a fresh ``derper`` is started over TLS with its self-signed IP certificate
-(pinned); any other server can be targeted with ``--url`` (and ``--cert-pin`` or ``--ca-file``),
-so the same load gives a side-by-side ratio.
-
-    python -m benchmarks.derp_bench                          # 8 clients x 10k pkt/s, 1280 B
-    python -m benchmarks.derp_bench --rate 0                 # flood
-    python -m benchmarks.derp_bench --suite                  # the README table
-    python -m benchmarks.derp_bench conns --conns 10000      # idle-connection scale
-    python -m benchmarks.derp_bench --url https://derp.example.com/derp --rate 5000
-    python -m benchmarks.derp_bench --smoke --json out.json  # seconds-long correctness run
+Connection load: idle DERP clients (TLS + DERP handshake) opened ``concurrency`` at a time per
+process: connections per second, and the server's memory and CPU per connection when its pid is
+known. ``derper bench`` is the command line.
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import multiprocessing
 import os
 import ssl
 import struct
-import subprocess
-import sys
-import tempfile
 import time
 from collections import Counter
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a bare checkout too
+import trio
 
-import trio  # noqa: E402
+from . import client as derp_client
+from . import wire
+from .cli import GC_THRESHOLDS
+from .procstat import cpu_seconds, rss_bytes
 
-from benchmarks.procstat import cpu_seconds, rss_bytes  # noqa: E402
-from derper import client as derp_client  # noqa: E402
-from derper.cli import GC_THRESHOLDS  # noqa: E402
-from derper import wire  # noqa: E402
+class LoadError(Exception):
+    """The load could not run (the server did not start, a load process died)."""
+
 
 _STAMP = struct.Struct(">QII")  # send time ns, sender index, sequence number
 _RECV = int(wire.FrameType.RECV_PACKET)
@@ -63,7 +47,7 @@ MAX_BATCH = 64  # packets per socket write
 _contexts: dict = {}
 
 
-def _connect(target: dict):
+def connect_target(target: dict):
     """A DERP client for ``target``; one TLS context per process (building one costs ~1 ms)."""
     key = (target["ca_file"], target["cert_pin"])
     if key not in _contexts:
@@ -194,7 +178,7 @@ def _relay_worker(target: dict, job: dict, indices: list[int], ready, start) -> 
 
 
 async def _hold(target: dict, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    async with _connect(target) as client:
+    async with connect_target(target) as client:
         task_status.started(client)
         await trio.sleep_forever()
 
@@ -237,8 +221,13 @@ def _get_or_fail(queue, pending) -> None:
             return queue.get(timeout=0.2)
         except Exception:  # queue.Empty from the manager proxy
             if pending.ready():
-                pending.get()  # raises the worker's error
-                raise SystemExit("a load process ended before it was ready")
+                try:
+                    pending.get()  # raises the worker's error
+                except Exception as e:
+                    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+                        e = e.exceptions[0]  # the first cause, out of trio's nurseries
+                    raise LoadError(f"a load process failed: {e}") from None
+                raise LoadError("a load process ended before it was ready")
 
 
 def _relay_summary(job: dict, flows: list[dict], cpu: float | None) -> dict:
@@ -291,7 +280,7 @@ def _conns_worker(target: dict, count: int, concurrency: int, ready, done) -> di
         async def one(task_status=trio.TASK_STATUS_IGNORED) -> None:
             async with limiter:
                 try:
-                    cm = _connect(target)
+                    cm = connect_target(target)
                     await cm.__aenter__()
                 except (derp_client.DerpClientError, OSError) as e:
                     failures.append(str(e))
@@ -360,145 +349,7 @@ def run_conns(target: dict, conns: int, concurrency: int, procs: int,
     }
 
 
-# ---- the server under test ----------------------------------------------------------------------
-
-class StartedServer:
-    """A fresh ``derper`` over TLS with a self-signed, pinned IP certificate."""
-
-    def __init__(self, extra: list[str], wrapper: list[str] = (), cwd: str | None = None) -> None:
-        self._dir = tempfile.TemporaryDirectory()
-        self.dir = Path(self._dir.name)
-        port = _free_tcp_port()
-        args = [*wrapper, sys.executable, "-m", "derper", "-hostname", "127.0.0.1", "-certmode", "manual",
-                "-certdir", self._dir.name, "-a", f"127.0.0.1:{port}", "-http-port", "-1",
-                "-stun=false", *extra]
-        self._log = open(Path(self._dir.name) / "derper.log", "wb")
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._log,
-                                     text=True, cwd=cwd)
-        line = self.proc.stdout.readline()  # the DERP map node with the pin
-        if not line:
-            self.close()
-            raise SystemExit("derper did not start:\n" + self.log())
-        self.pin = json.loads(line)["CertName"]
-        self.url = f"https://127.0.0.1:{port}/derp"
-        _wait_listening(port, self.proc, 60 if wrapper else 10)
-
-    def log(self) -> str:
-        return (Path(self._dir.name) / "derper.log").read_text()
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-        self._log.close()
-        self._dir.cleanup()
-
-
-def _free_tcp_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_listening(port: int, proc: subprocess.Popen, seconds: float) -> None:
-    import socket
-
-    for _ in range(int(seconds / 0.05)):
-        if proc.poll() is not None:
-            raise SystemExit(f"derper exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit("derper is not listening")
-
-
-# ---- command line -------------------------------------------------------------------------------
-
-SUITE = [  # (label, rate per sender); the issue's targets
-    ("8 x 5k pkt/s", 5000),
-    ("8 x 10k pkt/s", 10000),
-    ("8 x flood", 0),
-]
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", nargs="?", choices=("relay", "conns"), default="relay")
-    parser.add_argument("--url", help="DERP server to load (default: start our derper over TLS)")
-    parser.add_argument("--cert-pin", help="sha256-raw: pin of the server's certificate")
-    parser.add_argument("--ca-file", help="CA bundle to verify the server's certificate with")
-    parser.add_argument("--server-pid", type=int,
-                        help="pid of the --url server, for its CPU and memory figures")
-    parser.add_argument("--server-args", default="",
-                        help="extra flags for the started derper (space separated)")
-    parser.add_argument("--clients", type=int, default=8, help="clients (even: pairs)")
-    parser.add_argument("--size", type=int, default=1280, help="packet bytes")
-    parser.add_argument("--rate", type=int, default=10000,
-                        help="packets/s per sender; 0 = flood")
-    parser.add_argument("--coalesce", action="store_true",
-                        help="one TLS record per batch instead of per packet")
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--drain", type=float, default=1.0,
-                        help="seconds receivers keep reading after the senders stop")
-    parser.add_argument("--procs", type=int, default=4, help="load processes")
-    parser.add_argument("--repeat", type=int, default=1, help="runs; medians are reported")
-    parser.add_argument("--suite", action="store_true",
-                        help="5k, 10k and flood rows (the README table)")
-    parser.add_argument("--conns", type=int, default=1000, help="conns mode: connections")
-    parser.add_argument("--concurrency", type=int, default=64,
-                        help="conns mode: handshakes in flight per process")
-    parser.add_argument("--json", type=Path, default=Path("derp_bench.json"))
-    parser.add_argument("--smoke", action="store_true", help="seconds-long correctness run")
-    args = parser.parse_args(argv)
-    if args.clients < 2 or args.clients % 2:
-        parser.error("--clients must be an even number >= 2")
-    if args.smoke:
-        args.clients, args.rate, args.seconds, args.warmup, args.drain = 2, 200, 0.5, 0.2, 0.3
-        args.procs, args.repeat, args.conns, args.concurrency = 1, 1, 20, 10
-        args.suite = False
-    server = None if args.url else StartedServer(args.server_args.split())
-    try:
-        target = {"url": args.url or server.url,
-                  "cert_pin": args.cert_pin if args.url else server.pin,
-                  "ca_file": args.ca_file}
-        pid = server.proc.pid if server else args.server_pid
-        if args.mode == "conns":
-            rss = rss_bytes(pid) if pid else None
-            runs = [run_conns(target, args.conns, args.concurrency, args.procs, pid, rss)
-                    for _ in range(args.repeat)]
-            rows = {"conns": _median_row(runs)}
-        else:
-            plan = SUITE if args.suite else [(f"{args.clients} x {_rate_text(args.rate)}",
-                                              args.rate)]
-            runs, rows = [], {}
-            for _ in range(args.repeat):  # interleaved, so drift hits every row alike
-                for label, rate in plan:
-                    job = {"clients": args.clients, "size": args.size, "rate": rate,
-                           "coalesce": args.coalesce, "seconds": args.seconds,
-                           "warmup": args.warmup, "drain": args.drain}
-                    runs.append({"label": label, **run_relay(target, job, args.procs, pid)})
-            for label, _ in plan:
-                rows[label] = _median_row([r for r in runs if r["label"] == label])
-    finally:
-        if server:
-            server.close()
-    report = {"mode": args.mode, "target": target["url"], "started_server": server is not None,
-              "cpus": os.cpu_count(), "python": sys.version.split()[0],
-              "rows": rows, "runs": runs}
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
-    _print_table(args.mode, rows)
-    print(f"({args.repeat} run(s), medians; target {target['url']}; JSON in {args.json})")
-
-
-def _rate_text(rate: int) -> str:
-    return "flood" if not rate else f"{rate:,} pkt/s"
-
-
-def _median_row(runs: list[dict]) -> dict:
+def median_row(runs: list[dict]) -> dict:
     """The run with the median rate, whole, so its figures stay consistent with each other."""
     if len(runs) == 1:
         return runs[0]
@@ -508,36 +359,3 @@ def _median_row(runs: list[dict]) -> dict:
     row["runs"] = len(runs)
     row[f"{key}_all"] = [r[key] for r in runs]
     return row
-
-
-def _print_table(mode: str, rows: dict) -> None:
-    if mode == "conns":
-        print(f"{'connections':>11} {'connects/s':>11} {'failures':>9} {'server RSS':>11}"
-              f" {'RSS/conn':>9} {'server CPU/conn':>15} {'load CPU/conn':>13}")
-        for row in rows.values():
-            rss = "-" if row["server_rss_mb"] is None else f"{row['server_rss_mb']:.0f} MB"
-            per = "-" if row["rss_per_conn_kb"] is None else f"{row['rss_per_conn_kb']:.1f} KB"
-            cpu = row["server_cpu_ms_per_conn"]
-            cpu = "-" if cpu is None else f"{cpu:.2f} ms"
-            load = row["load_cpu_ms_per_conn"]
-            load = "-" if load is None else f"{load:.2f} ms"
-            print(f"{row['connected']:>11,} {row['connects_per_second'] or 0:>11,}"
-                  f" {row['failures']:>9} {rss:>11} {per:>9} {cpu:>15} {load:>13}")
-        return
-    print(f"{'load':<16} {'offered pkt/s':>13} {'delivered pkt/s':>15} {'Mbit/s':>7}"
-          f" {'loss':>7} {'p50 ms':>7} {'p99 ms':>7} {'p99.9 ms':>8} {'server CPU':>10}")
-    for label, r in rows.items():
-        lat = r["latency_ms"]
-        cpu = "-" if r["server_cpu"] is None else f"{r['server_cpu']:.0%}"
-        loss = "-" if r["loss"] is None else f"{r['loss']:.2%}"
-        print(f"{label:<16} {r['offered_pps']:>13,} {r['delivered_pps']:>15,}"
-              f" {r['delivered_mbit_s']:>7.0f} {loss:>7} {_ms(lat['p50']):>7}"
-              f" {_ms(lat['p99']):>7} {_ms(lat['p99.9']):>8} {cpu:>10} {r['load_cpu']:>8.0%}")
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
-if __name__ == "__main__":
-    main()
