@@ -5,7 +5,8 @@ processes, one connection after another, with the same certificate chain (self-s
 certificate plus the meta certificate) and client context as ``derper bench conns``. Each side
 reads its own CPU time. ``cores / (server + client CPU per connection)`` is then the most new
 connections per second this machine can make when the load generator runs on it too, whatever
-the server is written in.
+the server is written in. The handshake alone, both ends over memory BIOs in one process, is
+measured too: the part no TCP stack or event loop can take away.
 
     python benchmarks/tls_floor.py                # 2000 connections
     python benchmarks/tls_floor.py --smoke --json out.json
@@ -65,6 +66,27 @@ def _connect(port: int, count: int, out) -> None:
     out.put(_cpu() - start)
 
 
+def _in_memory(count: int) -> float:
+    """CPU seconds per handshake with no sockets at all: both ends over memory BIOs."""
+    server_ctx, client_ctx = _server_context(), derp_client.pinned_context()
+    start = _cpu()
+    for _ in range(count):
+        c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+        client = client_ctx.wrap_bio(c_in, c_out)
+        server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+        done = set()
+        while len(done) < 2:
+            for side, obj, out, peer_in in ((0, client, c_out, s_in), (1, server, s_out, c_in)):
+                if side not in done:
+                    try:
+                        obj.do_handshake()
+                        done.add(side)
+                    except ssl.SSLWantReadError:
+                        pass
+                peer_in.write(out.read())
+    return (_cpu() - start) / count
+
+
 def run(count: int) -> dict:
     mp = multiprocessing.get_context("fork")
     listener = socket.create_server(("127.0.0.1", 0), backlog=128)
@@ -83,6 +105,7 @@ def run(count: int) -> dict:
     per_conn = (server_cpu + client_cpu) / count
     cores = len(os.sched_getaffinity(0))
     return {"connections": count, "cores": cores, "openssl": ssl.OPENSSL_VERSION,
+            "memory_bio_cpu_ms_per_handshake": round(_in_memory(count) * 1000, 3),
             "server_cpu_ms_per_conn": round(server_cpu / count * 1000, 3),
             "client_cpu_ms_per_conn": round(client_cpu / count * 1000, 3),
             "ceiling_connects_per_second": round(cores / per_conn) if per_conn else None}
@@ -101,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
           f" {report['client_cpu_ms_per_conn']:.2f} ms of CPU per connection;"
           f" at most {report['ceiling_connects_per_second']:,} connections/s on"
           f" {report['cores']} cores with both ends on them")
+    print(f"Both ends of the handshake alone, no sockets:"
+          f" {report['memory_bio_cpu_ms_per_handshake']:.2f} ms of CPU")
 
 
 if __name__ == "__main__":

@@ -49,4 +49,5 @@ def test_tls_floor_smoke_measures_both_ends(tmp_path):
     assert report["connections"] == 20
     assert report["server_cpu_ms_per_conn"] > 0 and report["client_cpu_ms_per_conn"] > 0
     assert report["ceiling_connects_per_second"] > 0
+    assert report["memory_bio_cpu_ms_per_handshake"] > 0
     assert "connections/s" in proc.stdout
