@@ -189,6 +189,12 @@ def _options(argv: list[str], environ: Mapping[str, str]) -> tuple[str, dict]:
         raise UsageError("-rate must be >= 0 and -seconds > 0")
     if opts["url"] and not opts["url"].startswith(("http://", "https://")):
         raise UsageError(f"-url must be http(s)://host[:port]/derp, not {opts['url']!r}")
+    if opts["server_pid"] and not Path(f"/proc/{opts['server_pid']}").is_dir():
+        raise UsageError(f"-server-pid: no process {opts['server_pid']} on this machine")
+    folder = Path(opts["json"]).parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):  # before minutes of load
+        raise UsageError(f"-json: cannot write to {opts['json']!r}: {folder} is not a "
+                         "writable directory")
     return mode, opts
 
 

@@ -59,6 +59,9 @@ def test_bad_command_lines_exit_2_with_the_reason(capsys):
         (["conns", "-conns", "0"], {}, "-conns must be at least 1"),
         (["-url", "derp.example.com"], {}, "-url must be http(s)://host[:port]/derp"),
         ([], {"DERP_BENCH_RATE": "fast"}, "environment variable DERP_BENCH_RATE (for -rate)"),
+        (["-server-pid", "999999999"], {}, "-server-pid: no process 999999999 on this machine"),
+        (["-json", "/nonexistent/out.json"], {},
+         "-json: cannot write to '/nonexistent/out.json': /nonexistent is not a writable"),
     ]
     for argv, environ, message in cases:
         assert run(argv, environ) == 2
