@@ -14,7 +14,7 @@ from typing import Mapping
 
 import trio
 
-from . import __version__, logs
+from . import __version__, gc_tuning, logs
 from .config import DEV_ADDR, Config, default_key_path
 from .goflags import Flag, HelpRequested, UsageError, parse, usage
 from .keys import KeyFileError, KeyFormatError, KeyPair, load_or_create_key_file, parse_mesh_key
@@ -255,13 +255,6 @@ def _listen_error(e: OSError, config: Config) -> str:
             f"-http-port {config.http_port}{stun}")
 
 
-# Each new connection allocates a few hundred tracked objects that live as long as it does; at
-# Python's default (700, 10, 10) the collector spent a quarter of the server's CPU per new
-# connection walking them again (derper bench conns: 1.03 -> 0.74 ms/conn). The
-# relay hot path allocates no tracked objects, so rarer young passes cost it nothing.
-GC_THRESHOLDS = (20_000, 50, 100)
-
-
 def run_serve(argv: list[str], environ: Mapping[str, str]) -> int:
     try:
         config, _, show_version = build_config(argv, environ)
@@ -285,7 +278,7 @@ def run_serve(argv: list[str], environ: Mapping[str, str]) -> int:
     # new connections.
     gc.collect()
     gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
+    gc_tuning.for_many_connections()
     try:
         trio.run(partial(server.run, handle_signals=True))
     except OSError as e:

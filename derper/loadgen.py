@@ -16,7 +16,6 @@ known. ``derper bench`` is the command line.
 
 from __future__ import annotations
 
-import gc
 import multiprocessing
 import os
 import ssl
@@ -27,9 +26,9 @@ from collections import Counter
 import trio
 
 from . import client as derp_client
-from . import wire
-from .cli import GC_THRESHOLDS
+from . import gc_tuning, wire
 from .procstat import cpu_seconds, rss_bytes
+
 
 class LoadError(Exception):
     """The load could not run (the server did not start, a load process died)."""
@@ -268,10 +267,10 @@ def _percentile(hist: Counter, q: float) -> float | None:
 
 # ---- connection scale ---------------------------------------------------------------------------
 
-def _conns_worker(target: dict, count: int, concurrency: int, ready, done) -> dict:
-    gc.set_threshold(*GC_THRESHOLDS)  # the server's setting, for the same reason
+def _conns_worker(target: dict, count: int, concurrency: int, ready, done) -> None:
+    gc_tuning.for_many_connections()
 
-    async def main() -> dict:
+    async def main() -> None:
         limiter = trio.CapacityLimiter(concurrency)
         times: list[float] = []
         failures: list[str] = []
@@ -307,8 +306,7 @@ def _conns_worker(target: dict, count: int, concurrency: int, ready, done) -> di
                        "started": first, "finished": last})
             await trio.to_thread.run_sync(done.get)
             nursery.cancel_scope.cancel()
-        return {}
-    return trio.run(main)
+    trio.run(main)
 
 
 def run_conns(target: dict, conns: int, concurrency: int, procs: int,
