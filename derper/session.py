@@ -156,12 +156,14 @@ def _buffered_client_info(relay: Relay, reader: FrameReader) -> ClientInfo | Non
 
 async def _read_client_info(relay: Relay, stream: trio.abc.Stream,
                             reader: FrameReader) -> ClientInfo:
-    while (info := _buffered_client_info(relay, reader)) is None:
+    """Read until the ClientInfo is whole; called once the buffer is known not to hold it."""
+    while True:
         data = await stream.receive_some(RECV_SIZE)
         if not data:
             raise EOFError("peer closed before sending ClientInfo")
         reader.feed(data)
-    return info
+        if (info := _buffered_client_info(relay, reader)) is not None:
+            return info
 
 
 class Session:
