@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a b
 
 import trio  # noqa: E402
 
-from derper.cmd_bench import StartedServer  # noqa: E402
-from derper.loadgen import connect_target  # noqa: E402
-from derper import wire  # noqa: E402
+from derper.bench.loadgen import connect_target  # noqa: E402
+from derper.cli.bench import StartedServer  # noqa: E402
+from derper.proto import wire  # noqa: E402
 
 
 async def lockstep(target: dict, rounds: int, batch: int, size: int, between) -> None:

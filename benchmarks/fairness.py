@@ -29,7 +29,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a bare checkout too
 
 from derper import client as dc  # noqa: E402
-from derper.rate_config import parse_rate  # noqa: E402
+from derper.admission.rate_config import parse_rate  # noqa: E402
 
 BULK_SIZE, SMALL_SIZE, SMALL_PERIOD = 1200, 100, 0.02
 OVERHEAD = 5 + 32  # frame header + key, what the relay's budget counts besides the payload

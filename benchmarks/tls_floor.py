@@ -28,10 +28,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a bare checkout too
 
 from derper import client as derp_client  # noqa: E402
-from derper import metacert  # noqa: E402
-from derper.certs import ensure_ip_cert, load_manual  # noqa: E402
-from derper.keys import KeyPair  # noqa: E402
-from derper.tls import make_context  # noqa: E402
+from derper.certs.bundle import ensure_ip_cert, load_manual  # noqa: E402
+from derper.certs.context import make_context  # noqa: E402
+from derper.proto import metacert  # noqa: E402
+from derper.proto.keys import KeyPair  # noqa: E402
 
 
 def _cpu() -> float:

@@ -24,12 +24,13 @@ import trio
 import trio_websocket
 from cryptography import x509
 
-from . import __version__, handshake, metacert, wire
-from .handshake import ServerInfo
-from .keys import KeyPair
-from .tls_stream import TLSStream
-from .websocket import SUBPROTOCOL, WebSocketStream
-from .wire import FrameReader, FrameType
+from . import __version__
+from .http.websocket import SUBPROTOCOL, WebSocketStream
+from .net.tls_stream import TLSStream
+from .proto import handshake, metacert, wire
+from .proto.handshake import ServerInfo
+from .proto.keys import KeyPair
+from .proto.wire import FrameReader, FrameType
 
 RECV_SIZE = 64 << 10
 MAX_ERROR_BODY = 4096

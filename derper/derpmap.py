@@ -11,9 +11,9 @@ import ipaddress
 import json
 from dataclasses import dataclass
 
-from .certs import parse_ip
+from .certs.bundle import parse_ip
 from .config import Config
-from .listener import parse_addr
+from .net.listener import parse_addr
 
 SELF_HOSTED_REGIONS = range(900, 1000)  # reserved by Tailscale for user-run relays
 FORMATS = ("headscale", "tailscale", "json")

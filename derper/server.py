@@ -17,28 +17,32 @@ import trio
 from stun.counters import StunCounters
 from stun.server import open_stun_socket, serve_socket
 
-from . import __version__, logs, metacert, prom, sdnotify, tcp_rtt, varz, wire
-from .acme_certs import AcmeCerts
-from .acme_issuer import AcmeSettings, resolve_directory
-from .admission import DEFAULT_SOCKET, Admission, AdmissionConfigError, AllowList
-from .bootstrap_dns import BootstrapDNS, parse_names
-from .certs import CertError, derp_node_json, ensure_ip_cert, parse_ip
-from .challenges import Http01Responder
+from . import __version__, logs
+from .admission.fairshare import BandwidthLimiter
+from .admission.gate import DEFAULT_SOCKET, Admission, AdmissionConfigError, AllowList
+from .admission.limits import HandshakeSlots, TokenBucket
+from .admission.rate_config import RateConfigError, load_rate_config, parse_rate
+from .certs.acme import AcmeCerts
+from .certs.acme_order import AcmeSettings, resolve_directory
+from .certs.bundle import CertError, derp_node_json, ensure_ip_cert, parse_ip
+from .certs.context import ServerTLS
+from .certs.http01 import Http01Responder
+from .certs.manual import ManualCerts
+from .cli import sdnotify
 from .config import CERT_MODES, GO_DEFAULT_HOSTNAME, Config
-from .endpoints import Endpoints, Request, Response, https_redirect
-from .exposition import Exposition
-from .fairshare import BandwidthLimiter
-from .http_server import serve_http
-from .keys import KeyPair, public_text
-from .limits import HandshakeSlots, TokenBucket
-from .listener import (accept_loop, bound_port, host_literal, open_listener, parse_addr,
-                       peer_address, tune)
-from .manual_certs import ManualCerts
-from .metrics import tls_version_index
-from .rate_config import RateConfigError, load_rate_config, parse_rate
-from .relay import Relay
-from .tls import ServerTLS
-from .tls_stream import TLSStream
+from .http.bootstrap_dns import BootstrapDNS, parse_names
+from .http.endpoints import Endpoints, Request, Response, https_redirect
+from .http.server import serve_http
+from .metrics import prometheus as prom, varz
+from .metrics.counters import tls_version_index
+from .metrics.exposition import Exposition
+from .net.listener import (accept_loop, bound_port, host_literal, open_listener, parse_addr,
+                           peer_address, tune)
+from .net.tls_stream import TLSStream
+from .proto import metacert, wire
+from .proto.keys import KeyPair, public_text
+from .relay import tcp_rtt
+from .relay.hub import Relay
 
 log = logs.get("derper.server")
 

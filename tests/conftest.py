@@ -10,7 +10,7 @@ import pytest
 import trustme
 
 from derper.config import Config
-from derper.keys import KeyPair
+from derper.proto.keys import KeyPair
 from derper.server import Server
 
 

@@ -18,9 +18,9 @@ import trio
 from cryptography import x509
 
 from derper import client as dc
-from derper.certs import manual_paths
+from derper.certs.bundle import manual_paths
 from derper.config import Config
-from derper.keys import KeyPair
+from derper.proto.keys import KeyPair
 from derper.server import ConfigError, Server
 from tests.conftest import BASE, client_context, write_cert
 from tests.pebble import DOMAIN, Pebble, served_leaf

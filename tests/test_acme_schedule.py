@@ -7,9 +7,9 @@ import datetime
 import pytest
 import trustme
 
-from derper.acme_certs import renewal_time, retry_delay
-from derper.acme_issuer import LETSENCRYPT, LETSENCRYPT_STAGING, resolve_directory
-from derper.certs import check_bundle
+from derper.certs.acme import renewal_time, retry_delay
+from derper.certs.acme_order import LETSENCRYPT, LETSENCRYPT_STAGING, resolve_directory
+from derper.certs.bundle import check_bundle
 
 START = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
 

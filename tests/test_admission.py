@@ -15,10 +15,11 @@ from dataclasses import replace
 import pytest
 import trio
 
-from derper import admission, http_client
 from derper import client as dc
-from derper.admission import AdmissionConfigError, parse_allow_keys
-from derper.keys import KeyPair, public_text
+from derper.admission import gate as admission
+from derper.admission.gate import AdmissionConfigError, parse_allow_keys
+from derper.http import client as http_client
+from derper.proto.keys import KeyPair, public_text
 from derper.server import ConfigError, Server
 from tests.admission_servers import (FakeBackend, headscale_answer, localapi_answer, serve_tcp,
                                      serve_unix)
@@ -92,7 +93,7 @@ async def test_headscale_verify_with_tls_and_cache(start_server, ca, nursery, ca
     backend = await serve_tcp(FakeBackend(headscale_answer({public_text(me.public)})), nursery)
     server = await start_server(tls=True, verify_client_url=f"http://127.0.0.1:{backend.port}/v",
                                 verify_client_url_fail_open=False)
-    caplog.set_level(logging.INFO, logger="derper.admission")
+    caplog.set_level(logging.INFO, logger="derper.admission.gate")
     for _ in range(3):
         assert await admitted(server, ca, me)
         assert not await admitted(server, ca, stranger)
@@ -181,7 +182,7 @@ async def test_allow_keys_reload_on_change_and_sighup(start_server, ca, tmp_path
     path.write_text(key_file(a, b))  # picked up by the poll
     await wait_until(lambda: b.public in server.allow_list.keys)
     assert await admitted(server, ca, b)
-    caplog.set_level(logging.ERROR, logger="derper.admission")
+    caplog.set_level(logging.ERROR, logger="derper.admission.gate")
     path.write_text("garbage\n")
     server.reload()  # what SIGHUP does; a broken file keeps the previous keys
     assert server.allow_list.keys == {a.public, b.public}

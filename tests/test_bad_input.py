@@ -12,8 +12,8 @@ import trio
 from nacl.bindings import crypto_box
 
 from derper import client as dc
-from derper import handshake, wire
-from derper.keys import KeyPair
+from derper.proto import handshake, wire
+from derper.proto.keys import KeyPair
 from tests.conftest import url
 from tests.relay_helpers import assert_relays, connect_opts
 

@@ -18,8 +18,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
-from derper import certs, metacert
-from derper.certs import CertError
+from derper.certs import bundle as certs
+from derper.certs.bundle import CertError
+from derper.proto import metacert
 
 UTC = datetime.timezone.utc
 NOW = datetime.datetime(2026, 6, 1, 12, 0, 0, tzinfo=UTC)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from derper.challenges import Http01Responder
-from derper.endpoints import Request
+from derper.certs.http01 import Http01Responder
+from derper.http.endpoints import Request
 
 
 def get(responder: Http01Responder, path: str, method: str = "GET"):

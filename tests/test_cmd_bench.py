@@ -8,7 +8,7 @@ import sys
 
 import trio
 
-from derper.cmd_bench import run
+from derper.cli.bench import run
 from tests.process import free_port
 
 

@@ -6,7 +6,7 @@ import socket
 
 import trio
 
-from derper import sdnotify
+from derper.cli import sdnotify
 from tests.process import DerperProcess, free_port
 
 

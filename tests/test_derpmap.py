@@ -11,8 +11,8 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from derper import cmd_derpmap
-from derper.certs import ensure_ip_cert
+from derper.certs.bundle import ensure_ip_cert
+from derper.cli import derpmap as cmd_derpmap
 from derper.config import Config
 from derper.derpmap import MapOptions, build, headscale_yaml
 from tests.process import run_derper

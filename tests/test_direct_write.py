@@ -9,12 +9,11 @@ import pytest
 import trio
 
 from derper import client as dc
-from derper import wire
-from derper.metrics import DropReason
-from derper.tls_stream import TLSStream
+from derper.metrics.counters import DropReason
+from derper.net.tls_stream import TLSStream
+from derper.proto import wire
 from tests.conftest import url
-from tests.relay_helpers import (assert_relays, connect_opts, expect_closed, recv_kind,
-                                 wait_until)
+from tests.relay_helpers import assert_relays, connect_opts, expect_closed, recv_kind, wait_until
 
 
 @pytest.fixture

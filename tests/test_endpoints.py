@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from derper import endpoints
-from derper.endpoints import Endpoints, Request, Response
+from derper.http import endpoints
+from derper.http.endpoints import Endpoints, Request, Response
 
 NO_CACHE = "no-cache, no-store, must-revalidate, no-transform, max-age=0"
 BROWSER_HEADERS = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from derper.fairshare import QUANTUM, FairShare
+from derper.admission.fairshare import QUANTUM, FairShare
 
 RATE = 500_000.0  # 4 Mbit/s in bytes/s
 CHUNK = 16 << 10  # what a paced session reads at once

@@ -5,13 +5,12 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
-from derper import cli
+from derper.cli import main as cli
+from derper.cli.goflags import (Flag, HelpRequested, UsageError, format_duration, parse,
+                                parse_duration, usage)
 from derper.config import Config
-from derper.goflags import (Flag, HelpRequested, UsageError, format_duration, parse,
-                            parse_duration, usage)
 
 FLAGS = [
     Flag("a", "addr", "string", "listen address", ("T_ADDR",)),

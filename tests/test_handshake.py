@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from nacl.bindings import crypto_box
 
-from derper import handshake, wire
-from derper.handshake import ClientInfo, HandshakeError, ServerInfo
-from derper.keys import KeyPair
+from derper.proto import handshake, wire
+from derper.proto.handshake import ClientInfo, HandshakeError, ServerInfo
+from derper.proto.keys import KeyPair
 
 CLIENT_PRIV = bytes.fromhex("40ab1b58e9076c7a4d9d07291f5edf9d1aa017eb949624ba683317f48a640369")
 CLIENT_PUB = bytes.fromhex("50d20b455ecf12bc453f83c2cfdb2a24925d06cf2598dcaa54e91af82ce9f765")

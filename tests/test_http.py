@@ -11,7 +11,7 @@ import trio
 import trio_websocket
 
 from derper import client as dc
-from derper.tls_stream import TLSStream
+from derper.net.tls_stream import TLSStream
 from tests.conftest import client_context, url
 from tests.relay_helpers import connect_opts, wait_until
 

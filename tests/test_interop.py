@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from derper.keys import KeyPair, parse_private
-from derper.wire import ALL_TYPES, FrameReader, FrameType, is_disco
+from derper.proto.keys import KeyPair, parse_private
+from derper.proto.wire import ALL_TYPES, FrameReader, FrameType, is_disco
 from tests.relay_helpers import wait_until
 
 INTEROP = Path(__file__).resolve().parent / "data" / "interop"  # copied from the reference set

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from derper import keys
-from derper.keys import KeyFileError, KeyFormatError, KeyPair
+from derper.proto import keys
+from derper.proto.keys import KeyFileError, KeyFormatError, KeyPair
 
 PRIV_HEX = "40ab1b58e9076c7a4d9d07291f5edf9d1aa017eb949624ba683317f48a640369"
 PUB_HEX = "50d20b455ecf12bc453f83c2cfdb2a24925d06cf2598dcaa54e91af82ce9f765"

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from derper.limits import TokenBucket
+from derper.admission.limits import TokenBucket
 
 
 def allowed(bucket: TokenBucket, now: float, times: int, n: float = 1.0) -> list[bool]:

@@ -7,7 +7,7 @@ import logging
 import trio
 
 from derper import client as dc
-from derper.certs import manual_paths
+from derper.certs.bundle import manual_paths
 from tests.conftest import client_context, url, write_cert
 from tests.pebble import served_leaf
 from tests.relay_helpers import assert_relays, connect_opts, wait_until

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 
 from derper import client as dc
-from derper import wire
-from derper.keys import KeyPair
-from derper.metrics import DropReason
-from derper.wire import PeerPresentFlags
+from derper.metrics.counters import DropReason
+from derper.proto import wire
+from derper.proto.keys import KeyPair
+from derper.proto.wire import PeerPresentFlags
 from tests.conftest import url
 from tests.relay_helpers import connect_opts, expect_closed, recv_kind, wait_until
 

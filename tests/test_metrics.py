@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import trio
 
-from derper import client as dc
-from derper import logs, wire
+from derper import client as dc, logs
 from derper.config import Config
-from derper.keys import KeyPair, public_text
-from derper.metrics import DropReason, Histogram
+from derper.metrics.counters import DropReason, Histogram
+from derper.metrics.varz import debug_allowed, go_number, parse_cidrs, render
+from derper.proto import wire
+from derper.proto.keys import KeyPair, public_text
 from derper.server import ConfigError, Server
-from derper.varz import debug_allowed, go_number, parse_cidrs, render
 from tests.conftest import client_context, url
 from tests.process import free_port
 from tests.relay_helpers import assert_relays, connect_opts, recv_kind, wait_until
@@ -73,7 +73,7 @@ async def fetch(address: str, path: str, *, headers: dict | None = None,
 def _prom_text(server: Server) -> str:
     from prometheus_client import generate_latest
 
-    from derper.prom import registry
+    from derper.metrics.prometheus import registry
     return generate_latest(registry(server.exposition.metrics)).decode()
 
 

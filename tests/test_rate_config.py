@@ -6,9 +6,9 @@ import contextvars
 
 import pytest
 
-from derper.limits import HandshakeSlots, TokenBucket, current_slot, handshake_done
-from derper.rate_config import (MIN_BURST, RateConfigError, ReceiveLimit, parse_rate,
-                                parse_rate_config)
+from derper.admission.limits import HandshakeSlots, TokenBucket, current_slot, handshake_done
+from derper.admission.rate_config import (MIN_BURST, RateConfigError, ReceiveLimit, parse_rate,
+                                          parse_rate_config)
 
 
 @pytest.mark.parametrize("text,expect", [

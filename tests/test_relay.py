@@ -10,10 +10,10 @@ import pytest
 import trio
 
 from derper import client as dc
-from derper import handshake, metacert, wire
-from derper.keys import KeyPair
-from derper.metrics import DropReason
-from derper.tls_stream import TLSStream
+from derper.metrics.counters import DropReason
+from derper.net.tls_stream import TLSStream
+from derper.proto import handshake, metacert, wire
+from derper.proto.keys import KeyPair
 from tests.conftest import client_context, url
 from tests.relay_helpers import (assert_relays, connect_opts, expect_closed,
                                  messages_until_self_packet, recv_kind, wait_until)

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from derper.metrics import Stats
-from derper.router import Router
-from derper.wire import PeerGoneReason
+from derper.metrics.counters import Stats
+from derper.proto.wire import PeerGoneReason
+from derper.relay.router import Router
 
 _conn_ids = itertools.count(1)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from derper import wire
-from derper.metrics import DropReason, Stats
-from derper.sendqueue import DEFAULT_DEPTH, SendQueue
+from derper.metrics.counters import DropReason, Stats
+from derper.proto import wire
+from derper.relay.sendqueue import DEFAULT_DEPTH, SendQueue
 
 SRC = bytes(range(32))
 

@@ -10,8 +10,7 @@ import zlib
 
 import pytest
 from aioice import stun as aioice_stun
-from hypothesis import example, given, settings
-from hypothesis import strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from stun.message import MAX_GROWTH, MAX_REQUEST_SIZE, Disposition, respond, tailscale_request
 

@@ -19,8 +19,7 @@ from functools import partial
 import pytest
 import trio
 import trio.testing
-from aioice import ice
-from aioice import stun as aioice_stun
+from aioice import ice, stun as aioice_stun
 
 from stun.counters import StunCounters
 from stun.message import Disposition, tailscale_request

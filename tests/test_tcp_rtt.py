@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from derper import client as dc
-from derper import tcp_rtt
-from derper.metrics import TCP_RTT_LABELS
+from derper.metrics.counters import TCP_RTT_LABELS
+from derper.relay import tcp_rtt
 from tests.conftest import url
 from tests.relay_helpers import connect_opts, wait_until
 

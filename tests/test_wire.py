@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
-from derper import wire
-from derper.wire import FrameError, FrameReader, FrameType, PeerGoneReason, PeerPresent
+from derper.proto import wire
+from derper.proto.wire import FrameError, FrameReader, FrameType, PeerGoneReason, PeerPresent
 
 K = bytes.fromhex("50d20b455ecf12bc453f83c2cfdb2a24925d06cf2598dcaa54e91af82ce9f765")
 S = bytes.fromhex("358072d6365880d1aeea329adf9121383851ed21a28e3b75e965d0d2cd166254")

@@ -1,0 +1,1 @@
+"""TLS certificates: bundles and checks, SSL contexts, manual files, ACME, HTTP-01."""

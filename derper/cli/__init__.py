@@ -1,0 +1,1 @@
+"""The derper command: flags, subcommands, service integration."""

@@ -1,0 +1,267 @@
+"""``derper bench``: load a DERP relay and print what it delivered, as a table and as JSON.
+
+Without ``-url`` it starts a fresh derper on loopback (TLS, a self-signed pinned certificate) and
+loads that; with ``-url`` it loads any DERP server, ours or Go's, for a side-by-side ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Mapping
+
+from ..bench.loadgen import LoadError, median_row, run_conns, run_relay
+from ..bench.procstat import rss_bytes
+from .goflags import Flag, HelpRequested, UsageError, parse, usage
+
+MODES = ("relay", "conns")
+
+
+def _flag(name: str, field: str, kind: str, help: str) -> Flag:
+    return Flag(name, field, kind, help, ("DERP_BENCH_" + field.upper(),))
+
+
+BENCH_FLAGS = [
+    _flag("url", "url", "string",
+          "DERP server to load, https://host[:port]/derp (default: start a derper on loopback)"),
+    _flag("cert-pin", "cert_pin", "string",
+          "sha256-raw:... pin of the -url server's self-signed certificate (its CertName)"),
+    _flag("ca-file", "ca_file", "string", "CA bundle to verify the -url server's certificate"),
+    _flag("server-pid", "server_pid", "int",
+          "pid of the -url server on this machine, for its CPU and memory figures"),
+    _flag("server-args", "server_args", "string",
+          "extra flags for the started derper, space separated"),
+    _flag("clients", "clients", "int", "relay: clients, in pairs (8 = 8 senders, 8 receivers)"),
+    _flag("size", "size", "int", "relay: packet bytes"),
+    _flag("rate", "rate", "int", "relay: packets/s per sender; 0 = flood"),
+    _flag("coalesce", "coalesce", "bool",
+          "relay: one TLS record per batch instead of one per packet"),
+    _flag("seconds", "seconds", "float", "relay: measured seconds"),
+    _flag("warmup", "warmup", "float", "relay: seconds sent before measuring"),
+    _flag("drain", "drain", "float", "relay: seconds receivers keep reading after the senders"),
+    _flag("procs", "procs", "int", "load processes"),
+    _flag("repeat", "repeat", "int", "runs; the median run is reported"),
+    _flag("suite", "suite", "bool", "relay: the 8 x 5k, 8 x 10k and flood rows"),
+    _flag("conns", "conns", "int", "conns: connections to open and hold"),
+    _flag("concurrency", "concurrency", "int", "conns: handshakes in flight per process"),
+    _flag("json", "json", "string", "where to write every figure as JSON"),
+    _flag("smoke", "smoke", "bool", "a seconds-long correctness run"),
+]
+DEFAULTS = {"url": "", "cert_pin": "", "ca_file": "", "server_pid": 0, "server_args": "",
+            "clients": 8, "size": 1280, "rate": 10000, "coalesce": False, "seconds": 5.0,
+            "warmup": 1.0, "drain": 1.0, "procs": 4, "repeat": 1, "suite": False,
+            "conns": 1000, "concurrency": 64, "json": "derp_bench.json", "smoke": False}
+
+SUITE = [  # (label, rate per sender): the rows of the README's performance table
+    ("8 x 5k pkt/s", 5000),
+    ("8 x 10k pkt/s", 10000),
+    ("8 x flood", 0),
+]
+
+USAGE_HEAD = """\
+Usage: derper bench [relay|conns] [flags]
+
+relay (the default): clients in pairs relay timestamped packets through the server; prints
+delivered packets/s and Mbit/s, loss, one-way latency percentiles and CPU use.
+conns: opens and holds idle TLS + DERP connections; prints connections per second and, for a
+server on this machine, its memory and CPU per connection.
+
+Examples:
+  derper bench -suite -repeat 3
+      a fresh local derper: 8 x 5k pkt/s, 8 x 10k pkt/s and a flood, 1280-byte packets
+  derper bench conns -conns 10000
+      10,000 idle connections to a fresh local derper
+  derper bench -url https://derp.example.com/derp -clients 2 -rate 100 -seconds 10
+      latency through your relay from this machine (client -> relay -> client)
+  derper bench -url https://203.0.113.7/derp -cert-pin sha256-raw:<CertName> -clients 2 -rate 100
+      the same for a relay with a pinned self-signed certificate (CertName from its DERP map)
+
+Each load generator process costs about one CPU core at full speed: aim it only at servers
+you run.
+
+Flags:
+"""
+
+
+class StartedServer:
+    """A fresh ``derper`` over TLS with a self-signed, pinned IP certificate."""
+
+    def __init__(self, extra: list[str], wrapper: list[str] = (), cwd: str | None = None) -> None:
+        self._dir = tempfile.TemporaryDirectory()
+        self.dir = Path(self._dir.name)
+        port = _free_tcp_port()
+        args = [*wrapper, sys.executable, "-m", "derper", "-hostname", "127.0.0.1",
+                "-certmode", "manual", "-certdir", self._dir.name, "-a", f"127.0.0.1:{port}",
+                "-http-port", "-1", "-stun=false", "-metrics-addr", "off", *extra]
+        self._log = open(self.dir / "derper.log", "wb")
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._log,
+                                     text=True, cwd=cwd)
+        line = self.proc.stdout.readline()  # the DERP map node with the pin
+        if not line:
+            self.close()
+            raise LoadError("derper did not start:\n" + self.log())
+        self.pin = json.loads(line)["CertName"]
+        self.url = f"https://127.0.0.1:{port}/derp"
+        try:
+            _wait_listening(port, self.proc, 60 if wrapper else 10)
+        except LoadError:
+            self.close()
+            raise
+
+    def log(self) -> str:
+        return (self.dir / "derper.log").read_text()
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        self._log.close()
+        self._dir.cleanup()
+
+
+def _free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_listening(port: int, proc: subprocess.Popen, seconds: float) -> None:
+    for _ in range(int(seconds / 0.05)):
+        if proc.poll() is not None:
+            raise LoadError(f"derper exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise LoadError("derper is not listening")
+
+
+def run(argv: list[str], environ: Mapping[str, str]) -> int:
+    try:
+        mode, opts = _options(argv, environ)
+    except HelpRequested:
+        print(USAGE_HEAD + usage(BENCH_FLAGS, DEFAULTS))
+        return 0
+    except UsageError as e:
+        print(f"derper bench: {e}\nRun 'derper bench -h' for the list of flags.",
+              file=sys.stderr)
+        return 2
+    try:
+        report = _bench(mode, opts)
+    except LoadError as e:
+        print(f"derper bench: {e}", file=sys.stderr)
+        return 1
+    Path(opts["json"]).write_text(json.dumps(report, indent=2) + "\n")
+    _print_table(mode, report["rows"])
+    print(f"({opts['repeat']} run(s), medians; target {report['target']};"
+          f" JSON in {opts['json']})")
+    return 0
+
+
+def _options(argv: list[str], environ: Mapping[str, str]) -> tuple[str, dict]:
+    """The mode (first argument, or after the flags) and every option, defaults filled in."""
+    mode = "relay"
+    if argv and argv[0] in MODES:
+        mode, argv = argv[0], argv[1:]
+    values, _, rest = parse(BENCH_FLAGS, argv, environ)
+    if rest and rest[0] in MODES:
+        mode = rest[0]
+        more, _, rest = parse(BENCH_FLAGS, rest[1:], {})
+        values.update(more)
+    if rest:
+        raise UsageError(f"unexpected argument {rest[0]!r} (modes: {', '.join(MODES)})")
+    opts = {**DEFAULTS, **values}
+    if opts["smoke"]:
+        opts.update(clients=2, rate=200, seconds=0.5, warmup=0.2, drain=0.3, procs=1, repeat=1,
+                    conns=20, concurrency=10, suite=False)
+    if opts["clients"] < 2 or opts["clients"] % 2:
+        raise UsageError(f"-clients must be an even number >= 2, not {opts['clients']}")
+    for name in ("size", "procs", "repeat", "conns", "concurrency"):
+        if opts[name] < 1:
+            raise UsageError(f"-{name} must be at least 1")
+    if opts["rate"] < 0 or opts["seconds"] <= 0:
+        raise UsageError("-rate must be >= 0 and -seconds > 0")
+    if opts["url"] and not opts["url"].startswith(("http://", "https://")):
+        raise UsageError(f"-url must be http(s)://host[:port]/derp, not {opts['url']!r}")
+    if opts["server_pid"] and not Path(f"/proc/{opts['server_pid']}").is_dir():
+        raise UsageError(f"-server-pid: no process {opts['server_pid']} on this machine")
+    folder = Path(opts["json"]).parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):  # before minutes of load
+        raise UsageError(f"-json: cannot write to {opts['json']!r}: {folder} is not a "
+                         "writable directory")
+    return mode, opts
+
+
+def _bench(mode: str, opts: dict) -> dict:
+    server = None if opts["url"] else StartedServer(opts["server_args"].split())
+    try:
+        target = {"url": opts["url"] or server.url,
+                  "cert_pin": (opts["cert_pin"] or None) if opts["url"] else server.pin,
+                  "ca_file": opts["ca_file"] or None}
+        pid = server.proc.pid if server else opts["server_pid"] or None
+        if mode == "conns":
+            rss = rss_bytes(pid) if pid else None
+            runs = [run_conns(target, opts["conns"], opts["concurrency"], opts["procs"], pid,
+                              rss) for _ in range(opts["repeat"])]
+            if not any(r["connected"] for r in runs):
+                raise LoadError(f"no connection succeeded: {runs[0]['first_error']}")
+            rows = {"conns": median_row(runs)}
+        else:
+            plan = SUITE if opts["suite"] else [
+                (f"{opts['clients']} x {_rate_text(opts['rate'])}", opts["rate"])]
+            runs, rows = [], {}
+            for _ in range(opts["repeat"]):  # interleaved, so drift hits every row alike
+                for label, rate in plan:
+                    job = {"clients": opts["clients"], "size": opts["size"], "rate": rate,
+                           "coalesce": opts["coalesce"], "seconds": opts["seconds"],
+                           "warmup": opts["warmup"], "drain": opts["drain"]}
+                    runs.append({"label": label,
+                                 **run_relay(target, job, opts["procs"], pid)})
+            for label, _ in plan:
+                rows[label] = median_row([r for r in runs if r["label"] == label])
+    finally:
+        if server:
+            server.close()
+    return {"mode": mode, "target": target["url"], "started_server": server is not None,
+            "cpus": len(os.sched_getaffinity(0)), "python": sys.version.split()[0],
+            "rows": rows, "runs": runs}
+
+
+def _rate_text(rate: int) -> str:
+    return "flood" if not rate else f"{rate:,} pkt/s"
+
+
+def _print_table(mode: str, rows: dict) -> None:
+    if mode == "conns":
+        print(f"{'connections':>11} {'connects/s':>11} {'failures':>9} {'server RSS':>11}"
+              f" {'RSS/conn':>9} {'server ms/conn':>14} {'load ms/conn':>12}")
+        for row in rows.values():
+            rss = "-" if row["server_rss_mb"] is None else f"{row['server_rss_mb']:.0f} MB"
+            per = "-" if row["rss_per_conn_kb"] is None else f"{row['rss_per_conn_kb']:.1f} KB"
+            print(f"{row['connected']:>11,} {row['connects_per_second'] or 0:>11,}"
+                  f" {row['failures']:>9} {rss:>11} {per:>9}"
+                  f" {_ms(row['server_cpu_ms_per_conn']):>14}"
+                  f" {_ms(row['load_cpu_ms_per_conn']):>12}")
+            if row["first_error"]:
+                print(f"first failure: {row['first_error']}")
+        return
+    print(f"{'load':<16} {'offered pkt/s':>13} {'delivered pkt/s':>15} {'Mbit/s':>7}"
+          f" {'loss':>7} {'p50 ms':>7} {'p99 ms':>7} {'p99.9 ms':>8} {'server CPU':>10}"
+          f" {'load CPU':>8}")
+    for label, r in rows.items():
+        lat = r["latency_ms"]
+        cpu = "-" if r["server_cpu"] is None else f"{r['server_cpu']:.0%}"
+        loss = "-" if r["loss"] is None else f"{r['loss']:.2%}"
+        print(f"{label:<16} {r['offered_pps']:>13,} {r['delivered_pps']:>15,}"
+              f" {r['delivered_mbit_s']:>7.0f} {loss:>7} {_ms(lat['p50']):>7}"
+              f" {_ms(lat['p99']):>7} {_ms(lat['p99.9']):>8} {cpu:>10} {r['load_cpu']:>8.0%}")
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"

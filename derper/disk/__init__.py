@@ -1,0 +1,1 @@
+"""What the server keeps on disk: atomic writes, the key file, watching files change."""

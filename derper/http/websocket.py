@@ -1,0 +1,113 @@
+"""DERP over WebSocket (subprotocol ``derp``, spec §1.6): a WebSocket as a DERP byte stream.
+
+Binary messages carry the DERP byte stream; message boundaries mean nothing. trio-websocket
+wants to read the HTTP request itself, so it is given a stream that first replays the request
+head we already parsed.
+"""
+
+from __future__ import annotations
+
+import trio
+import trio_websocket
+from trio_websocket import ConnectionClosed
+
+from .. import logs
+from ..relay.hub import Relay
+from ..relay.session import serve_derp
+from .endpoints import Request
+
+log = logs.get("derper.http.websocket")
+
+MAX_MESSAGE = 1 << 20  # Go's 32 KiB default is too small for a 64 KiB packet
+SUBPROTOCOL = "derp"
+
+
+class ReplayStream(trio.abc.Stream):
+    """``prefix`` first, then ``stream``."""
+
+    def __init__(self, prefix: bytes, stream: trio.abc.Stream) -> None:
+        self._prefix = prefix
+        self._stream = stream
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            data, self._prefix = self._prefix, b""
+            return data
+        return await self._stream.receive_some(max_bytes)
+
+    async def send_all(self, data) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+class WebSocketStream(trio.abc.Stream):
+    """A WebSocket connection as a byte stream of binary messages (both directions)."""
+
+    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+        self.ws = ws
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        try:
+            message = await self.ws.get_message()
+        except ConnectionClosed:
+            return b""
+        if isinstance(message, str):
+            await self.ws.aclose(code=1003, reason="DERP needs binary messages")
+            raise trio.BrokenResourceError("text WebSocket message")
+        return message
+
+    async def send_all(self, data) -> None:
+        try:
+            await self.ws.send_message(bytes(data))
+        except ConnectionClosed as e:
+            raise trio.BrokenResourceError("WebSocket closed") from e
+
+    async def wait_send_all_might_not_block(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        await self.ws.aclose()
+
+
+def request_head(req: Request) -> bytes:
+    lines = [f"{req.method} {req.target} HTTP/1.1".encode()]
+    lines += [k + b": " + v for k, v in req.headers]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+async def serve_websocket(relay: Relay, stream: trio.abc.Stream, req: Request, trailing: bytes,
+                          remote_ip: str | None, remote_port: int, *, head_timeout: float,
+                          not_ideal: bool) -> None:
+    async with trio.open_nursery() as nursery:
+        try:
+            await _accept_and_serve(nursery, relay, stream, req, trailing, remote_ip,
+                                    remote_port, head_timeout, not_ideal)
+        finally:
+            nursery.cancel_scope.cancel()  # trio-websocket's reader task
+
+
+async def _accept_and_serve(nursery: trio.Nursery, relay: Relay, stream: trio.abc.Stream,
+                            req: Request, trailing: bytes, remote_ip: str | None,
+                            remote_port: int, head_timeout: float, not_ideal: bool) -> None:
+    try:
+        with trio.fail_after(head_timeout):
+            ws_req = await trio_websocket.wrap_server_stream(
+                nursery, ReplayStream(request_head(req) + trailing, stream),
+                message_queue_size=4, max_message_size=MAX_MESSAGE)
+            if SUBPROTOCOL not in ws_req.proposed_subprotocols:
+                ws = await ws_req.accept()
+                await ws.aclose(code=1008, reason="subprotocol derp required")
+                return
+            ws = await ws_req.accept(subprotocol=SUBPROTOCOL)
+    except (trio.TooSlowError, ConnectionClosed, trio.BrokenResourceError) as e:
+        log.info("WebSocket upgrade failed", remote=f"{remote_ip}:{remote_port}",
+                 error=type(e).__name__)
+        return
+    relay.stats.websocket_accepts += 1
+    await serve_derp(relay, WebSocketStream(ws), remote_ip=remote_ip, remote_port=remote_port,
+                     not_ideal=not_ideal, transport="websocket")

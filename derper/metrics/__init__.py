@@ -1,0 +1,1 @@
+"""Counters on the hot path and their expositions (/debug/varz, /metrics)."""

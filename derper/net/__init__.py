@@ -1,0 +1,1 @@
+"""Sockets and byte streams: listeners, TLS, addresses, reading frames off a stream."""

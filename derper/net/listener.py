@@ -1,0 +1,157 @@
+"""TCP listeners: address parsing, binding, socket options and an accept loop that never dies.
+
+Over-limit or failed accepts close that one socket and the loop goes on (the Go derper's accept
+limiter can make the whole server exit; spec §4.11).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+from typing import Awaitable, Callable
+
+import trio
+
+from .. import logs
+from ..admission.limits import TokenBucket
+from ..metrics.counters import Stats
+
+log = logs.get("derper.net.listener")
+
+BACKLOG = 4096
+_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 15, 9  # Go runtime defaults
+
+
+class AddressError(ValueError):
+    pass
+
+
+def parse_addr(addr: str) -> tuple[str | None, int]:
+    """Go-style listen address: ``:port``, ``ip:port``, ``[ipv6]:port``, ``host:port``.
+
+    Returns (host or None for "every interface", port). The port may be a service name.
+    """
+    if addr.startswith("["):
+        end = addr.find("]")
+        if end < 0 or addr[end + 1:end + 2] != ":":
+            raise AddressError(f"bad listen address {addr!r}: expected [ipv6]:port")
+        host, port_text = addr[1:end], addr[end + 2:]
+    else:
+        host, sep, port_text = addr.rpartition(":")
+        if not sep:
+            raise AddressError(f"bad listen address {addr!r}: missing port (try ':{addr}')")
+        if ":" in host:
+            raise AddressError(f"bad listen address {addr!r}: IPv6 must be written [ip]:port")
+    try:
+        port = int(port_text) if port_text.isdigit() else socket.getservbyname(port_text, "tcp")
+    except OSError:
+        raise AddressError(f"bad listen address {addr!r}: unknown port {port_text!r}") from None
+    if not 0 <= port <= 65535:
+        raise AddressError(f"bad listen address {addr!r}: port out of range")
+    return (host or None), port
+
+
+def host_literal(host: str | None) -> str:
+    """``host`` as it goes into a URL or an ``ip:port`` string."""
+    if host and ":" in host:
+        return f"[{host}]"
+    return host or ""
+
+
+def normalize_ip(ip: str) -> str:
+    """``::ffff:a.b.c.d`` (IPv4 on a dual-stack socket) → ``a.b.c.d``."""
+    if ":" not in ip:
+        return ip  # IPv4 already: skip the parse (once per accepted connection)
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        return str(addr.ipv4_mapped)
+    return ip
+
+
+async def open_listener(host: str | None, port: int) -> trio.SocketListener:
+    """Bind ``host:port``; no host means every interface, IPv6 and IPv4 on one socket."""
+    if host is None:
+        try:
+            return await _bind(socket.AF_INET6, "::", port, dual_stack=True)
+        except OSError as e:
+            if e.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                raise
+            return await _bind(socket.AF_INET, "0.0.0.0", port)
+    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                          flags=socket.AI_PASSIVE)
+    family, _, _, _, sockaddr = infos[0]
+    return await _bind(family, sockaddr[0], port)
+
+
+async def _bind(family: int, host: str, port: int, dual_stack: bool = False) -> trio.SocketListener:
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
+        await sock.bind((host, port))
+        sock.listen(BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
+
+
+def bound_port(listener: trio.SocketListener) -> int:
+    return listener.socket.getsockname()[1]
+
+
+def tune(sock: trio.socket.SocketType, keepalive_idle: float, user_timeout: float) -> None:
+    """TCP keepalive and TCP_USER_TIMEOUT so dead peers are noticed (spec §4.12).
+
+    Set once on the listening socket: Linux copies these options to every connection it accepts,
+    which saves five system calls per connection.
+    """
+    try:
+        if keepalive_idle > 0:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(keepalive_idle)))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+        if user_timeout > 0 and hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(user_timeout * 1000))
+    except OSError as e:
+        log.warning("cannot set TCP keepalive or user timeout", error=e.strerror)
+
+
+def peer_address(stream: trio.SocketStream) -> tuple[str | None, int]:
+    try:
+        addr = stream.socket.getpeername()
+    except OSError:
+        return None, 0
+    return normalize_ip(addr[0]), addr[1]
+
+
+async def accept_loop(listener: trio.SocketListener, nursery: trio.Nursery,
+                      handler: Callable[[trio.SocketStream], Awaitable[None]], *,
+                      stats: Stats, limiter: TokenBucket | None = None) -> None:
+    """Accept until the listener is closed; a resource shortage pauses, never stops, it."""
+    while True:
+        try:
+            stream = await listener.accept()
+        except trio.ClosedResourceError:
+            return
+        except OSError as e:
+            if e.errno in _CAPACITY_ERRNOS:
+                log.error("accept failed: out of resources; pausing 100ms", error=e.strerror)
+                await trio.sleep(0.1)
+                continue
+            if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                continue
+            raise
+        if limiter is not None and not limiter.allow(trio.current_time()):
+            stats.rejected_connections += 1
+            stream.socket.close()
+            continue
+        stats.accepted_connections += 1
+        nursery.start_soon(handler, stream)

@@ -1,0 +1,1 @@
+"""The DERP wire, pure: frames, handshake, meta certificate, key text. No I/O here."""

@@ -1,0 +1,1 @@
+"""The relay core: sessions, the routing table, send queues, shared hub state."""

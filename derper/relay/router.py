@@ -1,0 +1,167 @@
+"""Who is connected under which key, and where a packet for a key goes (spec §4.2, §4.3, §4.7).
+
+Pure state shared by every session of one server in one trio thread: no locks and no awaits.
+The router knows connections only through the small ``Peer`` interface, so sessions, mesh links
+and tests can all stand behind it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Protocol
+
+from ..metrics.counters import Stats
+from ..proto.wire import PeerGoneReason
+
+
+class Peer(Protocol):
+    """What the router needs from one client connection."""
+
+    key: bytes
+    conn_id: int
+    dup: bool
+    remote_ip: str | None
+    remote_port: int
+    present_flags: int
+
+    def deliver(self, frame: bytearray, disco: bool) -> bool:
+        """Queue a RecvPacket; True when that filled the queue (the caller may yield once)."""
+    def send_peer_gone(self, key: bytes, reason: int) -> None: ...
+    def send_peer_present(self, peer: "Peer") -> None: ...
+    def notify_presence_gone(self, key: bytes) -> None: ...
+    def close_by_peer_request(self) -> None: ...
+
+
+class Router:
+    """Key → connections, with last-writer-wins duplicates and PeerGone bookkeeping.
+
+    ``active`` maps a key to the one connection that receives its packets; the hot path is a
+    single ``active.get``. ``conns`` holds every connection of a key (more than one means
+    duplicates: a cloned VM or a reconnect racing the old connection).
+    """
+
+    def __init__(self, stats: Stats) -> None:
+        self.stats = stats
+        self.active: dict[bytes, Peer] = {}
+        self.conns: dict[bytes, list[Peer]] = {}
+        self.watchers: set[Peer] = set()
+        # PeerGone(Disconnected) bookkeeping: src key → {dst key: dst conn_id} and its reverse,
+        # so entries are dropped when either side leaves and the tables stay bounded.
+        self._receivers_of: dict[bytes, dict[bytes, int]] = {}
+        self._senders_to: dict[bytes, set[bytes]] = {}
+        self._activity = itertools.count()
+        self._last_activity: dict[int, int] = {}
+        self.dup_keys = 0
+        self.dup_conns = 0
+
+    # ---- membership ---------------------------------------------------------------------------
+
+    def register(self, peer: Peer) -> None:
+        key = peer.key
+        self._last_activity[peer.conn_id] = next(self._activity)
+        conns = self.conns.get(key)
+        if conns is None:
+            self.conns[key] = [peer]
+            peer.dup = False
+        else:
+            if len(conns) == 1:
+                self.dup_keys += 1
+                self.dup_conns += 1
+                conns[0].dup = True
+            conns.append(peer)
+            peer.dup = True
+            self.dup_conns += 1
+            self.stats.total_dup_client_conns += 1
+        self.active[key] = peer  # the newest connection wins
+        for w in self.watchers:
+            w.send_peer_present(peer)
+
+    def unregister(self, peer: Peer) -> None:
+        key = peer.key
+        self._last_activity.pop(peer.conn_id, None)
+        self.watchers.discard(peer)
+        conns = self.conns.get(key)
+        if conns is None or peer not in conns:
+            return
+        conns.remove(peer)
+        if not conns:
+            del self.conns[key]
+            del self.active[key]
+            self._key_left(key)
+        elif len(conns) == 1:  # a pair of duplicates is back to one ordinary connection
+            self.dup_keys -= 1
+            self.dup_conns -= 2
+            survivor = conns[0]
+            survivor.dup = False
+            self.active[key] = survivor
+        else:
+            self.dup_conns -= 1
+            if self.active.get(key) is peer:  # the most recent writer (or registrant) takes over
+                self.active[key] = max(conns, key=lambda c: self._last_activity[c.conn_id])
+
+    def note_activity(self, peer: Peer) -> None:
+        """A frame arrived from a duplicate: it becomes the one that receives (last writer wins)."""
+        self._last_activity[peer.conn_id] = next(self._activity)
+        self.active[peer.key] = peer
+
+    def _key_left(self, key: bytes) -> None:
+        """The last connection of ``key`` is gone from this region."""
+        for w in self.watchers:
+            w.notify_presence_gone(key)
+        for src in self._senders_to.pop(key, ()):
+            receivers = self._receivers_of.get(src)
+            if receivers is not None:
+                receivers.pop(key, None)
+                if not receivers:
+                    del self._receivers_of[src]
+        for dst_key, conn_id in self._receivers_of.pop(key, {}).items():
+            senders = self._senders_to.get(dst_key)
+            if senders is not None:
+                senders.discard(key)
+                if not senders:
+                    del self._senders_to[dst_key]
+            for c in self.conns.get(dst_key, ()):
+                if c.conn_id == conn_id:
+                    c.send_peer_gone(key, PeerGoneReason.DISCONNECTED)
+
+    # ---- routing ------------------------------------------------------------------------------
+
+    def note_sent(self, src_key: bytes, dst: Peer) -> None:
+        """Remember that ``dst`` heard from ``src_key``, for PeerGone when ``src_key`` leaves.
+
+        Callers cache the last destination so this runs once per destination change, not per
+        packet.
+        """
+        receivers = self._receivers_of.get(src_key)
+        if receivers is None:
+            receivers = self._receivers_of[src_key] = {}
+        receivers[dst.key] = dst.conn_id
+        senders = self._senders_to.get(dst.key)
+        if senders is None:
+            senders = self._senders_to[dst.key] = set()
+        senders.add(src_key)
+
+    # ---- mesh privileges ----------------------------------------------------------------------
+
+    def add_watcher(self, watcher: Peer) -> None:
+        """Enrol a mesh watcher and tell it every key that has a routable connection now."""
+        self.watchers.add(watcher)
+        for peer in self.active.values():
+            watcher.send_peer_present(peer)
+
+    def close_key(self, key: bytes) -> int:
+        """ClosePeer: disconnect every local connection of ``key``; returns how many."""
+        conns = list(self.conns.get(key, ()))
+        for c in conns:
+            c.close_by_peer_request()
+        return len(conns)
+
+    # ---- gauges (read on scrape) --------------------------------------------------------------
+
+    @property
+    def current_connections(self) -> int:
+        return sum(len(c) for c in self.conns.values())
+
+    @property
+    def clients_local(self) -> int:
+        return len(self.conns)
