@@ -25,6 +25,7 @@ import trio_websocket
 from cryptography import x509
 
 from . import __version__
+from .errors import IOFailure, ProtocolError
 from .http.websocket import SUBPROTOCOL, WebSocketStream
 from .net.tls_stream import TLSStream
 from .proto import handshake, metacert, wire
@@ -36,7 +37,7 @@ RECV_SIZE = 64 << 10
 MAX_ERROR_BODY = 4096
 
 
-class DerpClientError(Exception):
+class DerpClientError(IOFailure):
     """Connecting or talking to the server failed; the message says at which step."""
 
 
@@ -451,7 +452,7 @@ async def _read_server_key(stream: trio.abc.Stream, reader: FrameReader) -> byte
         raise DerpClientError(f"expected ServerKey, got frame type {ftype:#04x}")
     try:
         return wire.parse_server_key(payload)
-    except wire.FrameError as e:
+    except ProtocolError as e:
         raise DerpClientError(str(e)) from None
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from .certs.bundle import parse_ip
 from .config import Config
+from .errors import ConfigError
 from .net.listener import parse_addr
 
 SELF_HOSTED_REGIONS = range(900, 1000)  # reserved by Tailscale for user-run relays
@@ -30,7 +31,7 @@ HEADSCALE_ADVICE = """\
 """
 
 
-class DerpMapError(ValueError):
+class DerpMapError(ConfigError):
     """The configuration cannot be described as a DERP map; the message says what to change."""
 
 

@@ -19,9 +19,9 @@ from stun.server import open_stun_socket, serve_socket
 
 from . import __version__, logs
 from .admission.fairshare import BandwidthLimiter
-from .admission.gate import DEFAULT_SOCKET, Admission, AdmissionConfigError, AllowList
+from .admission.gate import DEFAULT_SOCKET, Admission, AllowList
 from .admission.limits import HandshakeSlots, TokenBucket
-from .admission.rate_config import RateConfigError, load_rate_config, parse_rate
+from .admission.rate_config import load_rate_config, parse_rate
 from .certs.acme import AcmeCerts
 from .certs.acme_order import AcmeSettings, resolve_directory
 from .certs.bundle import CertError, derp_node_json, ensure_ip_cert, parse_ip
@@ -30,6 +30,7 @@ from .certs.http01 import Http01Responder
 from .certs.manual import ManualCerts
 from .cli import sdnotify
 from .config import CERT_MODES, GO_DEFAULT_HOSTNAME, Config
+from .errors import ConfigError
 from .http.bootstrap_dns import BootstrapDNS, parse_names
 from .http.endpoints import Endpoints, Request, Response, https_redirect
 from .http.server import serve_http
@@ -50,10 +51,6 @@ log = logs.get("derper.server")
 # (a systemd or Docker restart takes a few seconds).
 RESTART_RECONNECT_MS = 1000
 RESTART_TRY_FOR_MS = 30000
-
-
-class ConfigError(Exception):
-    """The configuration cannot work; the message says what to change."""
 
 
 class Server:
@@ -116,7 +113,7 @@ class Server:
             relay.set_receive_limit(load_rate_config(config.rate_config)
                                     if config.rate_config else None)
             self.allow_list = AllowList(config.allow_keys) if config.allow_keys else None
-        except (RateConfigError, AdmissionConfigError) as e:
+        except ConfigError as e:
             raise ConfigError(str(e)) from None
         url = config.verify_client_url or None
         if url is not None and not url.startswith(("http://", "https://")):
@@ -140,7 +137,7 @@ class Server:
         if self.config.rate_config:
             try:
                 limit = load_rate_config(self.config.rate_config)
-            except RateConfigError as e:
+            except ConfigError as e:
                 log.error("keeping the previous rate limit: the rate config is broken",
                           error=str(e))
                 return

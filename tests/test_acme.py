@@ -20,8 +20,9 @@ from cryptography import x509
 from derper import client as dc
 from derper.certs.bundle import manual_paths
 from derper.config import Config
+from derper.errors import ConfigError
 from derper.proto.keys import KeyPair
-from derper.server import ConfigError, Server
+from derper.server import Server
 from tests.conftest import BASE, client_context, write_cert
 from tests.pebble import DOMAIN, Pebble, served_leaf
 from tests.process import derper, free_port

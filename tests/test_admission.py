@@ -17,10 +17,11 @@ import trio
 
 from derper import client as dc
 from derper.admission import gate as admission
-from derper.admission.gate import AdmissionConfigError, parse_allow_keys
+from derper.admission.gate import parse_allow_keys
+from derper.errors import ConfigError
 from derper.http import client as http_client
 from derper.proto.keys import KeyPair, public_text
-from derper.server import ConfigError, Server
+from derper.server import Server
 from tests.admission_servers import (FakeBackend, headscale_answer, localapi_answer, serve_tcp,
                                      serve_unix)
 from tests.conftest import BASE, client_context, url
@@ -168,7 +169,7 @@ def test_parse_allow_keys():
     a = KeyPair.generate()
     text = key_file(a).replace("nodekey:", "NODEKEY:", 1) + "\n   \n"
     assert parse_allow_keys(text) == {a.public}
-    with pytest.raises(AdmissionConfigError, match="line 4"):
+    with pytest.raises(ConfigError, match="line 4"):
         parse_allow_keys(key_file(a, extra="nodekey:1234\n"))
 
 

@@ -19,11 +19,12 @@ import trio
 
 from derper import client as dc, logs
 from derper.config import Config
+from derper.errors import ConfigError
 from derper.metrics.counters import DropReason, Histogram
 from derper.metrics.varz import debug_allowed, go_number, parse_cidrs, render
 from derper.proto import wire
 from derper.proto.keys import KeyPair, public_text
-from derper.server import ConfigError, Server
+from derper.server import Server
 from tests.conftest import client_context, url
 from tests.process import free_port
 from tests.relay_helpers import assert_relays, connect_opts, recv_kind, wait_until

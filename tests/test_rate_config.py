@@ -7,8 +7,8 @@ import contextvars
 import pytest
 
 from derper.admission.limits import HandshakeSlots, TokenBucket, current_slot, handshake_done
-from derper.admission.rate_config import (MIN_BURST, RateConfigError, ReceiveLimit, parse_rate,
-                                          parse_rate_config)
+from derper.admission.rate_config import MIN_BURST, ReceiveLimit, parse_rate, parse_rate_config
+from derper.errors import ConfigError
 
 
 @pytest.mark.parametrize("text,expect", [
@@ -30,7 +30,7 @@ def test_rate_config(text, expect):
                                   '{"PerClientRateLimitBytesPerSec": 1.5}',
                                   '{"PerClientRateBurstBytes": true}'])
 def test_bad_rate_config(text):
-    with pytest.raises(RateConfigError):
+    with pytest.raises(ConfigError):
         parse_rate_config(text)
 
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from derper.proto import wire
-from derper.proto.wire import FrameError, FrameReader, FrameType, PeerGoneReason, PeerPresent
+from derper.proto.wire import FrameReader, FrameType, PeerGoneReason, PeerPresent, ProtocolError
 
 K = bytes.fromhex("50d20b455ecf12bc453f83c2cfdb2a24925d06cf2598dcaa54e91af82ce9f765")
 S = bytes.fromhex("358072d6365880d1aeea329adf9121383851ed21a28e3b75e965d0d2cd166254")
@@ -96,7 +96,7 @@ def test_peer_present_round_trip(ip, port, flags):
 @pytest.mark.parametrize("parse", [wire.parse_peer_present, wire.parse_peer_gone],
                          ids=["present", "gone"])
 def test_short_key_payloads_are_frame_errors(parse):
-    with pytest.raises(FrameError):
+    with pytest.raises(ProtocolError):
         parse(K[:31])
 
 
@@ -115,16 +115,16 @@ def test_parse_peer_gone(payload, expected):
 def test_parse_restarting():
     assert wire.parse_restarting(h("000005dc 00002710")) == (1500, 10000)
     assert wire.parse_restarting(h("000005dc 00002710 ff")) == (1500, 10000)
-    with pytest.raises(FrameError):
+    with pytest.raises(ProtocolError):
         wire.parse_restarting(h("000005dc 000027"))
 
 
 def test_parse_server_key():
     assert wire.parse_server_key(wire.server_key(S)[5:]) == S
     assert wire.parse_server_key(wire.server_key(S)[5:] + b"future") == S
-    with pytest.raises(FrameError):
+    with pytest.raises(ProtocolError):
         wire.parse_server_key(wire.server_key(S)[5:44])  # one byte short
-    with pytest.raises(FrameError):
+    with pytest.raises(ProtocolError):
         wire.parse_server_key(b"DERP\xf0\x9f\x94\x92" + S)  # wrong magic
 
 
@@ -185,7 +185,7 @@ def test_peek_type_of_empty_reader_is_none():
 def test_over_limit_is_error_as_soon_as_header_arrives(ftype, length):
     r = FrameReader(LIMITS)
     r.feed(wire.header(ftype, length))
-    with pytest.raises(FrameError, match=str(length)):
+    with pytest.raises(ProtocolError, match=str(length)):
         r.next()
 
 
@@ -200,7 +200,7 @@ def test_unknown_types_use_default_limit_even_when_skipped():
     r.feed(wire.frame(0x42, bytes(10)) + wire.ping(bytes(8)))
     assert drain(r) == [(FrameType.PING, bytes(8))]
     r.feed(wire.header(0x42, 11))
-    with pytest.raises(FrameError):
+    with pytest.raises(ProtocolError):
         r.next()
 
 
@@ -291,5 +291,5 @@ def test_garbage_raises_only_frame_error(garbage, cuts, wanted):
             r.feed(chunk)
             for ftype, payload in drain(r):
                 assert ftype in wanted and len(payload) <= 64
-    except FrameError:
+    except ProtocolError:
         pass

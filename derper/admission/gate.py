@@ -16,6 +16,7 @@ import trio
 
 from .. import logs
 from ..disk.filewatch import follow, signature
+from ..errors import ConfigError
 from ..http.client import HTTPClientError, request
 from ..metrics.counters import Stats
 from ..proto import gojson
@@ -36,10 +37,6 @@ LOCALAPI_HOST = "local-tailscaled.sock"
 TAILSCALE_CAP = "115"  # capability version sent to the LocalAPI, as its Go client does
 
 
-class AdmissionConfigError(Exception):
-    """An admission setting cannot work (e.g. a broken -allow-keys file at startup)."""
-
-
 # ---- the -allow-keys file ---------------------------------------------------------------------
 
 def parse_allow_keys(text: str, source: str = "allow-keys") -> frozenset[bytes]:
@@ -52,7 +49,7 @@ def parse_allow_keys(text: str, source: str = "allow-keys") -> frozenset[bytes]:
         try:
             keys.add(parse_public(line))
         except KeyFormatError as e:
-            raise AdmissionConfigError(f"{source} line {n}: {e} (want {PUBLIC_PREFIX}<64 hex>)") \
+            raise ConfigError(f"{source} line {n}: {e} (want {PUBLIC_PREFIX}<64 hex>)") \
                 from None
     return frozenset(keys)
 
@@ -69,7 +66,7 @@ class AllowList:
         try:
             text = Path(self.path).read_text()
         except (OSError, UnicodeDecodeError) as e:
-            raise AdmissionConfigError(f"cannot read -allow-keys {self.path}: "
+            raise ConfigError(f"cannot read -allow-keys {self.path}: "
                                        f"{getattr(e, 'strerror', None) or e}") from None
         return parse_allow_keys(text, f"-allow-keys {self.path}")
 
@@ -77,7 +74,7 @@ class AllowList:
         self.stamp = signature(self.path)
         try:
             keys = self._read()
-        except AdmissionConfigError as e:
+        except ConfigError as e:
             log.error("keeping the previous allowed keys: the file is broken", error=str(e),
                       keys=len(self.keys))
             return

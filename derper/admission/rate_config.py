@@ -10,13 +10,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import ConfigError
 from ..proto import gojson
 
 MIN_BURST = 64 * 1024 + 32  # Go raises the burst to one maximal frame so a client never stalls
-
-
-class RateConfigError(ValueError):
-    """The file is unreadable or not in the expected format; the message says which."""
 
 
 @dataclass(frozen=True)
@@ -32,12 +29,12 @@ def parse_rate_config(data: bytes | str) -> ReceiveLimit | None:
     try:
         obj = gojson.load_object(data)
     except ValueError as e:
-        raise RateConfigError(f"rate config is {e}") from None
+        raise ConfigError(f"rate config is {e}") from None
     values = []
     for name in ("PerClientRateLimitBytesPerSec", "PerClientRateBurstBytes"):
         v = obj.get(name.lower(), 0)
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise RateConfigError(f"rate config field {name} must be a non-negative integer")
+            raise ConfigError(f"rate config field {name} must be a non-negative integer")
         values.append(v)
     rate, burst = values
     if rate == 0:
@@ -49,11 +46,11 @@ def load_rate_config(path: str) -> ReceiveLimit | None:
     try:
         data = Path(path).read_bytes()
     except OSError as e:
-        raise RateConfigError(f"cannot read -rate-config {path}: {e.strerror}") from None
+        raise ConfigError(f"cannot read -rate-config {path}: {e.strerror}") from None
     try:
         return parse_rate_config(data)
-    except RateConfigError as e:
-        raise RateConfigError(f"-rate-config {path}: {e}") from None
+    except ConfigError as e:
+        raise ConfigError(f"-rate-config {path}: {e}") from None
 
 
 # Decimal SI prefixes, as network links are sold; "bit" units are bits per second, the others

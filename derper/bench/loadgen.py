@@ -27,11 +27,12 @@ import trio
 
 from .. import client as derp_client
 from ..cli import gc_tuning
+from ..errors import IOFailure
 from ..proto import wire
 from .procstat import cpu_seconds, rss_bytes
 
 
-class LoadError(Exception):
+class LoadError(IOFailure):
     """The load could not run (the server did not start, a load process died)."""
 
 

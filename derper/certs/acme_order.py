@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from .. import __version__
 from ..config import LETSENCRYPT_DIRECTORY as LETSENCRYPT
 from ..disk.files import write_atomic
+from ..errors import IOFailure
 from .bundle import parse_ip
 
 LETSENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
@@ -32,7 +33,7 @@ NETWORK_TIMEOUT = 30  # per HTTP request to the CA
 ACCOUNT_KEY_FILE = "acme-account.key"
 
 
-class AcmeError(Exception):
+class AcmeError(IOFailure):
     """An order failed; the message says where (network, CA, challenge) and why."""
 
 

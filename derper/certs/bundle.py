@@ -21,11 +21,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..disk.files import ensure_private_dir, write_atomic
+from ..errors import ConfigError
 
 IP_CERT_VALIDITY = datetime.timedelta(days=365)  # longer is rejected by macOS clients
 
 
-class CertError(Exception):
+class CertError(ConfigError):
     """A certificate or key on disk cannot be served; the message says why and what to do."""
 
 

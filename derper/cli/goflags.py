@@ -12,12 +12,14 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from ..errors import ConfigError
+
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0,
                    "m": 60.0, "h": 3600.0}
 _DURATION_RE = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 
 
-class UsageError(Exception):
+class UsageError(ConfigError):
     """The command line or environment is wrong; the message says which part and why."""
 
 

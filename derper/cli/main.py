@@ -16,11 +16,11 @@ import trio
 
 from .. import __version__, logs
 from ..config import DEV_ADDR, Config, default_key_path
+from ..errors import ConfigError
 from ..logs import LEVELS
 from ..net.listener import host_literal
-from ..proto.keys import (KeyFileError, KeyFormatError, KeyPair, load_or_create_key_file,
-                          parse_mesh_key)
-from ..server import ConfigError, Server
+from ..proto.keys import KeyFormatError, KeyPair, load_or_create_key_file, parse_mesh_key
+from ..server import Server
 from . import gc_tuning
 from .goflags import Flag, HelpRequested, UsageError, parse, usage
 
@@ -272,7 +272,7 @@ def run_serve(argv: list[str], environ: Mapping[str, str]) -> int:
     logs.setup(config.log_level)
     try:
         server = Server(config, load_server_key(config), mesh_key=load_mesh_key(config, environ))
-    except (ConfigError, KeyFileError) as e:
+    except ConfigError as e:
         print(f"derper: {e}", file=sys.stderr)
         return 1
     # Everything made so far (modules, configuration) lives as long as the process: keep it out

@@ -15,12 +15,14 @@ from urllib.parse import urlsplit
 import h11
 import trio
 
+from ..errors import IOFailure
+
 RECV_SIZE = 16 << 10
 
 _default_ssl: ssl.SSLContext | None = None
 
 
-class HTTPClientError(Exception):
+class HTTPClientError(IOFailure):
     """The request could not be completed (connect, TLS, protocol); the message says why."""
 
 

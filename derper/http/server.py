@@ -11,6 +11,7 @@ import h11
 import trio
 
 from .. import logs
+from ..errors import ProtocolError
 from ..relay.hub import Relay
 from ..relay.session import serve_derp
 from .endpoints import Request, Response, error
@@ -22,10 +23,6 @@ MAX_HEAD = 16 << 10
 MAX_BODY = 64 << 10  # our endpoints take no body; a larger one is refused, not read
 RECV_SIZE = 64 << 10
 MAX_REQUESTS = 100  # per keep-alive connection
-
-
-class BadRequest(Exception):
-    pass
 
 
 class HttpConnection:
@@ -51,7 +48,7 @@ class HttpConnection:
             if isinstance(event, h11.ConnectionClosed):
                 return None
             if not isinstance(event, h11.Request):
-                raise BadRequest(f"unexpected {type(event).__name__}")
+                raise ProtocolError(f"unexpected {type(event).__name__}")
             req = Request(event.method.decode("ascii", "replace"),
                           event.target.decode("ascii", "replace"), list(event.headers),
                           self.remote_ip)
@@ -61,13 +58,13 @@ class HttpConnection:
                 if isinstance(ev, h11.Data):
                     seen += len(ev.data)
                     if seen > MAX_BODY:
-                        raise BadRequest("request body too large")
+                        raise ProtocolError("request body too large")
                 elif isinstance(ev, h11.EndOfMessage) or ev is h11.PAUSED:
                     return req
                 else:
-                    raise BadRequest(f"unexpected {type(ev).__name__}")
+                    raise ProtocolError(f"unexpected {type(ev).__name__}")
         except h11.RemoteProtocolError as e:
-            raise BadRequest(str(e)) from None
+            raise ProtocolError(str(e)) from None
 
     async def respond(self, req: Request, resp: Response) -> None:
         headers = list(resp.headers)
@@ -130,7 +127,7 @@ async def serve_http(stream: trio.abc.Stream, remote_ip: str | None, remote_port
                 req = await http.next_request()
         except trio.TooSlowError:
             return
-        except BadRequest as e:
+        except ProtocolError as e:
             logs.throttled(log, "info", "closing connection: bad HTTP request", remote=remote,
                            error=str(e))
             await http.respond_error(400, "bad request")

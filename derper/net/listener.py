@@ -15,6 +15,7 @@ import trio
 
 from .. import logs
 from ..admission.limits import TokenBucket
+from ..errors import ConfigError
 from ..metrics.counters import Stats
 
 log = logs.get("derper.net.listener")
@@ -24,7 +25,7 @@ _CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 15, 9  # Go runtime defaults
 
 
-class AddressError(ValueError):
+class AddressError(ConfigError):
     pass
 
 

@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from nacl.bindings import crypto_box_afternm, crypto_box_beforenm, crypto_box_open_afternm
 from nacl.exceptions import CryptoError
 
+from ..errors import ProtocolError
 from . import gojson, wire
 from .keys import ZERO_KEY, parse_hex32
 
 NONCE_LEN = wire.NONCE_LEN
 
 
-class HandshakeError(ValueError):
+class HandshakeError(ProtocolError):
     """The peer's handshake frame is invalid; the message is safe to log."""
 
 

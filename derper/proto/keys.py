@@ -19,6 +19,7 @@ from pathlib import Path
 from nacl.bindings import crypto_scalarmult_base
 
 from ..disk.files import ensure_private_dir, write_atomic
+from ..errors import ConfigError
 from . import gojson
 
 KEY_LEN = 32
@@ -27,7 +28,7 @@ PRIVATE_PREFIX = "privkey:"
 ZERO_KEY = bytes(KEY_LEN)
 
 
-class KeyFormatError(ValueError):
+class KeyFormatError(ConfigError):
     """A key in text form (or a key file) is malformed."""
 
 
@@ -110,7 +111,7 @@ def _public_of(private: bytes) -> bytes:
     return pub
 
 
-class KeyFileError(Exception):
+class KeyFileError(ConfigError):
     """The server key file exists but cannot be used; the message says why and what to do."""
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Collection, Mapping
 
+from ..errors import ProtocolError
+
 MAGIC = b"DERP\xf0\x9f\x94\x91"  # "DERP🔑"
 PROTOCOL_VERSION = 2
 HEADER_LEN = 5
@@ -63,10 +65,6 @@ class PeerPresentFlags:
     MESH = 0x02
     PROBER = 0x04
     NOT_IDEAL = 0x08
-
-
-class FrameError(ValueError):
-    """The peer sent bytes that are not a valid DERP frame stream; the connection must close."""
 
 
 def is_disco(buf: bytes, start: int = 0, end: int | None = None) -> bool:
@@ -166,7 +164,7 @@ class PeerPresent:
 def parse_peer_present(payload: bytes) -> PeerPresent:
     """Accepts the old 32-byte form, the 50-byte form without flags and longer future forms."""
     if len(payload) < KEY_LEN:
-        raise FrameError(f"PeerPresent payload of {len(payload)} bytes is too short")
+        raise ProtocolError(f"PeerPresent payload of {len(payload)} bytes is too short")
     key = bytes(payload[:KEY_LEN])
     if len(payload) < KEY_LEN + 18:
         return PeerPresent(key, None, 0, 0)
@@ -182,20 +180,20 @@ def parse_peer_present(payload: bytes) -> PeerPresent:
 def parse_peer_gone(payload: bytes) -> tuple[bytes, int]:
     """(key, reason); old servers omitted the reason byte, which then means Disconnected."""
     if len(payload) < KEY_LEN:
-        raise FrameError(f"PeerGone payload of {len(payload)} bytes is too short")
+        raise ProtocolError(f"PeerGone payload of {len(payload)} bytes is too short")
     reason = payload[KEY_LEN] if len(payload) > KEY_LEN else PeerGoneReason.DISCONNECTED
     return bytes(payload[:KEY_LEN]), reason
 
 
 def parse_restarting(payload: bytes) -> tuple[int, int]:
     if len(payload) < 8:
-        raise FrameError(f"Restarting payload of {len(payload)} bytes is too short")
+        raise ProtocolError(f"Restarting payload of {len(payload)} bytes is too short")
     return _U32X2.unpack_from(payload)
 
 
 def parse_server_key(payload: bytes) -> bytes:
     if len(payload) < len(MAGIC) + KEY_LEN or bytes(payload[:len(MAGIC)]) != MAGIC:
-        raise FrameError("ServerKey frame lacks the DERP magic")
+        raise ProtocolError("ServerKey frame lacks the DERP magic")
     return bytes(payload[len(MAGIC):len(MAGIC) + KEY_LEN])
 
 
@@ -210,7 +208,7 @@ class FrameReader:
     views stay valid after later feeds.
 
     ``limits`` bounds the payload length per type, ``default_limit`` all other types; a larger
-    length is a ``FrameError``. Frames of types outside ``wanted`` are skipped as they stream
+    length is a ``ProtocolError``. Frames of types outside ``wanted`` are skipped as they stream
     past and never buffered, so a peer cannot make us hold more than one wanted frame.
     """
 
@@ -263,7 +261,7 @@ class FrameReader:
             ftype, length = _HEADER.unpack_from(data, pos)
             limit = self._limits.get(ftype, self._default_limit)
             if length > limit:
-                raise FrameError(
+                raise ProtocolError(
                     f"frame type {ftype:#04x} with length {length} exceeds the limit of {limit}")
             start = pos + HEADER_LEN
             end = start + length

@@ -18,11 +18,12 @@ import trio
 
 from .. import logs
 from ..admission.limits import TokenBucket, handshake_done
+from ..errors import IOFailure, ProtocolError
 from ..metrics.counters import DropReason
 from ..proto import handshake, wire
-from ..proto.handshake import ClientInfo, HandshakeError
+from ..proto.handshake import ClientInfo
 from ..proto.keys import public_text
-from ..proto.wire import FrameError, FrameReader, FrameType, PeerGoneReason, PeerPresentFlags
+from ..proto.wire import FrameReader, FrameType, PeerGoneReason, PeerPresentFlags
 from .hub import Relay
 from .sendqueue import RECV_OVERHEAD, SendQueue
 
@@ -65,12 +66,8 @@ def _write_ready(ready: list) -> None:
     ready.clear()
 
 
-class ProtocolError(Exception):
-    """The client broke a rule of the protocol; the message is safe to log."""
-
-
-class WriteTimeout(Exception):
-    pass
+class WriteTimeout(IOFailure):
+    """A client took longer than the write deadline to take a batch."""
 
 
 def _lost(e: Exception) -> str:
@@ -100,7 +97,7 @@ async def serve_derp(relay: Relay, stream: trio.abc.Stream, *, remote_ip: str | 
                 await stream.send_all(key_frame)
                 key_frame = b""
                 info = await _read_client_info(relay, stream, reader)
-    except (FrameError, HandshakeError, ProtocolError) as e:
+    except ProtocolError as e:
         stats.handshake_failures += 1
         logs.throttled(log, "warning", "closing connection: bad DERP handshake", remote=remote,
                        error=str(e))
@@ -298,7 +295,7 @@ class Session:
         """Run one of the two loops; whatever ends it ends the other and becomes the reason."""
         try:
             await loop(*args)
-        except (FrameError, ProtocolError) as e:
+        except ProtocolError as e:
             self.close_reason, self.close_is_error = f"protocol error: {e}", True
         except WriteTimeout as e:
             self.close_reason = str(e)
