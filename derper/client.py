@@ -8,9 +8,6 @@ or a WebSocket with subprotocol ``derp``. Certificates are checked normally, aga
 
 from __future__ import annotations
 
-import datetime
-import functools
-import hashlib
 import ipaddress
 import socket
 import ssl
@@ -22,15 +19,16 @@ from urllib.parse import SplitResult, urlsplit
 import h11
 import trio
 import trio_websocket
-from cryptography import x509
 
 from . import __version__
 from .errors import IOFailure, ProtocolError
 from .http.websocket import SUBPROTOCOL, WebSocketStream
+from .net.addr import host_literal
 from .net.tls_stream import TLSStream
 from .proto import handshake, metacert, wire
 from .proto.handshake import ServerInfo
 from .proto.keys import KeyPair
+from .proto.pin import pin_problem
 from .proto.wire import FrameReader, FrameType
 
 RECV_SIZE = 64 << 10
@@ -216,9 +214,7 @@ class DerpClient:
 # ---- connecting -------------------------------------------------------------------------------
 
 def _host_header(url) -> str:
-    host = url.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
+    host = host_literal(url.hostname)
     default = 443 if url.scheme == "https" else 80
     return host if url.port in (None, default) else f"{host}:{url.port}"
 
@@ -229,25 +225,6 @@ def pinned_context() -> ssl.SSLContext:
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     return ctx
-
-
-def check_pin(chain: list[bytes], pin: str) -> None:
-    """Tailscale's rules: ignore meta certs, exactly one other cert, hash and dates must fit."""
-    leaves = [der for der in chain if metacert.parse(der) is None]
-    if len(leaves) != 1:
-        raise DerpClientError(f"pinned server sent {len(leaves)} certificates, expected 1")
-    got = "sha256-raw:" + hashlib.sha256(leaves[0]).hexdigest()
-    if got != pin.lower():
-        raise DerpClientError(f"certificate pin mismatch: server has {got}")
-    not_before, not_after = _validity(leaves[0])
-    if not not_before <= datetime.datetime.now(datetime.timezone.utc) <= not_after:
-        raise DerpClientError("pinned certificate is outside its validity period")
-
-
-@functools.lru_cache(maxsize=64)  # the pinned certificate, parsed once, not per reconnect
-def _validity(der: bytes) -> tuple[datetime.datetime, datetime.datetime]:
-    cert = x509.load_der_x509_certificate(der)
-    return cert.not_valid_before_utc, cert.not_valid_after_utc
 
 
 CLOSE_TIMEOUT = 1.0
@@ -346,8 +323,8 @@ async def _connect(opts: _Options, nursery: trio.Nursery | None) -> DerpClient:
             await tls.do_handshake()
             tls_version = tls.version()
             chain = tls.peer_chain_der()
-            if opts.cert_pin:
-                check_pin(chain, opts.cert_pin)
+            if opts.cert_pin and (problem := pin_problem(chain, opts.cert_pin)):
+                raise DerpClientError(problem)
             meta = next(filter(None, map(metacert.parse, chain)), None)
         info_json = handshake.client_info_json(mesh_key=opts.mesh_key,
                                                can_ack_pings=opts.can_ack_pings,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from .certs.bundle import parse_ip
 from .config import Config
 from .errors import ConfigError
-from .net.listener import parse_addr
+from .net.addr import parse_addr
 
 SELF_HOSTED_REGIONS = range(900, 1000)  # reserved by Tailscale for user-run relays
 FORMATS = ("headscale", "tailscale", "json")

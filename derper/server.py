@@ -37,8 +37,8 @@ from .http.server import serve_http
 from .metrics import prometheus as prom, varz
 from .metrics.counters import tls_version_index
 from .metrics.exposition import Exposition
-from .net.listener import (accept_loop, bound_port, host_literal, open_listener, parse_addr,
-                           peer_address, tune)
+from .net.addr import host_literal, parse_addr
+from .net.listener import accept_loop, bound_port, open_listener, peer_address, tune
 from .net.tls_stream import TLSStream
 from .proto import metacert, wire
 from .proto.keys import KeyPair, public_text

@@ -30,6 +30,8 @@ import struct
 import zlib
 from enum import IntEnum
 
+from derper.net.addr import unmap_ip
+
 COOKIE = b"\x21\x12\xa4\x42"
 _COOKIE_INT = 0x2112A442
 _FINGERPRINT_XOR = 0x5354554E
@@ -53,7 +55,6 @@ _IGNORABLE = frozenset({
 _TAILNODE_SOFTWARE = b"\x80\x22\x00\x08tailnode"
 # Tailscale's 40-byte request (spec §7.2) from byte 20 up to the fingerprint value.
 _TAILSCALE_MIDDLE = _TAILNODE_SOFTWARE + b"\x80\x28\x00\x04"
-_V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
 
 _HH = struct.Struct("!HH")
 _GO_REPLY_V4 = struct.Struct("!4s4s12s6sHI")  # header, cookie, txid, attr+family, port, address
@@ -145,8 +146,7 @@ def _packed(ip: str) -> bytes:
 
 def _unmapped(ip: str) -> bytes:
     """The address generic clients are told: an IPv4-mapped IPv6 source is plain IPv4."""
-    addr = _packed(ip)
-    return addr[12:] if addr[:12] == _V4_MAPPED_PREFIX else addr
+    return _packed(unmap_ip(ip))
 
 
 def _xor_address(txid: bytes, addr: bytes, port: int) -> bytes:

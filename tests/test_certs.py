@@ -21,6 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 from derper.certs import bundle as certs
 from derper.certs.bundle import CertError
 from derper.proto import metacert
+from derper.proto.pin import cert_pin
 
 UTC = datetime.timezone.utc
 NOW = datetime.datetime(2026, 6, 1, 12, 0, 0, tzinfo=UTC)
@@ -157,7 +158,7 @@ def test_file_stem(tmp_path, hostname, stem):
 
 
 def test_cert_pin_is_lowercase_sha256_of_der():
-    assert certs.cert_pin(b"abc") == (
+    assert cert_pin(b"abc") == (
         "sha256-raw:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
 
 

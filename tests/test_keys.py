@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from derper.disk.keyfile import KeyFileError, load_or_create_key_file
 from derper.proto import keys
-from derper.proto.keys import KeyFileError, KeyFormatError, KeyPair
+from derper.proto.keys import KeyFormatError, KeyPair
 
 PRIV_HEX = "40ab1b58e9076c7a4d9d07291f5edf9d1aa017eb949624ba683317f48a640369"
 PUB_HEX = "50d20b455ecf12bc453f83c2cfdb2a24925d06cf2598dcaa54e91af82ce9f765"
@@ -54,12 +55,6 @@ def test_malformed_key_text(parse, text):
         parse(text)
 
 
-def test_short_form():
-    # "[" + first 5 chars of std base64 ("UNILRV7P...") + "]", as Tailscale logs it.
-    assert keys.short(bytes.fromhex(PUB_HEX)) == "[UNILR]"
-    assert keys.short(bytes(32)) == "[AAAAA]"
-
-
 def test_generated_keys_are_clamped_and_distinct():
     a, b = KeyPair.generate(), KeyPair.generate()
     assert a.private != b.private and a.public != b.public
@@ -92,14 +87,14 @@ def test_parse_mesh_key_rejects(text):
 
 def test_creates_key_file_like_go(tmp_path):
     path = tmp_path / "nested" / "dir" / "derper.key"
-    pair, created = keys.load_or_create_key_file(path)
+    pair, created = load_or_create_key_file(path)
     assert created is True
     assert path.parent.is_dir()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert path.read_bytes() == (
         '{\n\t"PrivateKey": "' + pair.private_text() + '"\n}').encode()
     assert sorted(p.name for p in path.parent.iterdir()) == ["derper.key"]  # no temp file left
-    again, created = keys.load_or_create_key_file(path)
+    again, created = load_or_create_key_file(path)
     assert created is False
     assert again.private == pair.private
 
@@ -113,7 +108,7 @@ def test_creates_key_file_like_go(tmp_path):
 def test_loads_existing_key_file(tmp_path, body):
     path = tmp_path / "derper.key"
     path.write_text(body)
-    pair, created = keys.load_or_create_key_file(path)
+    pair, created = load_or_create_key_file(path)
     assert created is False
     assert pair.public == bytes.fromhex(PUB_HEX)
 
@@ -122,7 +117,7 @@ def test_duplicate_private_key_fields_last_wins(tmp_path):
     other = KeyPair.generate()
     path = tmp_path / "derper.key"
     path.write_text(json.dumps({"PrivateKey": PRIV_TEXT, "privatekey": other.private_text()}))
-    assert keys.load_or_create_key_file(path)[0].private == other.private
+    assert load_or_create_key_file(path)[0].private == other.private
 
 
 def snapshot(directory: Path) -> dict[str, tuple[bytes, int, int]]:
@@ -152,7 +147,7 @@ def test_corrupt_key_file_is_error_and_untouched(tmp_path, body):
     os.utime(path, ns=(1_000_000_000, 1_000_000_000))
     before = snapshot(tmp_path)
     with pytest.raises(KeyFileError, match=str(path)):
-        keys.load_or_create_key_file(path)
+        load_or_create_key_file(path)
     assert snapshot(tmp_path) == before
 
 
@@ -162,7 +157,7 @@ def test_unreadable_key_file_is_error_and_untouched(tmp_path):
     path.mkdir()
     before = snapshot(tmp_path)
     with pytest.raises(KeyFileError, match="cannot read"):
-        keys.load_or_create_key_file(path)
+        load_or_create_key_file(path)
     assert snapshot(tmp_path) == before
     assert list(path.iterdir()) == []
 
@@ -171,5 +166,5 @@ def test_uncreatable_key_file_is_error(tmp_path):
     dangling = tmp_path / "dangling"
     dangling.symlink_to(tmp_path / "missing")  # reading says ENOENT, mkdir cannot proceed
     with pytest.raises(KeyFileError, match="cannot create"):
-        keys.load_or_create_key_file(dangling / "derper.key")
+        load_or_create_key_file(dangling / "derper.key")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling"]

@@ -13,7 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from derper import client as dc
-from derper.certs.bundle import cert_pin
+from derper.proto.pin import cert_pin
 from tests.conftest import client_context, write_cert
 from tests.process import derper, free_port, run_derper, stun_query
 from tests.relay_helpers import assert_relays, recv_kind

@@ -245,14 +245,6 @@ def test_wanted_defaults_to_limit_keys():
     assert drain(r) == [(FrameType.PING, bytes(8))]
 
 
-def test_take_rest_hands_over_unparsed_bytes():
-    r = FrameReader(LIMITS)
-    r.feed(wire.ping(b"12345678") + b"\x04\x00")
-    assert r.next()[0] == FrameType.PING
-    assert r.take_rest() == b"\x04\x00"
-    assert r.buffered == 0 and r.next() is None
-
-
 # ---- properties -----------------------------------------------------------------------------
 
 WANTED = {FrameType.SEND_PACKET, FrameType.PING, FrameType.WATCH_CONNS}

@@ -7,7 +7,6 @@ start or reload instead of every client failing its TLS handshake.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import ipaddress
 import json
 import re
@@ -22,6 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..disk.files import ensure_private_dir, write_atomic
 from ..errors import ConfigError
+from ..proto.pin import cert_pin
 
 IP_CERT_VALIDITY = datetime.timedelta(days=365)  # longer is rejected by macOS clients
 
@@ -51,11 +51,6 @@ class CertBundle:
     @property
     def not_after(self) -> datetime.datetime:
         return self.leaf.not_valid_after_utc
-
-
-def cert_pin(der: bytes) -> str:
-    """The ``CertName`` value that pins this exact leaf certificate in a DERP map."""
-    return "sha256-raw:" + hashlib.sha256(der).hexdigest()
 
 
 def file_stem(hostname: str) -> str:

@@ -16,10 +16,11 @@ import trio
 
 from .. import __version__, logs
 from ..config import DEV_ADDR, Config, default_key_path
+from ..disk.keyfile import load_or_create_key_file
 from ..errors import ConfigError
 from ..logs import LEVELS
-from ..net.listener import host_literal
-from ..proto.keys import KeyFormatError, KeyPair, load_or_create_key_file, parse_mesh_key
+from ..net.addr import host_literal
+from ..proto.keys import KeyFormatError, KeyPair, parse_mesh_key
 from ..server import Server
 from . import gc_tuning
 from .goflags import Flag, HelpRequested, UsageError, parse, usage

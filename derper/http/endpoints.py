@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..net.addr import host_literal
+
 BROWSER_HEADERS = [
     ("Strict-Transport-Security", "max-age=63072000; includeSubDomains"),
     ("Content-Security-Policy", "default-src 'self'; frame-ancestors 'none'; "
@@ -141,8 +143,7 @@ def https_redirect(req: Request, hostname: str, tls_port: int) -> Response:
         return generate_204(req)
     if req.method not in ("GET", "HEAD"):
         return error(400, "Use HTTPS")
-    host = hostname.strip("[]")
-    host = f"[{host}]" if ":" in host else host
+    host = host_literal(hostname.strip("[]"))
     port = "" if tls_port == 443 else f":{tls_port}"
     target = req.target if req.target.startswith("/") else "/"
     return Response(302, [("Location", f"https://{host}{port}{target}"),

@@ -20,7 +20,7 @@ from prometheus_client.core import (CollectorRegistry, CounterMetricFamily, Gaug
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from ..net.listener import host_literal, parse_addr
+from ..net.addr import host_literal, parse_addr
 from . import exposition
 
 DEFAULT_ADDR = "127.0.0.1:9437"  # loopback; not Prometheus's own 9090
@@ -97,8 +97,7 @@ class MetricsListener:
     def __init__(self, addr: str) -> None:
         host, port = parse_addr(addr)
         self.config = HypercornConfig()
-        self.config.bind = [f"[{host}]:{port}" if host and ":" in host
-                            else f"{host or '0.0.0.0'}:{port}"]
+        self.config.bind = [f"{host_literal(host) or '0.0.0.0'}:{port}"]
         self.config.accesslog = None
         errors = logging.getLogger("derper.metrics.counters.hypercorn")
         errors.setLevel(logging.WARNING)  # not its "Running on" banner: we log our own line

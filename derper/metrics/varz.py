@@ -11,6 +11,7 @@ import ipaddress
 from typing import Callable, Iterable
 
 from ..http.endpoints import Request, Response, error
+from ..net.addr import unmap_ip
 from .exposition import Metric
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -81,11 +82,9 @@ def debug_allowed(remote_ip: str | None, forwarded: bool, allow: list[IPNetwork]
     if forwarded or not remote_ip:
         return False
     try:
-        ip = ipaddress.ip_address(remote_ip.split("%", 1)[0])
+        ip = ipaddress.ip_address(unmap_ip(remote_ip).split("%", 1)[0])
     except ValueError:
         return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
     return ip.is_loopback or any(ip in net for net in allow)
 
 

@@ -7,7 +7,6 @@ limiter can make the whole server exit; spec §4.11).
 from __future__ import annotations
 
 import errno
-import ipaddress
 import socket
 from typing import Awaitable, Callable
 
@@ -15,63 +14,14 @@ import trio
 
 from .. import logs
 from ..admission.limits import TokenBucket
-from ..errors import ConfigError
 from ..metrics.counters import Stats
+from .addr import unmap_ip
 
 log = logs.get("derper.net.listener")
 
 BACKLOG = 4096
 _CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 15, 9  # Go runtime defaults
-
-
-class AddressError(ConfigError):
-    pass
-
-
-def parse_addr(addr: str) -> tuple[str | None, int]:
-    """Go-style listen address: ``:port``, ``ip:port``, ``[ipv6]:port``, ``host:port``.
-
-    Returns (host or None for "every interface", port). The port may be a service name.
-    """
-    if addr.startswith("["):
-        end = addr.find("]")
-        if end < 0 or addr[end + 1:end + 2] != ":":
-            raise AddressError(f"bad listen address {addr!r}: expected [ipv6]:port")
-        host, port_text = addr[1:end], addr[end + 2:]
-    else:
-        host, sep, port_text = addr.rpartition(":")
-        if not sep:
-            raise AddressError(f"bad listen address {addr!r}: missing port (try ':{addr}')")
-        if ":" in host:
-            raise AddressError(f"bad listen address {addr!r}: IPv6 must be written [ip]:port")
-    try:
-        port = int(port_text) if port_text.isdigit() else socket.getservbyname(port_text, "tcp")
-    except OSError:
-        raise AddressError(f"bad listen address {addr!r}: unknown port {port_text!r}") from None
-    if not 0 <= port <= 65535:
-        raise AddressError(f"bad listen address {addr!r}: port out of range")
-    return (host or None), port
-
-
-def host_literal(host: str | None) -> str:
-    """``host`` as it goes into a URL or an ``ip:port`` string."""
-    if host and ":" in host:
-        return f"[{host}]"
-    return host or ""
-
-
-def normalize_ip(ip: str) -> str:
-    """``::ffff:a.b.c.d`` (IPv4 on a dual-stack socket) → ``a.b.c.d``."""
-    if ":" not in ip:
-        return ip  # IPv4 already: skip the parse (once per accepted connection)
-    try:
-        addr = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
-        return ip
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        return str(addr.ipv4_mapped)
-    return ip
 
 
 async def open_listener(host: str | None, port: int) -> trio.SocketListener:
@@ -130,7 +80,7 @@ def peer_address(stream: trio.SocketStream) -> tuple[str | None, int]:
         addr = stream.socket.getpeername()
     except OSError:
         return None, 0
-    return normalize_ip(addr[0]), addr[1]
+    return unmap_ip(addr[0]), addr[1]
 
 
 async def accept_loop(listener: trio.SocketListener, nursery: trio.Nursery,

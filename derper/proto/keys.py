@@ -1,26 +1,18 @@
-"""Curve25519 node keys: the text forms Tailscale uses and the derper key file.
+"""Curve25519 node keys and the text forms Tailscale uses for them.
 
 A node key is 32 raw bytes on the wire. People meet it as ``nodekey:<hex>`` (public) and
-``privkey:<hex>`` (private); the Go derper keeps its private key in a JSON file
-``{"PrivateKey": "privkey:..."}`` written with mode 0600. A key file we cannot read or parse is
-an error the operator must see: we never overwrite it, because the key is the server's identity
-and clients may have it pinned.
+``privkey:<hex>`` (private); the key file that holds the server's is ``disk/keyfile.py``.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import re
 import secrets
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 from nacl.bindings import crypto_scalarmult_base
 
-from ..disk.files import ensure_private_dir, write_atomic
 from ..errors import ConfigError
-from . import gojson
 
 KEY_LEN = 32
 PUBLIC_PREFIX = "nodekey:"
@@ -67,11 +59,6 @@ def public_text(raw: bytes) -> str:
     return PUBLIC_PREFIX + raw.hex()
 
 
-def short(raw: bytes) -> str:
-    """The ``[abcde]`` form Tailscale prints in logs, so log lines can be matched across tools."""
-    return "[" + base64.b64encode(raw).decode()[:5] + "]"
-
-
 def generate_private() -> bytes:
     """32 random bytes, clamped the way Go's key.NewNode does (X25519 clamps anyway)."""
     k = bytearray(secrets.token_bytes(KEY_LEN))
@@ -85,10 +72,10 @@ class KeyPair:
     """A node private key and its public half."""
 
     private: bytes
+    public: bytes = field(init=False, compare=False)  # derived once, here
 
-    @property
-    def public(self) -> bytes:
-        return _public_of(self.private)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "public", crypto_scalarmult_base(self.private))
 
     @classmethod
     def generate(cls) -> "KeyPair":
@@ -99,58 +86,3 @@ class KeyPair:
 
     def __repr__(self) -> str:  # never print the private half
         return f"KeyPair(public={public_text(self.public)})"
-
-
-_public_cache: dict[bytes, bytes] = {}
-
-
-def _public_of(private: bytes) -> bytes:
-    pub = _public_cache.get(private)
-    if pub is None:
-        pub = _public_cache[private] = crypto_scalarmult_base(private)
-    return pub
-
-
-class KeyFileError(ConfigError):
-    """The server key file exists but cannot be used; the message says why and what to do."""
-
-
-def load_or_create_key_file(path: Path) -> tuple[KeyPair, bool]:
-    """Load the derper key file, or create it (mode 0600) if it does not exist.
-
-    Returns the key pair and whether it was newly created.
-    """
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return _create_key_file(path), True
-    except OSError as e:
-        raise KeyFileError(f"cannot read server key file {path}: {e.strerror}") from None
-    return KeyPair(_parse_key_file(path, data)), False
-
-
-def _parse_key_file(path: Path, data: bytes) -> bytes:
-    hint = f"fix or remove {path} (removing it gives the server a new identity)"
-    try:
-        value = gojson.load_object(data).get("privatekey")
-    except ValueError as e:
-        raise KeyFileError(f"server key file {path} is {e}; {hint}") from None
-    if not isinstance(value, str):
-        raise KeyFileError(f'server key file {path} has no "PrivateKey" string; {hint}')
-    try:
-        return parse_private(value)
-    except KeyFormatError as e:
-        raise KeyFileError(f"server key file {path}: {e}; {hint}") from None
-
-
-def _create_key_file(path: Path) -> KeyPair:
-    pair = KeyPair.generate()
-    body = json.dumps({"PrivateKey": pair.private_text()}, indent="\t").encode()
-    try:
-        ensure_private_dir(path.parent)
-        # link() publishes the complete file atomically and fails if someone created it meanwhile,
-        # so a crash can never leave a half-written key that we would then refuse to load.
-        write_atomic(path, body, 0o600, replace=False)
-    except OSError as e:
-        raise KeyFileError(f"cannot create server key file {path}: {e.strerror}") from None
-    return pair

@@ -247,12 +247,6 @@ class FrameReader:
         """Change which frame types are returned (the rest are skipped)."""
         self._wanted = frozenset(types)
 
-    def take_rest(self) -> bytes:
-        """Hand over the unparsed bytes (used when the stream changes owner)."""
-        rest = self.data[self.pos:]
-        self.data, self.pos = b"", 0
-        return rest
-
     def next(self) -> tuple[int, int, int] | None:
         while True:
             data, pos = self.data, self.pos
