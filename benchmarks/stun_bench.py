@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a bare checkout too
 
-from derper.bench.procstat import cpu_seconds  # noqa: E402
+from derper.metrics.procstat import cpu_seconds  # noqa: E402
 from stun.message import tailscale_request  # noqa: E402
 
 

@@ -96,4 +96,4 @@ def test_cancel_forgets_the_demand():
 def test_idle_budget_is_capped():
     fs = FairShare(RATE, now=0.0)
     assert fs.request("a", 1, 100.0)
-    assert fs.tokens <= fs.burst
+    assert fs.budget.tokens <= fs.budget.burst

@@ -16,6 +16,7 @@ from collections import deque
 import trio
 
 from ..metrics.counters import Stats
+from .limits import TokenBucket
 
 QUANTUM = 1500  # one MTU-sized packet per turn: small packets never wait behind a bulk chunk
 IDLE_BURST = 0.02  # seconds of budget that may be saved up while nobody is waiting
@@ -37,25 +38,17 @@ class FairShare:
     def __init__(self, rate: float, now: float, quantum: int = QUANTUM) -> None:
         if rate <= 0:
             raise ValueError("rate must be positive")
-        self.rate = rate
         self.quantum = quantum
-        self.burst = max(4.0 * quantum, rate * IDLE_BURST)
-        self.tokens = self.burst
-        self.last = now
+        self.budget = TokenBucket(rate, max(4.0 * quantum, rate * IDLE_BURST), now)
         self.demands: dict[object, _Demand] = {}
         self.ring: deque = deque()  # senders with outstanding demand, in service order
 
-    def _refill(self, now: float) -> None:
-        elapsed = now - self.last
-        if elapsed > 0:
-            self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
-            self.last = now
-
     def request(self, sender: object, nbytes: int, now: float) -> bool:
         """Ask for ``nbytes``. True: granted at once; False: wait until ``advance`` lists it."""
-        self._refill(now)
-        if not self.ring and self.tokens >= nbytes:
-            self.tokens -= nbytes
+        budget = self.budget
+        budget.refill(now)
+        if not self.ring and budget.tokens >= nbytes:
+            budget.tokens -= nbytes
             return True
         d = self.demands.get(sender)
         if d is None:
@@ -72,18 +65,19 @@ class FairShare:
 
     def advance(self, now: float) -> list:
         """Spend the budget accrued up to ``now``; returns the senders whose demand is now met."""
-        self._refill(now)
+        budget = self.budget
+        budget.refill(now)
         done = []
         ring, demands = self.ring, self.demands
-        while ring and self.tokens > 0:
+        while ring and budget.tokens > 0:
             sender = ring[0]
             d = demands[sender]
             if d.deficit <= _DUST:
                 d.deficit += self.quantum
-            give = min(d.deficit, d.remaining, self.tokens)
+            give = min(d.deficit, d.remaining, budget.tokens)
             d.remaining -= give
             d.deficit -= give
-            self.tokens -= give
+            budget.tokens -= give
             if d.remaining <= _DUST:
                 ring.popleft()
                 del demands[sender]
@@ -98,8 +92,9 @@ class FairShare:
             return None
         d = self.demands[self.ring[0]]
         step = min(d.remaining, d.deficit if d.deficit > _DUST else self.quantum)
-        need = step - self.tokens
-        return self.last + (need / self.rate if need > _DUST else 0.0)
+        budget = self.budget
+        need = step - budget.tokens
+        return budget.last + (need / budget.rate if need > _DUST else 0.0)
 
 
 class BandwidthLimiter:

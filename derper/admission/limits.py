@@ -23,14 +23,18 @@ class TokenBucket:
         self.tokens = burst
         self.last = now
 
-    def allow(self, now: float, n: float = 1.0) -> bool:
-        """Take ``n`` tokens if they are there."""
-        if math.isinf(self.rate):
-            return True
+    def refill(self, now: float) -> None:
+        """Add what accrued since the last call, up to ``burst``."""
         elapsed = now - self.last
         if elapsed > 0:
             self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
             self.last = now
+
+    def allow(self, now: float, n: float = 1.0) -> bool:
+        """Take ``n`` tokens if they are there."""
+        if math.isinf(self.rate):
+            return True
+        self.refill(now)
         if self.tokens >= n:
             self.tokens -= n
             return True
@@ -42,10 +46,7 @@ class TokenBucket:
         Back-pressure for byte streams: the caller has already read ``n`` bytes and pauses
         reading for the returned time, so the long-run rate is exact whatever the read sizes.
         """
-        elapsed = now - self.last
-        if elapsed > 0:
-            self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
-            self.last = now
+        self.refill(now)
         self.tokens -= n
         return -self.tokens / self.rate if self.tokens < 0 else 0.0
 

@@ -28,8 +28,8 @@ import trio
 from .. import client as derp_client
 from ..cli import gc_tuning
 from ..errors import IOFailure
+from ..metrics.procstat import cpu_seconds, rss_bytes
 from ..proto import wire
-from .procstat import cpu_seconds, rss_bytes
 
 
 class LoadError(IOFailure):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ..bench.loadgen import LoadError, median_row, run_conns, run_relay
-from ..bench.procstat import rss_bytes
+from ..metrics.procstat import rss_bytes
 from .goflags import Flag, HelpRequested, UsageError, parse, usage
 
 MODES = ("relay", "conns")

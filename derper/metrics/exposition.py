@@ -9,7 +9,6 @@ naming, labelling and summing happens here, on scrape.
 from __future__ import annotations
 
 import os
-import resource
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,6 +18,7 @@ from stun.message import Disposition
 from .. import logs
 from ..relay.hub import Relay
 from .counters import KINDS, TCP_RTT_LABELS, TLS_VERSIONS, DropReason, Histogram
+from .procstat import rss_bytes
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -65,14 +65,6 @@ def _by(label: str, values: dict[str, float]) -> tuple[tuple[Labels, float], ...
     return tuple((((label, k),), v) for k, v in sorted(values.items()))
 
 
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _open_fds() -> int:
     try:
         return len(os.listdir("/proc/self/fd"))
@@ -89,7 +81,7 @@ class Exposition:
         self.stun = stun
         self.version = version
         self.extra = extra
-        self.sys0 = _rss_bytes()  # Go: runtime memory at server creation
+        self.sys0 = rss_bytes()  # Go: runtime memory at server creation
 
     def metrics(self) -> list[Metric]:
         out = self._derp_set() + self._drops() + self._others() + self._limits()
@@ -247,7 +239,7 @@ class Exposition:
 
 
     def _limits(self) -> list[Metric]:
-        """Admission and limits (issue 5). Go shows ``rate_limit_per_client_*`` only with
+        """Admission and limits. Go shows ``rate_limit_per_client_*`` only with
         ``-rate-config``; so does varz here, while /metrics always has them (0 = off)."""
         s, limit = self.relay.stats, self.relay.recv_limit
         go_too = limit is not None

@@ -54,8 +54,7 @@ STEADY_WANTED = frozenset(STEADY_LIMITS) - {FrameType.CLIENT_INFO}
 
 _SEND = int(FrameType.SEND_PACKET)
 _RECV = int(FrameType.RECV_PACKET)
-_DISCO_MAGIC = wire.DISCO_MAGIC
-_DISCO_MIN = wire.DISCO_MIN_LEN
+_is_disco = wire.is_disco
 _KL = wire.KEY_LEN
 
 
@@ -171,7 +170,6 @@ class Session:
                  remote_ip: str | None, remote_port: int, not_ideal: bool) -> None:
         self.relay = relay
         self.stream = stream
-        self.info = info
         self.key = info.key
         self.conn_id = relay.next_conn_id()
         self.dup = False
@@ -352,7 +350,7 @@ class Session:
                     n = e - ps
                     if n < 0:
                         raise ProtocolError("SendPacket shorter than a key")
-                    disco = n >= _DISCO_MIN and buf.startswith(_DISCO_MAGIC, ps)
+                    disco = _is_disco(buf, ps, e)
                     stats.packets_received += 1
                     stats.bytes_received += n
                     if disco:
@@ -473,7 +471,7 @@ class Session:
         src, dst_key = buf[s:s + _KL], buf[s + _KL:s + 2 * _KL]
         ps = s + 2 * _KL
         n = e - ps
-        disco = n >= _DISCO_MIN and buf.startswith(_DISCO_MAGIC, ps)
+        disco = _is_disco(buf, ps, e)
         stats.packets_forwarded_in += 1
         dst = self.relay.router.active.get(dst_key)
         if dst is None:
