@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
+
+# A fresh name, created exclusively and never through a symlink: a file or link planted in the
+# directory beforehand cannot redirect the write.
+_TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def write_atomic(path: Path, data: bytes, mode: int, *, replace: bool) -> None:
@@ -12,11 +17,13 @@ def write_atomic(path: Path, data: bytes, mode: int, *, replace: bool) -> None:
     ``replace=False`` publishes with link(), which fails with FileExistsError if ``path``
     appeared meanwhile (never clobber a key someone else just created); ``replace=True``
     renames over the old file, so readers see the old or the new content, nothing between.
-    Raises OSError; the temporary file never outlives the call.
+    The directory is fsynced afterwards, so the new name survives a power cut too.
+    Raises OSError (a full disk leaves the old file as it was); the temporary file never
+    outlives the call.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, _TMP_FLAGS, mode)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -25,8 +32,17 @@ def write_atomic(path: Path, data: bytes, mode: int, *, replace: bool) -> None:
             os.replace(tmp, path)
         else:
             os.link(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def ensure_private_dir(path: Path) -> None:
