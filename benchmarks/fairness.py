@@ -5,11 +5,13 @@ A real derper process (``-dev``, plain HTTP on loopback) relays two flows: ``bul
 (an SSH session's keystrokes) stamped with the send time. Reported: the interactive one-way
 latency through the relay (alone, then beside the bulk flow) and the bulk throughput against
 the limit. Fair queueing should keep the interactive latency near its idle value while bulk
-gets the rest of the budget.
+gets the rest of the budget. A second relay with only ``-rate-config`` (per-client) carries the
+bulk flow alone. Targets, checked (exit status 1 when missed): each limit holds, and a sender
+gets at least 85 % of it (the unit tests keep only the ceiling; a floor is a speed).
 
     python benchmarks/fairness.py                        # 4mbit, 5 s per phase
-    python benchmarks/fairness.py --limit 20mbit --seconds 10
-    python benchmarks/fairness.py --smoke --json out.json  # ~2 s correctness run
+    python benchmarks/fairness.py --limit 20mbit --rate-config 1000000 --seconds 10
+    python benchmarks/fairness.py --smoke --json out.json  # ~3 s correctness run
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import statistics
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import trio
@@ -32,6 +35,7 @@ from derper import client as dc  # noqa: E402
 from derper.admission.rate_config import parse_rate  # noqa: E402
 
 BULK_SIZE, SMALL_SIZE, SMALL_PERIOD = 1200, 100, 0.02
+SHARE_FLOOR, SHARE_CEILING = 0.85, 1.10  # of the configured limit
 OVERHEAD = 5 + 32  # frame header + key, what the relay's budget counts besides the payload
 
 
@@ -41,10 +45,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def start_relay(limit: str) -> tuple[subprocess.Popen, str]:
+async def start_relay(*limit_flags: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "derper", "-dev", "-a", f"127.0.0.1:{port}",
-                             "-stun=false", "-bandwidth-limit", limit],
+                             "-stun=false", *limit_flags],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={k: v for k, v in os.environ.items() if not k.startswith("DERP_")})
     with trio.fail_after(15):
@@ -118,8 +122,8 @@ async def bulk(url: str, seconds: float, started: trio.Event, stop: trio.Event) 
     return {"bytes_per_second": round(rate)}
 
 
-async def run(limit: str, seconds: float) -> dict:
-    proc, url = await start_relay(limit)
+async def run(limit: str, rate_config: int, seconds: float) -> dict:
+    proc, url = await start_relay("-bandwidth-limit", limit)
     try:
         alone = await interactive(url, seconds)
         started, stop = trio.Event(), trio.Event()
@@ -140,7 +144,40 @@ async def run(limit: str, seconds: float) -> dict:
     share = result["bulk"]["bytes_per_second"] / budget
     return {"limit": limit, "limit_bytes_per_second": budget, "seconds": seconds,
             "interactive_alone": alone, "interactive_beside_bulk": beside,
-            "bulk": {**result["bulk"], "share_of_limit": round(share, 3)}}
+            "bulk": {**result["bulk"], "share_of_limit": round(share, 3)},
+            "rate_config": await per_client(rate_config, seconds)}
+
+
+async def per_client(rate: int, seconds: float) -> dict:
+    """One bulk sender through a relay with only ``-rate-config``: its share of the rate."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        f.write(json.dumps({"PerClientRateLimitBytesPerSec": rate}))
+        f.flush()
+        proc, url = await start_relay("-rate-config", f.name)
+        try:
+            started, stop = trio.Event(), trio.Event()
+            async with trio.open_nursery() as nursery:
+                async def stop_later():
+                    await started.wait()
+                    await trio.sleep(seconds)
+                    stop.set()
+                nursery.start_soon(stop_later)
+                measured = await bulk(url, seconds, started, stop)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    return {"bytes_per_second_limit": rate, **measured,
+            "share_of_limit": round(measured["bytes_per_second"] / rate, 3)}
+
+
+def missed_targets(report: dict) -> list[str]:
+    missed = []
+    for name, share in (("-bandwidth-limit", report["bulk"]["share_of_limit"]),
+                        ("-rate-config", report["rate_config"]["share_of_limit"])):
+        if not SHARE_FLOOR <= share <= SHARE_CEILING:
+            missed.append(f"{name}: bulk got {share:.1%} of the limit, target "
+                          f"{SHARE_FLOOR:.0%}-{SHARE_CEILING:.0%}")
+    return missed
 
 
 def show(report: dict) -> None:
@@ -154,21 +191,31 @@ def show(report: dict) -> None:
     b = report["bulk"]
     print(f"{'bulk (beside interactive)':<28}{b['bytes_per_second']:>12} B/s = "
           f"{b['share_of_limit']:.1%} of the limit")
+    r = report["rate_config"]
+    print(f"{'bulk, -rate-config ' + str(r['bytes_per_second_limit']):<28}"
+          f"{r['bytes_per_second']:>12} B/s = {r['share_of_limit']:.1%} of the limit")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", default="4mbit", help="the relay's -bandwidth-limit")
+    parser.add_argument("--rate-config", type=int, default=1_000_000,
+                        help="per-client bytes/s of the second relay's -rate-config")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each phase")
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
-    parser.add_argument("--smoke", action="store_true", help="~2 s correctness run")
+    parser.add_argument("--smoke", action="store_true",
+                        help="~3 s correctness run; targets shown, not enforced")
     args = parser.parse_args()
     if args.smoke:
         args.seconds = 0.6
-    report = trio.run(run, args.limit, args.seconds)
+    report = trio.run(run, args.limit, args.rate_config, args.seconds)
     show(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
+    missed = missed_targets(report)
+    for line in missed:
+        print(f"target missed: {line}")
+    sys.exit(1 if missed and not args.smoke else 0)  # a smoke run checks function only
 
 
 if __name__ == "__main__":

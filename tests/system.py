@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 
 import pytest
@@ -37,3 +38,13 @@ def require_binary(binary: str, package: str) -> str:
     if not path:
         pytest.fail(f"apt-get install {package} did not provide {binary}:\n{proc.stderr[-2000:]}")
     return path
+
+
+def has_ipv6_loopback() -> bool:
+    """Whether ``::1`` can be bound here (some containers have no IPv6 at all)."""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import ssl
 from dataclasses import replace
 
@@ -18,6 +19,7 @@ import trio
 from derper import client as dc
 from derper.admission import gate as admission
 from derper.admission.gate import parse_allow_keys
+from derper.disk.filewatch import signature
 from derper.errors import ConfigError
 from derper.http import client as http_client
 from derper.proto.keys import KeyPair, public_text
@@ -206,22 +208,36 @@ def test_broken_allow_keys_is_a_startup_error(tmp_path):
 
 
 async def test_sighup_reloads_allow_keys_in_the_real_process(tmp_path):
+    """Refused before, admitted after a real SIGHUP, and only the SIGHUP can explain it: the
+    file is rewritten in place with the same size and mtime, which the file poll cannot see."""
     from tests.process import DerperProcess, free_port
-    a = KeyPair.generate()
+    a, b = KeyPair.generate(), KeyPair.generate()
     path = tmp_path / "allowed"
-    path.write_text(key_file())
+    path.write_text(key_file(b))
+    before = os.stat(path)
     port = free_port()
     proc = DerperProcess(["-dev", "-a", f"127.0.0.1:{port}", "-stun=false"], tmp_path,
                          env={"DERP_ALLOW_KEYS": str(path)})
+    u = f"http://127.0.0.1:{port}/derp"
     try:
         await proc.wait_for_log("derper listening")
+        with pytest.raises(dc.DerpClientError):  # the negative control: a is not allowed yet
+            async with dc.connect(u, a) as c:
+                await assert_relays(c, c)
         path.write_text(key_file(a))
-        proc.signal(1)  # SIGHUP
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert signature(path) == signature_of(before)
+        proc.signal(signal.SIGHUP)
         await proc.wait_for_log("why=SIGHUP")
-        async with dc.connect(f"http://127.0.0.1:{port}/derp", a) as c:
+        async with dc.connect(u, a) as c:
             await assert_relays(c, c)
+        assert "why=file changed" not in proc.log
     finally:
         proc.close()
+
+
+def signature_of(st: os.stat_result):
+    return ((st.st_ino, st.st_size, st.st_mtime_ns),)
 
 
 async def test_admission_does_not_block_other_clients(start_server, ca, nursery, monkeypatch):

@@ -107,9 +107,7 @@ async def test_sigterm_sends_restarting_and_exits_zero_with_state_kept(podman, i
     pin = printed_pin(podman, name)
     async with dc.connect(f"https://{PUBLIC_IP}/derp", dial=("127.0.0.1", ports["tls"]),
                           cert_pin=pin) as client:
-        started = time.monotonic()
-        podman("stop", "-t", "20", name)
-        assert time.monotonic() - started < 15  # derper exited, no SIGKILL fallback
+        podman("stop", "-t", "20", name)  # exit code 0 below: derper exited, no SIGKILL
         message = await recv_kind(client, dc.RestartingMessage)
         assert message.reconnect_in_ms > 0
     assert podman.out("inspect", name, "--format", "{{.State.ExitCode}}").strip() == "0"

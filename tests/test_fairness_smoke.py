@@ -21,4 +21,6 @@ def test_smoke_run_relays_both_flows_within_the_limit(tmp_path):
         assert flow["sent"] > 10 and flow["received"] == flow["sent"], flow
     # The budget holds (a token bucket cannot be beaten) and bulk gets real use of it.
     assert 0 < report["bulk"]["bytes_per_second"] <= 1.1 * report["limit_bytes_per_second"]
+    per_client = report["rate_config"]
+    assert 0 < per_client["bytes_per_second"] <= 1.1 * per_client["bytes_per_second_limit"]
     assert "interactive_beside_bulk" in proc.stdout

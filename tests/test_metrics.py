@@ -28,7 +28,7 @@ from derper.server import Server
 from tests.conftest import client_context, url
 from tests.process import free_port
 from tests.relay_helpers import assert_relays, connect_opts, recv_kind, wait_until
-from tests.system import require_binary
+from tests.system import has_ipv6_loopback, require_binary
 
 DASHBOARD = Path(__file__).parent.parent / "deploy" / "grafana" / "derper.json"
 
@@ -175,19 +175,12 @@ async def test_varz_access_rule_on_a_real_socket(start_server):
     assert (await fetch(main, "/debug/varz"))[0] == 200
     status, body = await fetch(main, "/debug/varz", headers={"X-Forwarded-For": "127.0.0.1"})
     assert (status, body) == (403, "debug access denied\n")
-    # Over IPv6 loopback too, when this machine has it.
-    v6 = await start_server(addr="[::1]:0") if _has_ipv6_loopback() else None
-    if v6 is not None:
-        assert (await fetch(f"http://[::1]:{v6.main_port}", "/debug/varz"))[0] == 200
 
 
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback on this machine")
+async def test_varz_allows_ipv6_loopback(start_server):
+    v6 = await start_server(addr="[::1]:0")
+    assert (await fetch(f"http://[::1]:{v6.main_port}", "/debug/varz"))[0] == 200
 
 
 def test_debug_access_rule():

@@ -13,6 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from derper import client as dc
+from derper.proto.keys import KeyPair, parse_private
 from derper.proto.pin import cert_pin
 from tests.conftest import client_context, write_cert
 from tests.process import derper, free_port, run_derper, stun_query
@@ -32,6 +33,7 @@ async def test_dev_command_line_as_checked_and_sigterm_sends_restarting(tmp_path
         async with dc.connect("http://127.0.0.1:3340/derp") as a, \
                 dc.connect("http://127.0.0.1:3340/derp") as b:
             await assert_relays(a, b)
+            identity = a.server_key
             proc.signal(signal.SIGTERM)
             for c in (a, b):
                 m = await recv_kind(c, dc.RestartingMessage)
@@ -41,7 +43,7 @@ async def test_dev_command_line_as_checked_and_sigterm_sends_restarting(tmp_path
     # The same key comes back on the next start.
     async with derper(args, tmp_path) as proc:
         async with dc.connect("http://127.0.0.1:3340/derp") as a:
-            assert "privkey:" + a.server_key.hex() != saved  # public != private, sanity
+            assert a.server_key == identity == KeyPair(parse_private(saved)).public
         proc.signal(signal.SIGINT)
         assert await proc.wait(timeout=5) == 0
     assert json.loads(key.read_text())["PrivateKey"] == saved

@@ -26,8 +26,11 @@ def parse_names(text: str) -> list[str]:
 
 
 class BootstrapDNS:
-    def __init__(self, names: list[str]) -> None:
+    """``resolve`` is ``getaddrinfo``'s signature; tests hand in a resolver they control."""
+
+    def __init__(self, names: list[str], resolve=trio.socket.getaddrinfo) -> None:
         self.names = names
+        self._resolve = resolve
         self.entries: dict[str, list[str]] = {}
         self.body = b""  # nothing configured: 200 with an empty body, as Go does
 
@@ -35,7 +38,7 @@ class BootstrapDNS:
         with trio.move_on_after(RESOLVE_TIMEOUT):
             for name in self.names:
                 try:
-                    infos = await trio.socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+                    infos = await self._resolve(name, None, type=socket.SOCK_STREAM)
                 except OSError as e:
                     log.warning("bootstrap DNS lookup failed; keeping the previous answer",
                                 name=name, error=str(e))
