@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 from nacl.bindings import crypto_box
 
 from derper.proto import handshake, wire
 from derper.proto.handshake import ClientInfo, HandshakeError, ServerInfo
 from derper.proto.keys import KeyPair
+from tests.fuzzing import fuzz
 
 CLIENT_PRIV = bytes.fromhex("40ab1b58e9076c7a4d9d07291f5edf9d1aa017eb949624ba683317f48a640369")
 CLIENT_PUB = bytes.fromhex("50d20b455ecf12bc453f83c2cfdb2a24925d06cf2598dcaa54e91af82ce9f765")
@@ -221,7 +222,7 @@ client_info_keys = st.sampled_from(["version", "Version", "meshKey", "MESHKEY", 
                                     "isprober", "AppName", "other"])
 
 
-@settings(max_examples=300, deadline=None)
+@fuzz(300)
 @given(plaintext=st.one_of(
     st.binary(max_size=300),
     st.dictionaries(client_info_keys, json_values, max_size=6).map(
@@ -239,7 +240,7 @@ def test_sealed_client_info_never_raises_other_errors(plaintext):
     assert info.mesh_key is None or len(info.mesh_key) == 32
 
 
-@settings(max_examples=200, deadline=None)
+@fuzz(200)
 @given(payload=st.binary(max_size=300))
 def test_unsealed_garbage_is_handshake_error(payload):
     with pytest.raises(HandshakeError):

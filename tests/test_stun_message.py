@@ -10,9 +10,10 @@ import zlib
 
 import pytest
 from aioice import stun as aioice_stun
-from hypothesis import example, given, settings, strategies as st
+from hypothesis import example, given, strategies as st
 
 from stun.message import MAX_GROWTH, MAX_REQUEST_SIZE, Disposition, respond, tailscale_request
+from tests.fuzzing import fuzz
 
 # derp-protocol.md §7.4
 TS_REQUEST = bytes.fromhex(
@@ -270,13 +271,13 @@ def _check_reply(data: bytes, src: tuple[str, int], strict: bool) -> None:
 
 
 @given(data=st.binary(max_size=200), src=SOURCES, strict=st.booleans())
-@settings(max_examples=1000)
+@fuzz(1000)
 def test_fuzz_arbitrary_bytes(data, src, strict):
     _check_reply(data, src, strict)
 
 
 @given(data=stunish(), src=SOURCES, strict=st.booleans())
-@settings(max_examples=3000)
+@fuzz(3000)
 @example(data=request((0x7FFF, b"")), src=("2001:db8::1", 1), strict=False)  # MAX_GROWTH case
 def test_fuzz_stun_like(data, src, strict):
     _check_reply(data, src, strict)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 from derper.proto import wire
 from derper.proto.wire import FrameReader, FrameType, PeerGoneReason, PeerPresent, ProtocolError
+from tests.fuzzing import fuzz
 
 K = bytes.fromhex("50d20b455ecf12bc453f83c2cfdb2a24925d06cf2598dcaa54e91af82ce9f765")
 S = bytes.fromhex("358072d6365880d1aeea329adf9121383851ed21a28e3b75e965d0d2cd166254")
@@ -259,7 +260,7 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in zip([0] + points, points + [len(data)])]
 
 
-@settings(max_examples=300, deadline=None)
+@fuzz(300)
 @given(frames=frames_st, cuts=st.lists(st.integers(min_value=0), max_size=30))
 def test_any_split_of_a_valid_stream_yields_the_wanted_frames(frames, cuts):
     limits = {t: 200 for t in WANTED}
@@ -273,7 +274,7 @@ def test_any_split_of_a_valid_stream_yields_the_wanted_frames(frames, cuts):
     assert r.buffered == 0
 
 
-@settings(max_examples=300, deadline=None)
+@fuzz(300)
 @given(garbage=st.binary(max_size=400), cuts=st.lists(st.integers(min_value=0), max_size=10),
        wanted=st.sets(st.integers(0, 255), max_size=5))
 def test_garbage_raises_only_frame_error(garbage, cuts, wanted):

@@ -4,6 +4,7 @@ over to the DERP session together with any bytes read past the head (spec §1.3,
 
 from __future__ import annotations
 
+from dataclasses import replace
 from http import HTTPStatus
 from typing import Callable
 
@@ -134,7 +135,11 @@ async def serve_http(stream: trio.abc.Stream, remote_ip: str | None, remote_port
             return
         if req is None:
             return
-        if relay is not None and req.path == "/derp":
+        if req.method == "CONNECT":
+            # No proxy here. Any 2xx would switch h11 to a tunnel (nothing more could be
+            # written), so the answer must be an error, and the connection ends with it.
+            resp = replace(error(405, "CONNECT is not supported"), close=True)
+        elif relay is not None and req.path == "/derp":
             resp = await _upgrade(http, req, relay, remote_ip, remote_port, head_timeout)
             if resp is None:
                 return  # the connection was a DERP session and is over now
