@@ -27,7 +27,8 @@ HEADER_VALUES = st.one_of(st.sampled_from(["DERP", "websocket", "Upgrade", "chun
 
 @st.composite
 def request_heads(draw) -> bytes:
-    line = f"{draw(METHODS)} {draw(TARGETS)} {draw(st.sampled_from(['HTTP/1.1', 'HTTP/1.0', 'HTTP/2', 'X']))}"
+    version = draw(st.sampled_from(["HTTP/1.1", "HTTP/1.0", "HTTP/2", "X"]))
+    line = f"{draw(METHODS)} {draw(TARGETS)} {version}"
     headers = draw(st.lists(st.tuples(HEADER_NAMES, HEADER_VALUES), max_size=6))
     head = "\r\n".join([line] + [f"{k}: {v}" for k, v in headers]) + "\r\n\r\n"
     body = draw(st.binary(max_size=40))
