@@ -17,7 +17,7 @@ import trio
 from stun.counters import StunCounters
 from stun.server import open_stun_socket, serve_socket
 
-from . import __version__, logs
+from . import __version__, logs, signals
 from .admission.fairshare import BandwidthLimiter
 from .admission.gate import DEFAULT_SOCKET, Admission, AllowList
 from .admission.limits import HandshakeSlots, TokenBucket
@@ -299,15 +299,14 @@ class Server:
         return metrics
 
     async def _signal_loop(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    log.info("SIGHUP: reloading certificates, allowed keys and rate config")
-                    self.reload()
-                else:
-                    log.info("shutting down", signal=signal.Signals(signum).name)
-                    await self.shutdown()
-                    return
+        async for signum in signals.receive():
+            if signum == signal.SIGHUP:
+                log.info("SIGHUP: reloading certificates, allowed keys and rate config")
+                self.reload()
+            else:
+                log.info("shutting down", signal=signal.Signals(signum).name)
+                await self.shutdown()
+                return
 
     async def shutdown(self) -> None:
         """Stop accepting, tell every client we are restarting, then close everything."""
