@@ -17,7 +17,7 @@ STORM = 2000  # per sender; the attack run used 2 x 2,000 kill -HUP
 
 async def test_sighup_storm_under_load_neither_kills_nor_stalls_the_server(tmp_path):
     port = free_port()
-    args = ["-dev", "-a", f"127.0.0.1:{port}", "-stun=false"]
+    args = ["-dev", "-a", f"127.0.0.1:{port}", "-stun=false", "-metrics-addr", "off"]
     async with derper(args, tmp_path) as proc:
         pid = proc.proc.pid
         u = f"http://127.0.0.1:{port}/derp"
