@@ -110,6 +110,7 @@ class Throttle:
     For messages a scanner or a broken client can trigger at will (bad HTTP, TLS garbage, bad
     handshakes): the first one shows what is happening, the rest would only flood the journal.
     Keys are a bounded set of message kinds chosen by the caller, never peer-controlled text.
+    Each server owns one, so its count (a metric) is its own.
     """
 
     __slots__ = ("interval", "total", "_last", "_suppressed")
@@ -130,12 +131,8 @@ class Throttle:
         self._last[key] = now
         return self._suppressed.pop(key, 0)
 
-
-THROTTLE = Throttle()
-
-
-def throttled(log: EventLogger, level: str, msg: str, **fields) -> None:
-    """``log.<level>(msg, ...)``, rate-limited per message by the process-wide ``THROTTLE``."""
-    n = THROTTLE.check(msg, time.monotonic())
-    if n is not None:
-        getattr(log, level)(msg, **fields, suppressed=n or None)
+    def log(self, log: EventLogger, level: str, msg: str, **fields) -> None:
+        """``log.<level>(msg, ...)``, at most once per interval for each ``msg``."""
+        n = self.check(msg, time.monotonic())
+        if n is not None:
+            getattr(log, level)(msg, **fields, suppressed=n or None)

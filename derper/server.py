@@ -24,12 +24,12 @@ from .admission.limits import HandshakeSlots, TokenBucket
 from .admission.rate_config import load_rate_config, parse_rate
 from .certs.acme import AcmeCerts
 from .certs.acme_order import AcmeSettings, resolve_directory
-from .certs.bundle import CertError, derp_node_json, ensure_ip_cert, parse_ip
+from .certs.bundle import derp_node_json, ensure_ip_cert, parse_ip
 from .certs.context import ServerTLS
 from .certs.http01 import Http01Responder
 from .certs.manual import ManualCerts
-from .cli import sdnotify
-from .config import CERT_MODES, GO_DEFAULT_HOSTNAME, Config
+from .config import Config
+from .config_check import ConfigProblems, check
 from .errors import ConfigError
 from .http.bootstrap_dns import BootstrapDNS, parse_names
 from .http.endpoints import Endpoints, Request, Response, https_redirect
@@ -54,45 +54,33 @@ RESTART_TRY_FOR_MS = 30000
 
 
 class Server:
+    """One relay: ``Server(...)`` checks and builds, ``run()`` prepares the disk and serves."""
+
     def __init__(self, config: Config, keypair: KeyPair, *, mesh_key: bytes | None = None) -> None:
+        """Raises ConfigProblems naming everything wrong with ``config``; writes and prints
+        nothing (it reads the rate config and the allowed keys)."""
+        problems = check(config)
+        if problems:
+            raise ConfigProblems(problems)
         self.config = config
-        if config.certmode not in CERT_MODES:
-            raise ConfigError(f"-certmode must be one of {', '.join(CERT_MODES)}, "
-                              f"not {config.certmode!r}")
-        for name, port in (("-http-port", config.http_port), ("-stun-port", config.stun_port)):
-            if not -1 <= port <= 65535:
-                raise ConfigError(f"{name} must be a port number (or -1 to disable), not {port}")
         self.bootstrap = BootstrapDNS(parse_names(config.bootstrap_dns_names))
-        try:
-            self.listen_host, self.listen_port = parse_addr(config.addr)
-            self.endpoints = Endpoints(home=config.home, derp_enabled=config.derp,
-                                       bootstrap_body=lambda: self.bootstrap.body)
-            debug_allow = varz.parse_cidrs(config.debug_allow_cidrs)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if config.metrics_listen:
-            try:
-                parse_addr(config.metrics_listen)
-            except ValueError as e:
-                raise ConfigError(f"-metrics-addr: {e}") from None
+        self.listen_host, self.listen_port = parse_addr(config.addr)
+        self.endpoints = Endpoints(home=config.home, derp_enabled=config.derp,
+                                   bootstrap_body=lambda: self.bootstrap.body)
         self.relay = Relay(keypair, mesh_key, keepalive_interval=config.keepalive_interval,
                            write_timeout=config.tcp_write_timeout,
                            handshake_timeout=config.handshake_timeout,
                            queue_depth=config.queue_depth)
         self._setup_admission_and_limits()
         webroot = config.acme_webroot
-        if webroot and not os.path.isdir(webroot):
-            raise ConfigError(f"-acme-webroot {webroot}: not a directory")
-        if webroot and (not config.tls or config.http_port < 0):
-            raise ConfigError("-acme-webroot is served by the HTTP helper, which runs only with "
-                              "TLS and -http-port ≥ 0")
         self.challenges = Http01Responder(Path(webroot) if webroot else None)
         self.acme: AcmeCerts | None = None
         self.manual: ManualCerts | None = None
-        self.tls = self._load_tls() if config.tls else None
+        self.tls = self._build_tls() if config.tls else None
         self.stun_counters = StunCounters()
         self.exposition = Exposition(self.relay, self.stun_counters, __version__)
-        self.endpoints.varz = varz.handler(self.exposition.metrics, debug_allow)
+        self.endpoints.varz = varz.handler(self.exposition.metrics,
+                                           varz.parse_cidrs(config.debug_allow_cidrs))
         self.metrics_port: int | None = None
         self.main_port: int | None = None
         self.http_port: int | None = None
@@ -105,31 +93,21 @@ class Server:
 
     def _setup_admission_and_limits(self) -> None:
         config, relay = self.config, self.relay
-        try:
-            self.bandwidth_rate = parse_rate(config.bandwidth_limit)
-        except ValueError as e:
-            raise ConfigError(f"-bandwidth-limit: {e}") from None
-        try:
-            relay.set_receive_limit(load_rate_config(config.rate_config)
-                                    if config.rate_config else None)
-            self.allow_list = AllowList(config.allow_keys) if config.allow_keys else None
-        except ConfigError as e:
-            raise ConfigError(str(e)) from None
+        self.bandwidth_rate = parse_rate(config.bandwidth_limit)
+        relay.set_receive_limit(load_rate_config(config.rate_config)
+                                if config.rate_config else None)
+        self.allow_list = AllowList(config.allow_keys) if config.allow_keys else None
         url = config.verify_client_url or None
-        if url is not None and not url.startswith(("http://", "https://")):
-            raise ConfigError(f"-verify-client-url must be an http:// or https:// URL, not {url!r}")
-        if config.max_clients < 0 or config.max_handshakes < 0:
-            raise ConfigError("-max-clients and -max-handshakes must be 0 (no cap) or positive")
         relay.max_clients = config.max_clients
         self.handshakes = HandshakeSlots(config.max_handshakes)
         # The port-80 helper's connections never upgrade: all of them count, in a pool of
         # their own so a slowloris there cannot starve the DERP port's handshakes.
         self.helper_connections = HandshakeSlots(config.max_handshakes)
         if self.allow_list or config.verify_clients or url:
-            relay.admission = Admission(
-                relay.stats, allow_list=self.allow_list,
-                localapi_socket=(config.socket or DEFAULT_SOCKET) if config.verify_clients else None,
-                url=url, fail_open=config.verify_client_url_fail_open)
+            socket = (config.socket or DEFAULT_SOCKET) if config.verify_clients else None
+            relay.admission = Admission(relay.stats, allow_list=self.allow_list,
+                                        localapi_socket=socket, url=url,
+                                        fail_open=config.verify_client_url_fail_open)
 
     def _reload_limits(self) -> None:
         if self.allow_list is not None:
@@ -147,60 +125,49 @@ class Server:
 
     # ---- certificates -------------------------------------------------------------------------
 
-    def _load_tls(self) -> ServerTLS:
+    def _build_tls(self) -> ServerTLS:
+        """The TLS front and its certificate source; prepare() gives it a certificate."""
         config = self.config
-        hostname = config.hostname
-        ip = parse_ip(hostname)
+        is_ip = parse_ip(config.hostname) is not None
         tls = ServerTLS(metacert.build(self.relay.public_key),
-                        required_sni=None if ip is not None else hostname)
-        try:
-            if config.certmode == "letsencrypt":
-                self.acme = self._acme_certs(tls, ip is not None)
-            else:
-                if ip is not None and ensure_ip_cert(config.certdir_path, hostname):
-                    log.info("created a self-signed certificate for the IP hostname",
-                             hostname=hostname, certdir=config.certdir_path)
-                self.manual = ManualCerts(config.certdir_path, hostname, tls,
-                                          wait_for_files=bool(config.acme_webroot))
-        except CertError as e:
-            raise ConfigError(str(e)) from None
-        if ip is not None and tls.bundle is not None and tls.bundle.self_signed:
+                        required_sni=None if is_ip else config.hostname)
+        if config.certmode == "letsencrypt":
+            if config.http_port != 80:
+                log.warning("the CA validates on port 80: forward port 80 to the HTTP helper",
+                            http_port=config.http_port)
+            settings = AcmeSettings(resolve_directory(config.acme_directory), config.acme_email,
+                                    config.acme_ca_bundle)
+            self.acme = AcmeCerts(config.certdir_path, config.hostname, tls, self.challenges,
+                                  settings, retry_min=config.acme_retry_min,
+                                  retry_max=config.acme_retry_max)
+        else:
+            self.manual = ManualCerts(config.certdir_path, config.hostname, tls,
+                                      wait_for_files=bool(config.acme_webroot))
+        return tls
+
+    def prepare(self) -> None:
+        """Start-up's effects: make what the certdir lacks (the self-signed IP certificate, the
+        ACME account key), load the certificate, and print the DERP map node that pins a
+        self-signed one (stdout: scripts and the README's instructions read it there).
+
+        Raises ConfigError (CertError) if the disk does not cooperate. ``run()`` calls it.
+        """
+        config, tls = self.config, self.tls
+        if tls is None:
+            return
+        hostname = config.hostname
+        is_ip = parse_ip(hostname) is not None
+        if self.acme is not None:
+            self.acme.prepare()
+        else:
+            if is_ip and ensure_ip_cert(config.certdir_path, hostname):
+                log.info("created a self-signed certificate for the IP hostname",
+                         hostname=hostname, certdir=config.certdir_path)
+            self.manual.load()
+        if is_ip and tls.bundle is not None and tls.bundle.self_signed:
             node = derp_node_json(hostname, tls.bundle.pin)
             log.info("self-signed certificate: pin it in your DERP map with this node", node=node)
             print(node, flush=True)
-        return tls
-
-    def _acme_certs(self, tls: ServerTLS, is_ip: bool) -> AcmeCerts:
-        config = self.config
-        if config.hostname == GO_DEFAULT_HOSTNAME:
-            raise ConfigError(
-                "-certmode letsencrypt (the default) needs -hostname set to this relay's DNS "
-                f"name ({GO_DEFAULT_HOSTNAME} is Tailscale's own). No domain? Use "
-                "-hostname <public IP> with -acme-ip-certs, or with -certmode manual for a "
-                "self-signed certificate; or -dev for plain HTTP on 127.0.0.1:3340")
-        if is_ip and not config.acme_ip_certs:
-            raise ConfigError(
-                f"-hostname {config.hostname} is an IP address: add -acme-ip-certs for a "
-                "Let's Encrypt IP certificate (6-day, renewed automatically), or use "
-                "-certmode manual for a self-signed certificate pinned in the DERP map")
-        if config.acme_ip_certs and not is_ip:
-            raise ConfigError("-acme-ip-certs needs an IP address as -hostname, "
-                              f"not {config.hostname!r}")
-        if config.http_port < 0:
-            raise ConfigError("-certmode letsencrypt answers the CA's HTTP-01 challenge on the "
-                              "HTTP helper; -http-port -1 turns it off")
-        if config.http_port != 80:
-            log.warning("the CA validates on port 80: forward port 80 to the HTTP helper",
-                        http_port=config.http_port)
-        try:
-            directory = resolve_directory(config.acme_directory)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        if config.acme_ca_bundle and not os.path.isfile(config.acme_ca_bundle):
-            raise ConfigError(f"-acme-ca-bundle {config.acme_ca_bundle}: no such file")
-        settings = AcmeSettings(directory, config.acme_email, config.acme_ca_bundle)
-        return AcmeCerts(config.certdir_path, config.hostname, tls, self.challenges, settings,
-                         retry_min=config.acme_retry_min, retry_max=config.acme_retry_max)
 
     def _serve_helper_request(self, req: Request) -> Response:
         """The HTTP helper: ACME challenges first, then captive-portal checks and redirects."""
@@ -217,7 +184,10 @@ class Server:
 
     async def run(self, *, handle_signals: bool = False,
                   task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Prepare, bind, then serve until cancelled or shut down; reports ``started`` once
+        every listener is bound (systemd readiness, tests)."""
         config = self.config
+        self.prepare()
         # Bind before the nursery so a bind error reaches the caller as a plain OSError.
         main = await open_listener(self.listen_host, self.listen_port)
         self._listeners.append(main)
@@ -273,7 +243,6 @@ class Server:
                          derp="on" if config.derp else "off",
                          metrics=metrics.url if metrics else None,
                          server_key=public_text(self.relay.public_key))
-                sdnotify.notify("READY=1")
                 task_status.started(self)
         finally:
             # A bind error, or a cancel from outside (tests, an embedding program): free the
@@ -335,7 +304,7 @@ class Server:
             return
         ip, port = peer_address(stream)
         conn: trio.abc.Stream = stream
-        stats = self.relay.stats
+        stats, throttle = self.relay.stats, self.relay.log_throttle
         tls_version = None
         try:
             if self.tls is not None:
@@ -347,19 +316,19 @@ class Server:
                     with trio.fail_after(config.handshake_timeout):
                         await conn.do_handshake()
                 except trio.TooSlowError:
-                    logs.throttled(log, "info", "closing connection: TLS handshake timed out",
-                                   remote=f"{ip}:{port}")
+                    throttle.log(log, "info", "closing connection: TLS handshake timed out",
+                                 remote=f"{ip}:{port}")
                     return
                 except trio.BrokenResourceError as e:
-                    logs.throttled(log, "info", "closing connection: TLS handshake failed",
-                                   remote=f"{ip}:{port}",
-                             error=str(e))
+                    throttle.log(log, "info", "closing connection: TLS handshake failed",
+                                 remote=f"{ip}:{port}", error=str(e))
                     return
                 tls_version = tls_version_index(conn.version())
                 stats.tls_handshakes[tls_version] += 1
                 stats.tls_active[tls_version] += 1
             await serve_http(conn, ip, port, head_timeout=config.handshake_timeout,
-                             handle=self.endpoints.handle,
+                             handle=self.endpoints.handle, log_throttle=throttle,
+                             on_established=slot.release,
                              relay=self.relay if config.derp else None)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the peer went away mid-request; nothing to report
@@ -382,7 +351,8 @@ class Server:
         ip, port = peer_address(stream)
         try:
             await serve_http(stream, ip, port, head_timeout=config.handshake_timeout,
-                             handle=self._serve_helper_request)
+                             handle=self._serve_helper_request,
+                             log_throttle=self.relay.log_throttle, on_established=slot.release)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:

@@ -61,11 +61,3 @@ def url(server: Server) -> str:
     scheme = "https" if server.tls else "http"
     host = "localhost" if server.tls else "127.0.0.1"
     return f"{scheme}://{host}:{server.main_port}/derp"
-
-
-@pytest.fixture(autouse=True)
-def fresh_log_throttle(monkeypatch):
-    """Each test sees its own first 'bad request' lines, not a neighbour's rate limit."""
-    from derper import logs
-
-    monkeypatch.setattr(logs, "THROTTLE", logs.Throttle())

@@ -87,6 +87,7 @@ async def test_issues_renews_live_and_caches(start_server, pebble, tmp_path):
     # A restart serves the cached certificate at once and orders nothing.
     restarted = Server(Config(**{**vars(BASE), **acme_fields(pebble, certdir)}),
                        KeyPair.generate())
+    restarted.prepare()
     assert restarted.tls.bundle.leaf == second
     assert restarted.acme._next_attempt_in() > 0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from derper.cli import main as cli
+from derper.cli import flags as cli
 from tests.process import run_derper
 
 

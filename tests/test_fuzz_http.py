@@ -9,9 +9,11 @@ from hypothesis import example, given, strategies as st
 
 from derper.http.endpoints import Endpoints
 from derper.http.server import serve_http
+from derper.logs import Throttle
 from tests.fuzzing import fuzz
 
 ENDPOINTS = Endpoints(home="", derp_enabled=True, bootstrap_body=lambda: b"{}")
+THROTTLE = Throttle()  # as a server's: a flood of bad requests logs one line per interval
 METHODS = st.sampled_from(["GET", "HEAD", "POST", "PUT", "CONNECT", "OPTIONS", "TRACE", "PRI",
                            "DELETE", "G\x00T", "get", ""])
 TARGETS = st.sampled_from(["/", "/derp", "/derp/probe", "/generate_204", "/debug/varz",
@@ -43,7 +45,8 @@ async def serve_one(data: bytes) -> bytes:
         async def run_server():
             try:
                 await serve_http(server, "192.0.2.1", 1234, head_timeout=1.0,
-                                 handle=ENDPOINTS.handle)
+                                 handle=ENDPOINTS.handle, log_throttle=THROTTLE,
+                                 on_established=lambda: None)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the peer went away mid-answer: the caller closes, nothing to report
             finally:

@@ -7,7 +7,7 @@ import math
 import pytest
 from hypothesis import given, strategies as st
 
-from derper.cli import main as cli
+from derper.cli import flags as cli
 from derper.cli.goflags import (Flag, HelpRequested, UsageError, format_duration, parse,
                                 parse_duration, usage)
 from derper.config import Config

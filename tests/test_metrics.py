@@ -257,7 +257,7 @@ async def test_scanner_garbage_is_logged_once_per_interval(start_server, caplog)
     lines = [r for r in caplog.records
              if r.getMessage() == "closing connection: bad HTTP request"]
     assert len(lines) == 1
-    assert logs.THROTTLE.total == 4
+    assert server.relay.log_throttle.total == 4
     assert "derper_log_lines_suppressed_total 4.0" in _prom_text(server)
 
 

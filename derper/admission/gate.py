@@ -50,8 +50,18 @@ def parse_allow_keys(text: str, source: str = "allow-keys") -> frozenset[bytes]:
             keys.add(parse_public(line))
         except KeyFormatError as e:
             raise ConfigError(f"{source} line {n}: {e} (want {PUBLIC_PREFIX}<64 hex>)") \
-                from None
+                from e
     return frozenset(keys)
+
+
+def read_allow_keys(path: str) -> frozenset[bytes]:
+    """The keys of the ``-allow-keys`` file at ``path``; raises ConfigError if it is broken."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read -allow-keys {path}: "
+                          f"{getattr(e, 'strerror', None) or e}") from e
+    return parse_allow_keys(text, f"-allow-keys {path}")
 
 
 class AllowList:
@@ -60,20 +70,12 @@ class AllowList:
     def __init__(self, path: str) -> None:
         self.path = path
         self.stamp = signature(path)
-        self.keys = self._read()
-
-    def _read(self) -> frozenset[bytes]:
-        try:
-            text = Path(self.path).read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"cannot read -allow-keys {self.path}: "
-                                       f"{getattr(e, 'strerror', None) or e}") from None
-        return parse_allow_keys(text, f"-allow-keys {self.path}")
+        self.keys = read_allow_keys(path)
 
     def reload(self, why: str) -> None:
         self.stamp = signature(self.path)
         try:
-            keys = self._read()
+            keys = read_allow_keys(self.path)
         except ConfigError as e:
             log.error("keeping the previous allowed keys: the file is broken", error=str(e),
                       keys=len(self.keys))

@@ -6,7 +6,6 @@ Pure: callers pass the current time, so behaviour is exact in tests and cheap at
 
 from __future__ import annotations
 
-import contextvars
 import math
 
 
@@ -68,9 +67,8 @@ class HandshakeSlot:
 class HandshakeSlots:
     """Caps connections that have not finished TLS + HTTP + DERP handshake (slowloris bound).
 
-    The connection task holds its slot in ``current_slot`` (a context variable, so the DERP
-    session deep inside the HTTP handler can release it on registration without every layer
-    passing it along); the task releases it again when it ends, whichever comes first.
+    The connection task hands its slot's ``release`` down to the DERP session, which calls it
+    on registration; the task releases it again when it ends, whichever comes first.
     """
 
     def __init__(self, limit: int) -> None:
@@ -81,17 +79,4 @@ class HandshakeSlots:
         if self.limit > 0 and self.count >= self.limit:
             return None
         self.count += 1
-        slot = HandshakeSlot(self)
-        current_slot.set(slot)
-        return slot
-
-
-current_slot: contextvars.ContextVar[HandshakeSlot | None] = contextvars.ContextVar(
-    "derper_handshake_slot", default=None)
-
-
-def handshake_done() -> None:
-    """The connection in this task is established; it no longer counts as half-open."""
-    slot = current_slot.get()
-    if slot is not None:
-        slot.release()
+        return HandshakeSlot(self)

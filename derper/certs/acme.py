@@ -13,6 +13,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+import josepy as jose
 import trio
 
 from .. import logs
@@ -37,34 +38,40 @@ def retry_delay(failures: int, low: float, high: float) -> float:
     return min(high, low * 2 ** min(failures - 1, 32))
 
 
+def unwritable_certdir(certdir: Path, reason: str) -> CertError:
+    return CertError(f"cannot write to -certdir {certdir} ({reason}); derper keeps its ACME "
+                     "account key and certificates there: make it a directory derper can write, "
+                     "or choose another -certdir")
+
+
 class AcmeCerts:
     def __init__(self, certdir: Path, hostname: str, tls: ServerTLS,
                  publisher: ChallengePublisher, settings: AcmeSettings, *,
                  retry_min: float, retry_max: float) -> None:
-        """Check the certdir, load the account key and any cached certificate.
-
-        Raises CertError when the certdir cannot hold the cache: ordering certificates that
-        cannot be kept would run into the CA's rate limits after a few restarts.
-        """
         self.certdir, self.hostname, self.tls = certdir, hostname, tls
         self.publisher, self.settings = publisher, settings
         self.retry_min, self.retry_max = retry_min, retry_max
         self.crt_path, self.key_path = manual_paths(certdir, hostname)
-        try:
-            ensure_private_dir(certdir)
-            probe = certdir / ".derper-write-test"
-            write_atomic(probe, b"", 0o600, replace=True)
-            probe.unlink()
-            self.account_key = load_or_create_account_key(certdir)
-        except OSError as e:
-            raise CertError(f"cannot write to -certdir {certdir} ({e.strerror}); derper keeps its "
-                            "ACME account key and certificates there") from None
-        except AcmeError as e:
-            raise CertError(str(e)) from None
+        self.account_key: jose.JWKEC | None = None  # prepare() loads or creates it
         self.failures = 0
         self._retry_at = 0.0
         self._force = False
         self._wake = trio.Event()
+
+    def prepare(self) -> None:
+        """At start-up: make the certdir and the account key, then serve any cached certificate.
+
+        Raises ConfigError when the certdir cannot hold the cache: ordering certificates that
+        cannot be kept would run into the CA's rate limits after a few restarts.
+        """
+        try:
+            ensure_private_dir(self.certdir)
+            probe = self.certdir / ".derper-write-test"
+            write_atomic(probe, b"", 0o600, replace=True)
+            probe.unlink()
+            self.account_key = load_or_create_account_key(self.certdir)
+        except OSError as e:
+            raise unwritable_certdir(self.certdir, e.strerror) from e
         self._load_cached()
 
     def _load_cached(self) -> None:

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from .. import __version__
 from ..config import LETSENCRYPT_DIRECTORY as LETSENCRYPT
 from ..disk.files import write_atomic
-from ..errors import IOFailure
+from ..errors import ConfigError, IOFailure
 from .bundle import parse_ip
 
 LETSENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
@@ -58,27 +58,40 @@ def resolve_directory(value: str) -> str:
     return url
 
 
-def load_or_create_account_key(certdir: Path) -> jose.JWKEC:
-    """The ACME account key (EC P-256, 0600) in the certdir; the CA knows the account by it."""
+def load_account_key(certdir: Path) -> jose.JWKEC | None:
+    """The ACME account key (EC P-256) in the certdir, or None if there is none yet.
+
+    Only reads, so the configuration check can look at it too. Raises ConfigError for a file
+    that is not such a key, OSError if it cannot be read.
+    """
     path = certdir / ACCOUNT_KEY_FILE
     try:
         pem = path.read_bytes()
     except FileNotFoundError:
-        key = ec.generate_private_key(ec.SECP256R1())
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-        try:
-            write_atomic(path, pem, 0o600, replace=False)
-        except FileExistsError:
-            pem = path.read_bytes()  # another derper created it meanwhile: use theirs
+        return None
     try:
         key = serialization.load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError):
-        raise AcmeError(f"{path} is not a PEM private key; remove it to create a new ACME "
-                        "account") from None
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{path} is not a PEM private key; remove it to create a new ACME "
+                          "account") from e
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
-        raise AcmeError(f"{path} must be an EC P-256 key; remove it to create a new one")
+        raise ConfigError(f"{path} must be an EC P-256 key; remove it to create a new one")
     return jose.JWKEC(key=key)
+
+
+def load_or_create_account_key(certdir: Path) -> jose.JWKEC:
+    """The account key, created (0600) if missing; the CA knows the account by it."""
+    key = load_account_key(certdir)
+    if key is not None:
+        return key
+    new = ec.generate_private_key(ec.SECP256R1())
+    pem = new.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    try:
+        write_atomic(certdir / ACCOUNT_KEY_FILE, pem, 0o600, replace=False)
+    except FileExistsError:
+        return load_account_key(certdir)  # another derper created it meanwhile: use theirs
+    return jose.JWKEC(key=new)
 
 
 def obtain(settings: AcmeSettings, account_key: jose.JWKEC, hostname: str,

@@ -136,20 +136,30 @@ def _matches_hostname(cert: x509.Certificate, hostname: str) -> bool:
     return False
 
 
+def pair_on_disk(certdir: Path, hostname: str) -> bool:
+    """Whether both files of the pair exist (False: neither); CertError if only one does."""
+    crt_path, key_path = manual_paths(certdir, hostname)
+    have_crt, have_key = crt_path.exists(), key_path.exists()
+    if have_crt != have_key:
+        present, missing = (crt_path, key_path) if have_crt else (key_path, crt_path)
+        raise CertError(f"{present} exists but {missing} does not; restore it, or remove "
+                        f"{present} to generate a new self-signed certificate")
+    return have_crt
+
+
+def unwritable_ip_certdir(certdir: Path, reason: str) -> CertError:
+    return CertError(f"cannot write the self-signed certificate into {certdir}: {reason}; make "
+                     "-certdir a directory derper can write, or choose another one")
+
+
 def ensure_ip_cert(certdir: Path, ip_text: str) -> bool:
     """Create a self-signed certificate for an IP hostname unless its files exist.
 
     Returns whether one was created. Never overwrites: if only one of the two files exists,
     that is an error for the operator to resolve.
     """
-    crt_path, key_path = manual_paths(certdir, ip_text)
-    have_crt, have_key = crt_path.exists(), key_path.exists()
-    if have_crt and have_key:
+    if pair_on_disk(certdir, ip_text):
         return False
-    if have_crt or have_key:
-        present, missing = (crt_path, key_path) if have_crt else (key_path, crt_path)
-        raise CertError(f"{present} exists but {missing} does not; restore it, or remove "
-                        f"{present} to generate a new self-signed certificate")
     ip = parse_ip(ip_text)
     assert ip is not None
     key = ec.generate_private_key(ec.SECP256R1())
@@ -175,14 +185,14 @@ def ensure_ip_cert(certdir: Path, ip_text: str) -> bool:
     key_pem = key.private_bytes(serialization.Encoding.PEM,
                                 serialization.PrivateFormat.TraditionalOpenSSL,
                                 serialization.NoEncryption())
+    crt_path, key_path = manual_paths(certdir, ip_text)
     try:
         ensure_private_dir(certdir)
         write_atomic(key_path, key_pem, 0o600, replace=False)
         write_atomic(crt_path, cert.public_bytes(serialization.Encoding.PEM), 0o644,
                      replace=False)
     except OSError as e:
-        raise CertError(f"cannot write the self-signed certificate into {certdir}: "
-                        f"{e.strerror}") from None
+        raise unwritable_ip_certdir(certdir, e.strerror) from e
     return True
 
 

@@ -21,15 +21,18 @@ log = logs.get("derper.certs.bundle")
 class ManualCerts:
     def __init__(self, certdir: Path, hostname: str, tls: ServerTLS, *,
                  wait_for_files: bool = False) -> None:
-        """Load the pair now; raises CertError if it is unusable.
-
-        ``wait_for_files``: if neither file exists yet, start without a certificate and install
-        the pair once it appears (certbot's first ``--webroot`` run needs derper's HTTP helper).
-        """
+        """``wait_for_files``: if neither file exists yet, start without a certificate and
+        install the pair once it appears (certbot's first ``--webroot`` run needs derper's HTTP
+        helper)."""
         self.certdir, self.hostname, self.tls = certdir, hostname, tls
         self.paths = manual_paths(certdir, hostname)
+        self.wait_for_files = wait_for_files
+        self._loaded: Signature = (None, None)
+
+    def load(self) -> None:
+        """At start-up, once the files are there: serve the pair; raises CertError if unusable."""
         self._loaded = self._signature()
-        if wait_for_files and self._loaded == (None, None):
+        if self.wait_for_files and self._loaded == (None, None):
             log.warning("no certificate yet; serving TLS once these files appear",
                         crt=self.paths[0], key=self.paths[1])
             return

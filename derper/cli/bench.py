@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Mapping
 
 from ..bench.loadgen import LoadError, median_row, run_conns, run_relay
+from ..certs.bundle import CertError, load_manual
 from ..metrics.procstat import rss_bytes
 from .goflags import Flag, HelpRequested, UsageError, parse, usage
 
 MODES = ("relay", "conns")
+HOST = "127.0.0.1"  # the started server: an IP hostname, so it makes a self-signed certificate
 
 
 def _flag(name: str, field: str, kind: str, help: str) -> Flag:
@@ -90,29 +92,27 @@ Flags:
 
 
 class StartedServer:
-    """A fresh ``derper`` over TLS with a self-signed, pinned IP certificate."""
+    """A fresh ``derper`` over TLS with a self-signed, pinned IP certificate.
+
+    The pin comes from the certificate the server made in its certdir, read once it listens.
+    """
 
     def __init__(self, extra: list[str], wrapper: list[str] = (), cwd: str | None = None) -> None:
         self._dir = tempfile.TemporaryDirectory()
         self.dir = Path(self._dir.name)
         port = _free_tcp_port()
-        args = [*wrapper, sys.executable, "-m", "derper", "-hostname", "127.0.0.1",
-                "-certmode", "manual", "-certdir", self._dir.name, "-a", f"127.0.0.1:{port}",
+        args = [*wrapper, sys.executable, "-m", "derper", "-hostname", HOST,
+                "-certmode", "manual", "-certdir", self._dir.name, "-a", f"{HOST}:{port}",
                 "-http-port", "-1", "-stun=false", "-metrics-addr", "off", *extra]
         self._log = open(self.dir / "derper.log", "wb")
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._log,
-                                     text=True, cwd=cwd)
-        line = self.proc.stdout.readline()  # the DERP map node with the pin
-        if not line:
-            self.close()
-            raise LoadError("derper did not start:\n" + self.log())
-        self.pin = json.loads(line)["CertName"]
-        self.url = f"https://127.0.0.1:{port}/derp"
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=self._log, cwd=cwd)
+        self.url = f"https://{HOST}:{port}/derp"
         try:
             _wait_listening(port, self.proc, 60 if wrapper else 10)
-        except LoadError:
+            self.pin = load_manual(self.dir, HOST).pin
+        except (LoadError, CertError) as e:
             self.close()
-            raise
+            raise LoadError(f"derper did not start: {e}\n" + self.log()) from e
 
     def log(self) -> str:
         return (self.dir / "derper.log").read_text()

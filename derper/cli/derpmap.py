@@ -13,8 +13,8 @@ from typing import Mapping
 from ..certs.bundle import CertError, load_manual, manual_paths, parse_ip
 from ..config import Config
 from ..derpmap import DerpMapError, MapOptions, build, render
+from .flags import SERVE_FLAGS, config_from_values, flag_defaults
 from .goflags import Flag, HelpRequested, UsageError, parse, usage
-from .main import SERVE_FLAGS, config_from_values, flag_defaults
 
 MAP_FLAGS = [
     Flag("format", "format", "string",

@@ -1,154 +1,21 @@
-"""``derper``: Go-derper-compatible flags and ``DERP_*`` environment → a running server."""
+"""``derper``: serve (no command), or run one of COMMANDS; each is imported only when used.
+
+Nothing here loads the server: ``derper derpmap`` and ``derper bench`` start without it.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import errno
-import gc
 import importlib
 import os
 import sys
-from functools import partial
-from pathlib import Path
-from typing import Mapping
 
-import trio
+from .. import __version__
+from ..config import DEV_ADDR
 
-from .. import __version__, logs
-from ..config import DEV_ADDR, Config, default_key_path
-from ..disk.keyfile import load_or_create_key_file
-from ..errors import ConfigError
-from ..logs import LEVELS
-from ..net.addr import host_literal
-from ..proto.keys import KeyFormatError, KeyPair, parse_mesh_key
-from ..server import Server
-from . import gc_tuning
-from .goflags import Flag, HelpRequested, UsageError, parse, usage
-
-log = logs.get("derper.cli.main")
-
-SERVE_FLAGS = [
-    Flag("a", "addr", "string",
-         'listen address: ":port" (every interface), "ip:port" or "[ipv6]:port"; STUN and the '
-         'HTTP helper bind the same IP. With -dev the default is ' + DEV_ADDR,
-         ("DERP_ADDR",)),
-    Flag("hostname", "hostname", "string",
-         "TLS host name (or IP address) this relay is reached by; names the certificate",
-         ("DERP_DOMAIN", "DERP_HOSTNAME")),
-    Flag("certmode", "certmode", "string",
-         'where the TLS certificate comes from: "letsencrypt" (ACME, obtained and renewed '
-         'in-process, see -acme-*) or "manual" (<certdir>/<hostname>.crt and .key; an IP '
-         "-hostname gets a self-signed one)",
-         ("DERP_CERT_MODE", "DERP_CERTMODE")),
-    Flag("certdir", "certdir", "string",
-         "directory of certificates (default $XDG_CACHE_HOME/tailscale/derper-certs)",
-         ("DERP_CERT_DIR", "DERP_CERTDIR")),
-    Flag("acme-email", "acme_email", "string",
-         "contact address for the ACME account (expiry warnings from the CA); optional",
-         ("DERP_ACME_EMAIL",)),
-    Flag("acme-directory", "acme_directory", "string",
-         'ACME directory URL for -certmode letsencrypt; "staging" for Let\'s Encrypt\'s '
-         "staging CA, or any RFC 8555 CA", ("DERP_ACME_DIRECTORY",)),
-    Flag("acme-ca-bundle", "acme_ca_bundle", "string",
-         "PEM file of roots to trust for the ACME server itself (a private CA); default: "
-         "the system's", ("DERP_ACME_CA_BUNDLE",)),
-    Flag("acme-ip-certs", "acme_ip_certs", "bool",
-         "with an IP address as -hostname and -certmode letsencrypt: get a publicly trusted "
-         "IP-address certificate (Let's Encrypt shortlived profile, about 6 days, renewed "
-         "automatically)", ("DERP_ACME_IP_CERTS",)),
-    Flag("acme-webroot", "acme_webroot", "string",
-         "serve /.well-known/acme-challenge/ on the HTTP helper from DIR/.well-known/"
-         "acme-challenge/, for `certbot certonly --webroot -w DIR` with -certmode manual; "
-         "derper then starts without a certificate and serves one once it appears",
-         ("DERP_ACME_WEBROOT",)),
-    Flag("cert-watch-interval", "cert_watch_interval", "duration",
-         "-certmode manual: how often to check the certificate files for changes (a changed "
-         "pair is reloaded, as on SIGHUP); 0 disables", ("DERP_CERT_WATCH_INTERVAL",)),
-    Flag("c", "config_path", "string",
-         "server key file, JSON {\"PrivateKey\": \"privkey:...\"}, created (mode 0600) if missing "
-         "(default /var/lib/derper/derper.key as root, else $XDG_STATE_HOME/derper/derper.key; "
-         "-dev: a throwaway key)",
-         ("DERP_CONFIG",)),
-    Flag("dev", "dev", "bool",
-         "development mode: plain HTTP on " + DEV_ADDR + " with a throwaway key, no certificates",
-         ("DERP_DEV",)),
-    Flag("http-port", "http_port", "int",
-         "plain-HTTP helper port when serving TLS (captive-portal checks, redirect to HTTPS); "
-         "-1 disables", ("DERP_HTTP_PORT",)),
-    Flag("stun", "stun", "bool", "run the STUN server (UDP)", ("DERP_STUN",)),
-    Flag("stun-port", "stun_port", "int", "UDP port of the STUN server", ("DERP_STUN_PORT",)),
-    Flag("stun-strict", "stun_strict", "bool",
-         "answer only Tailscale's STUN requests, like the Go derper (default: every RFC 5389/"
-         "8489 and RFC 3489 Binding request)", ("DERP_STUN_STRICT",)),
-    Flag("derp", "derp", "bool",
-         "serve DERP at /derp; false keeps STUN and the HTTP endpoints while decommissioning",
-         ("DERP_DERP",)),
-    Flag("home", "home", "string",
-         'what "/" shows: empty for the default page, "blank" for an empty page, or an '
-         "http(s) URL to redirect to", ("DERP_HOME",)),
-    Flag("bootstrap-dns-names", "bootstrap_dns_names", "string",
-         "comma-separated host names whose addresses /bootstrap-dns publishes",
-         ("DERP_BOOTSTRAP_DNS_NAMES",)),
-    Flag("mesh-psk-file", "mesh_psk_file", "string",
-         "file holding the region's mesh key (64 hex digits); clients presenting it may watch "
-         "connections, close peers and forward packets", ("DERP_MESH_PSK_FILE",)),
-    Flag("tcp-keepalive-time", "tcp_keepalive_time", "duration",
-         "TCP keepalive idle time; 0 disables", ("DERP_TCP_KEEPALIVE_TIME",)),
-    Flag("tcp-user-timeout", "tcp_user_timeout", "duration",
-         "TCP_USER_TIMEOUT: drop connections whose sent data stays unacknowledged this long; "
-         "0 disables", ("DERP_TCP_USER_TIMEOUT",)),
-    Flag("tcp-write-timeout", "tcp_write_timeout", "duration",
-         "give up on a client whose writes block this long; 0 disables",
-         ("DERP_TCP_WRITE_TIMEOUT",)),
-    Flag("accept-connection-limit", "accept_connection_limit", "float",
-         "new connections accepted per second (excess ones are closed at once)",
-         ("DERP_ACCEPT_CONNECTION_LIMIT",)),
-    Flag("accept-connection-burst", "accept_connection_burst", "int",
-         "burst of new connections allowed above -accept-connection-limit",
-         ("DERP_ACCEPT_CONNECTION_BURST",)),
-    Flag("max-clients", "max_clients", "int",
-         "cap on DERP connections; over it new ones get HTTP 503 before the upgrade; 0 = no cap",
-         ("DERP_MAX_CLIENTS",)),
-    Flag("max-handshakes", "max_handshakes", "int",
-         "cap on connections still in their TLS/HTTP/DERP handshake (slowloris); excess ones "
-         "are closed at once (the HTTP helper's connections: the same cap, their own pool); "
-         "0 = no cap", ("DERP_MAX_HANDSHAKES",)),
-    Flag("verify-clients", "verify_clients", "bool",
-         "admit only nodes the local tailscaled knows (LocalAPI whois over -socket)",
-         ("DERP_VERIFY_CLIENTS",)),
-    Flag("socket", "socket", "string",
-         "tailscaled LocalAPI socket for -verify-clients (default "
-         "/var/run/tailscale/tailscaled.sock)", ("DERP_SOCKET",)),
-    Flag("verify-client-url", "verify_client_url", "string",
-         "admission controller URL (e.g. Headscale's https://hs.example.com/verify): POSTed "
-         '{"NodePublic","Source"}, admits on 200 + {"Allow":true}', ("DERP_VERIFY_CLIENT_URL",)),
-    Flag("verify-client-url-fail-open", "verify_client_url_fail_open", "bool",
-         "admit clients when the verify URL is unreachable (Go's default; set false on a "
-         "public relay)", ("DERP_VERIFY_CLIENT_URL_FAIL_OPEN",)),
-    Flag("allow-keys", "allow_keys", "string",
-         "file of allowed node keys, one nodekey:<64 hex> per line, # comments; reloaded on "
-         "SIGHUP and when it changes", ("DERP_ALLOW_KEYS",)),
-    Flag("rate-config", "rate_config", "string",
-         'per-client receive limit, Go JSON {"PerClientRateLimitBytesPerSec":N,'
-         '"PerClientRateBurstBytes":N}; reloaded on SIGHUP', ("DERP_RATE_CONFIG",)),
-    Flag("bandwidth-limit", "bandwidth_limit", "string",
-         "relay-wide budget shared fairly by the senders, e.g. 4mbit, 500kbit (bits/s) or "
-         "1MB, 2MiB (bytes/s); empty = none", ("DERP_BANDWIDTH_LIMIT",)),
-    Flag("metrics-addr", "metrics_addr", "string",
-         'where Prometheus scrapes /metrics, "ip:port" (loopback by default); "off" disables. '
-         "A port that cannot be bound is logged and the relay runs on without metrics",
-         ("DERP_METRICS_ADDR",)),
-    Flag("debug-allow-cidrs", "debug_allow_cidrs", "string",
-         "comma-separated IP prefixes (e.g. 10.0.0.0/8) that may read /debug/varz on the main "
-         "port besides loopback; requests carrying X-Forwarded-For are always refused",
-         ("DERP_DEBUG_ALLOW_CIDRS",)),
-    Flag("log-level", "log_level", "string", "debug, info, warning or error",
-         ("DERP_LOG_LEVEL",)),
-    Flag("version", "version", "bool", "print the version and exit"),
-]
+SERVE = "derper.cli.serve"  # run(argv, environ, usage_head) -> exit code
 
 # Subcommands: name → (module with ``run(argv, environ) -> exit code``, summary). Imported on
-# use, so serving never loads them.
+# use, so serving never loads them and they never load the server.
 COMMANDS = {
     "derpmap": ("derper.cli.derpmap", "print this relay's DERP map for Headscale or Tailscale"),
     "bench": ("derper.cli.bench", "load a DERP relay: throughput, latency, connections/s"),
@@ -183,120 +50,10 @@ Flags (Go syntax: -x v, -x=v, --x, -flag=false; each may also come from the vari
 """
 
 
-def flag_defaults() -> dict:
-    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
-    defaults["version"] = False
-    return defaults
-
-
-def build_config(argv: list[str], environ: Mapping[str, str]) -> tuple[Config, set[str], bool]:
-    """Flags and environment → (Config, fields set explicitly, whether -version was given)."""
-    values, explicit, rest = parse(SERVE_FLAGS, argv, environ)
-    if rest:
-        raise UsageError(f"unexpected argument {rest[0]!r}")
-    show_version = values.pop("version", False)
-    return config_from_values(values, explicit, environ), explicit, show_version
-
-
-def config_from_values(values: dict, explicit: set[str], environ: Mapping[str, str]) -> Config:
-    """Parsed SERVE_FLAGS values → a checked Config (shared by the subcommands)."""
-    config = Config(**values)
-    if config.dev and "addr" not in explicit:
-        config.addr = DEV_ADDR
-    depth = environ.get("TS_DEBUG_DERP_PER_CLIENT_SEND_QUEUE_DEPTH")
-    if depth:
-        try:
-            value = int(depth)
-        except ValueError:
-            raise UsageError("TS_DEBUG_DERP_PER_CLIENT_SEND_QUEUE_DEPTH must be an integer") \
-                from None
-        if value > 0:  # as in Go, zero or less means "use the default"
-            config.queue_depth = value
-    if config.log_level not in LEVELS:
-        raise UsageError(f"-log-level must be one of {', '.join(LEVELS)}, not {config.log_level!r}")
-    return config
-
-
-def load_server_key(config: Config) -> KeyPair:
-    if config.dev and not config.config_path:
-        log.info("using a throwaway server key (-dev without -c)")
-        return KeyPair.generate()
-    path = Path(config.config_path) if config.config_path else default_key_path()
-    pair, created = load_or_create_key_file(path)
-    if created:
-        log.info("created a new server key file", path=path)
-    return pair
-
-
-def load_mesh_key(config: Config, environ: Mapping[str, str]) -> bytes | None:
-    try:
-        if config.mesh_psk_file:
-            try:
-                text = Path(config.mesh_psk_file).read_text()
-            except OSError as e:
-                raise ConfigError(f"cannot read -mesh-psk-file {config.mesh_psk_file}: "
-                                  f"{e.strerror}") from None
-            return parse_mesh_key(text)
-        if config.dev and environ.get("TAILSCALE_DERPER_MESH_KEY"):
-            return parse_mesh_key(environ["TAILSCALE_DERPER_MESH_KEY"])
-    except KeyFormatError as e:
-        raise ConfigError(str(e)) from None
-    return None
-
-
-def _listen_error(e: OSError, config: Config) -> str:
-    hint = ""
-    if e.errno == errno.EACCES:
-        hint = (" (ports below 1024 need root or CAP_NET_BIND_SERVICE; choose another port with "
-                "-a / -http-port, or -http-port -1 to skip the HTTP helper)")
-    elif e.errno == errno.EADDRINUSE:
-        hint = " (another program already listens there)"
-    elif e.errno == errno.EADDRNOTAVAIL:
-        hint = " (that IP is not an address of this machine)"
-    stun = f", -stun-port {config.stun_port} (UDP)" if config.stun else ""
-    return (f"cannot listen: {e.strerror}{hint}; -a is {config.addr}, "
-            f"-http-port {config.http_port}{stun}")
-
-
-def run_serve(argv: list[str], environ: Mapping[str, str]) -> int:
-    try:
-        config, _, show_version = build_config(argv, environ)
-    except HelpRequested:
-        print(USAGE_HEAD + usage(SERVE_FLAGS, flag_defaults()))
-        return 0
-    except UsageError as e:
-        print(f"derper: {e}\nRun 'derper -h' for the list of flags.", file=sys.stderr)
-        return 2
-    if show_version:
-        print(f"derper {__version__}")
-        return 0
-    logs.setup(config.log_level)
-    try:
-        server = Server(config, load_server_key(config), mesh_key=load_mesh_key(config, environ))
-    except ConfigError as e:
-        print(f"derper: {e}", file=sys.stderr)
-        return 1
-    # Everything made so far (modules, configuration) lives as long as the process: keep it out
-    # of the collector's full passes, which otherwise walk it again for every few hundred
-    # new connections.
-    gc.collect()
-    gc.freeze()
-    gc_tuning.for_many_connections()
-    try:
-        trio.run(partial(server.run, handle_signals=True))
-    except OSError as e:
-        print(f"derper: {_listen_error(e, config)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        pass
-    log.info("stopped", addr=f"{host_literal(server.listen_host)}:{server.main_port}")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> None:
     """``derper [flags]`` serves; ``derper COMMAND [flags]`` runs one of COMMANDS."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in COMMANDS:
         command = importlib.import_module(COMMANDS[argv[0]][0])
         sys.exit(command.run(argv[1:], os.environ))
-    sys.exit(run_serve(argv, os.environ))
+    sys.exit(importlib.import_module(SERVE).run(argv, os.environ, USAGE_HEAD))

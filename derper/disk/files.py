@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from pathlib import Path
@@ -48,3 +49,18 @@ def _fsync_dir(path: Path) -> None:
 def ensure_private_dir(path: Path) -> None:
     """Create ``path`` (and parents) as a 0700 directory if missing; raises OSError."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def unwritable_reason(path: Path) -> str | None:
+    """Why a directory at ``path`` cannot be written or created (an strerror); None if it can.
+
+    Only looks: the configuration check asks before anything is made.
+    """
+    existing = path
+    while not os.path.exists(existing):  # "/" and "." exist, so this ends
+        existing = existing.parent
+    if not os.path.isdir(existing):
+        return os.strerror(errno.ENOTDIR)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return os.strerror(errno.EACCES)
+    return None

@@ -13,6 +13,7 @@ import trio
 
 from .. import logs
 from ..errors import ProtocolError
+from ..logs import Throttle
 from ..relay.hub import Relay
 from ..relay.session import serve_derp
 from .endpoints import Request, Response, error
@@ -114,11 +115,13 @@ def derp_upgrade_response(server_public: bytes) -> bytes:
 
 async def serve_http(stream: trio.abc.Stream, remote_ip: str | None, remote_port: int, *,
                      head_timeout: float, handle: Callable[[Request], Response],
+                     log_throttle: Throttle, on_established: Callable[[], None],
                      relay: Relay | None = None) -> None:
     """Serve requests on one connection until it closes or turns into a DERP session.
 
     ``relay`` enables ``/derp`` upgrades (the main listener with ``-derp`` on); ``handle``
-    answers every other request.
+    answers every other request. ``on_established`` goes to the DERP session, which calls it
+    once its client is registered (the connection's handshake slot is then free again).
     """
     http = HttpConnection(stream, remote_ip)
     remote = f"{remote_ip}:{remote_port}"
@@ -129,8 +132,8 @@ async def serve_http(stream: trio.abc.Stream, remote_ip: str | None, remote_port
         except trio.TooSlowError:
             return
         except ProtocolError as e:
-            logs.throttled(log, "info", "closing connection: bad HTTP request", remote=remote,
-                           error=str(e))
+            log_throttle.log(log, "info", "closing connection: bad HTTP request",
+                             remote=remote, error=str(e))
             await http.respond_error(400, "bad request")
             return
         if req is None:
@@ -140,7 +143,8 @@ async def serve_http(stream: trio.abc.Stream, remote_ip: str | None, remote_port
             # written), so the answer must be an error, and the connection ends with it.
             resp = replace(error(405, "CONNECT is not supported"), close=True)
         elif relay is not None and req.path == "/derp":
-            resp = await _upgrade(http, req, relay, remote_ip, remote_port, head_timeout)
+            resp = await _upgrade(http, req, relay, remote_ip, remote_port, head_timeout,
+                                  on_established)
             if resp is None:
                 return  # the connection was a DERP session and is over now
         else:
@@ -151,7 +155,8 @@ async def serve_http(stream: trio.abc.Stream, remote_ip: str | None, remote_port
 
 
 async def _upgrade(http: HttpConnection, req: Request, relay: Relay, remote_ip: str | None,
-                   remote_port: int, head_timeout: float) -> Response | None:
+                   remote_port: int, head_timeout: float,
+                   on_established: Callable[[], None]) -> Response | None:
     """Serve the DERP session ``req`` asks for; or the response if it asks for none."""
     upgrade = (req.header(b"upgrade") or b"").strip().lower()
     if upgrade not in (b"derp", b"websocket"):
@@ -163,22 +168,26 @@ async def _upgrade(http: HttpConnection, req: Request, relay: Relay, remote_ip: 
         return error(503, "DERP server is full (-max-clients)")
     relay.derp_conns += 1
     try:
-        await _serve_upgraded(http, req, upgrade, relay, remote_ip, remote_port, head_timeout)
+        await _serve_upgraded(http, req, upgrade, relay, remote_ip, remote_port, head_timeout,
+                              on_established)
     finally:
         relay.derp_conns -= 1
     return None
 
 
 async def _serve_upgraded(http: HttpConnection, req: Request, upgrade: bytes, relay: Relay,
-                          remote_ip: str | None, remote_port: int, head_timeout: float) -> None:
+                          remote_ip: str | None, remote_port: int, head_timeout: float,
+                          on_established: Callable[[], None]) -> None:
     protocols = req.header(b"sec-websocket-protocol") or b""
     not_ideal = req.header(b"ideal-node") is not None
     if upgrade == b"websocket" and b"derp" in protocols:
         await serve_websocket(relay, http.stream, req, http.trailing(), remote_ip, remote_port,
-                              head_timeout=head_timeout, not_ideal=not_ideal)
+                              head_timeout=head_timeout, not_ideal=not_ideal,
+                              on_established=on_established)
     else:
         fast_start = req.header(b"derp-fast-start") == b"1"
         await serve_derp(relay, http.stream, remote_ip=remote_ip, remote_port=remote_port,
-                         initial=http.trailing(),
+                         on_established=on_established, initial=http.trailing(),
                          preamble=b"" if fast_start else derp_upgrade_response(relay.public_key),
-                         not_ideal=not_ideal, transport="derp-fast-start" if fast_start else "derp")
+                         not_ideal=not_ideal,
+                         transport="derp-fast-start" if fast_start else "derp")

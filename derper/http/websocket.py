@@ -7,6 +7,8 @@ head we already parsed.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed
@@ -82,18 +84,19 @@ def request_head(req: Request) -> bytes:
 
 async def serve_websocket(relay: Relay, stream: trio.abc.Stream, req: Request, trailing: bytes,
                           remote_ip: str | None, remote_port: int, *, head_timeout: float,
-                          not_ideal: bool) -> None:
+                          not_ideal: bool, on_established: Callable[[], None]) -> None:
     async with trio.open_nursery() as nursery:
         try:
             await _accept_and_serve(nursery, relay, stream, req, trailing, remote_ip,
-                                    remote_port, head_timeout, not_ideal)
+                                    remote_port, head_timeout, not_ideal, on_established)
         finally:
             nursery.cancel_scope.cancel()  # trio-websocket's reader task
 
 
 async def _accept_and_serve(nursery: trio.Nursery, relay: Relay, stream: trio.abc.Stream,
                             req: Request, trailing: bytes, remote_ip: str | None,
-                            remote_port: int, head_timeout: float, not_ideal: bool) -> None:
+                            remote_port: int, head_timeout: float, not_ideal: bool,
+                            on_established: Callable[[], None]) -> None:
     try:
         with trio.fail_after(head_timeout):
             ws_req = await trio_websocket.wrap_server_stream(
@@ -110,4 +113,4 @@ async def _accept_and_serve(nursery: trio.Nursery, relay: Relay, stream: trio.ab
         return
     relay.stats.websocket_accepts += 1
     await serve_derp(relay, WebSocketStream(ws), remote_ip=remote_ip, remote_port=remote_port,
-                     not_ideal=not_ideal, transport="websocket")
+                     on_established=on_established, not_ideal=not_ideal, transport="websocket")

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable
 
 from stun.counters import StunCounters
 from stun.message import Disposition
 
-from .. import logs
 from ..relay.hub import Relay
 from .counters import KINDS, TCP_RTT_LABELS, TLS_VERSIONS, DropReason, Histogram
 from .procstat import rss_bytes
@@ -75,18 +73,14 @@ def _open_fds() -> int:
 class Exposition:
     """The live state of one server, as a list of ``Metric`` built on demand."""
 
-    def __init__(self, relay: Relay, stun: StunCounters, version: str,
-                 extra: Callable[[], list[Metric]] | None = None) -> None:
+    def __init__(self, relay: Relay, stun: StunCounters, version: str) -> None:
         self.relay = relay
         self.stun = stun
         self.version = version
-        self.extra = extra
         self.sys0 = rss_bytes()  # Go: runtime memory at server creation
 
     def metrics(self) -> list[Metric]:
         out = self._derp_set() + self._drops() + self._others() + self._limits()
-        if self.extra is not None:
-            out += self.extra()
         return sorted(out, key=lambda m: m.order)
 
     def _derp_set(self) -> list[Metric]:
@@ -232,7 +226,7 @@ class Exposition:
                    _one(s.handshake_failures), varz=False),
             Metric("derper_log_lines_suppressed", "counter",
                    "repetitive log lines left out by the log rate limiter",
-                   _one(logs.THROTTLE.total), varz=False),
+                   _one(self.relay.log_throttle.total), varz=False),
             Metric("derper_build", "gauge", "derper build information",
                    (((("version", self.version),), 1),), varz=False, prom_kind="info"),
         ]

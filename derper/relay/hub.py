@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from ..admission.fairshare import BandwidthLimiter
 from ..admission.gate import Admission
 from ..admission.rate_config import ReceiveLimit
+from ..logs import Throttle
 from ..metrics.counters import Stats
 from ..proto.keys import KeyPair
 from .router import Router
@@ -26,6 +27,8 @@ class Relay:
     handshake_timeout: float = 10.0
     queue_depth: int = DEFAULT_DEPTH
     stats: Stats = field(default_factory=Stats)
+    # Lines a peer can trigger at will (bad TLS, HTTP, DERP handshakes), rate-limited per server.
+    log_throttle: Throttle = field(default_factory=Throttle)
     # Admission and limits; all off by default, and then the read loop pays one test per read.
     admission: Admission | None = None
     max_clients: int = 0  # DERP connections (handshaking or live); 0 = no cap

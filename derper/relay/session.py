@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Callable
 
 import trio
 
 from .. import logs
-from ..admission.limits import TokenBucket, handshake_done
+from ..admission.limits import TokenBucket
 from ..errors import IOFailure, ProtocolError
 from ..metrics.counters import DropReason
 from ..proto import handshake, wire
@@ -74,12 +75,15 @@ def _lost(e: Exception) -> str:
 
 
 async def serve_derp(relay: Relay, stream: trio.abc.Stream, *, remote_ip: str | None,
-                     remote_port: int, initial: bytes = b"", preamble: bytes = b"",
-                     not_ideal: bool = False, transport: str = "derp") -> None:
+                     remote_port: int, on_established: Callable[[], None],
+                     initial: bytes = b"", preamble: bytes = b"", not_ideal: bool = False,
+                     transport: str = "derp") -> None:
     """Run one DERP connection to the end. Peer misbehaviour is logged, never raised.
 
     ``preamble`` (the HTTP 101 response, if any) goes out in the same write as ServerKey;
     ``initial`` holds bytes already read past the HTTP request (a fast-start ClientInfo).
+    ``on_established`` is called once the client is registered: from then on the connection
+    no longer counts as half-open against -max-handshakes.
     """
     remote = f"{remote_ip}:{remote_port}" if remote_ip else "unknown"
     reader = FrameReader(STEADY_LIMITS, wanted=wire.ALL_TYPES)
@@ -98,13 +102,13 @@ async def serve_derp(relay: Relay, stream: trio.abc.Stream, *, remote_ip: str | 
                 info = await _read_client_info(relay, stream, reader)
     except ProtocolError as e:
         stats.handshake_failures += 1
-        logs.throttled(log, "warning", "closing connection: bad DERP handshake", remote=remote,
-                       error=str(e))
+        relay.log_throttle.log(log, "warning", "closing connection: bad DERP handshake",
+                               remote=remote, error=str(e))
         return
     except trio.TooSlowError:
         stats.handshake_failures += 1
-        logs.throttled(log, "info", "closing connection: DERP handshake timed out",
-                       remote=remote)
+        relay.log_throttle.log(log, "info", "closing connection: DERP handshake timed out",
+                               remote=remote)
         return
     except (trio.BrokenResourceError, trio.ClosedResourceError, EOFError) as e:
         stats.handshake_failures += 1
@@ -118,7 +122,7 @@ async def serve_derp(relay: Relay, stream: trio.abc.Stream, *, remote_ip: str | 
     reader.want(STEADY_WANTED)
     session = Session(relay, stream, info, remote_ip, remote_port, not_ideal)
     relay.router.register(session)
-    handshake_done()
+    on_established()
     log.info("client connected", key=public_text(info.key), remote=remote, via=transport,
              dup=session.dup or None, mesh=session.can_mesh or None)
     try:

@@ -1,0 +1,115 @@
+"""``derper [flags]``: run the relay until a signal stops it.
+
+The command layer around ``Server``: the key files, the errors an operator sees on stderr (with
+hints for ports that cannot be bound), the collector settings for a long-lived process, and
+systemd readiness once the server reports it listens.
+"""
+
+from __future__ import annotations
+
+import errno
+import gc
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Mapping
+
+import trio
+
+from .. import __version__, logs
+from ..config import Config, default_key_path
+from ..disk.keyfile import load_or_create_key_file
+from ..errors import ConfigError
+from ..net.addr import host_literal
+from ..proto.keys import KeyPair, parse_mesh_key
+from ..server import Server
+from . import gc_tuning, sdnotify
+from .flags import SERVE_FLAGS, build_config, flag_defaults
+from .goflags import HelpRequested, UsageError, usage
+
+log = logs.get("derper.cli.serve")
+
+
+class SystemdReady:
+    """The ``task_status`` ``Server.run`` reports to: once it listens, tell systemd (READY=1)."""
+
+    def started(self, value: object = None) -> None:
+        sdnotify.notify("READY=1")
+
+
+def load_server_key(config: Config) -> KeyPair:
+    if config.dev and not config.config_path:
+        log.info("using a throwaway server key (-dev without -c)")
+        return KeyPair.generate()
+    path = Path(config.config_path) if config.config_path else default_key_path()
+    pair, created = load_or_create_key_file(path)
+    if created:
+        log.info("created a new server key file", path=path)
+    return pair
+
+
+def load_mesh_key(config: Config, environ: Mapping[str, str]) -> bytes | None:
+    """The region's mesh key, if any; raises ConfigError (KeyFormatError for a malformed one)."""
+    if config.mesh_psk_file:
+        try:
+            text = Path(config.mesh_psk_file).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read -mesh-psk-file {config.mesh_psk_file}: "
+                              f"{e.strerror}") from e
+        return parse_mesh_key(text)
+    if config.dev and environ.get("TAILSCALE_DERPER_MESH_KEY"):
+        return parse_mesh_key(environ["TAILSCALE_DERPER_MESH_KEY"])
+    return None
+
+
+def _listen_error(e: OSError, config: Config) -> str:
+    hint = ""
+    if e.errno == errno.EACCES:
+        hint = (" (ports below 1024 need root or CAP_NET_BIND_SERVICE; choose another port with "
+                "-a / -http-port, or -http-port -1 to skip the HTTP helper)")
+    elif e.errno == errno.EADDRINUSE:
+        hint = " (another program already listens there)"
+    elif e.errno == errno.EADDRNOTAVAIL:
+        hint = " (that IP is not an address of this machine)"
+    stun = f", -stun-port {config.stun_port} (UDP)" if config.stun else ""
+    return (f"cannot listen: {e.strerror}{hint}; -a is {config.addr}, "
+            f"-http-port {config.http_port}{stun}")
+
+
+def run(argv: list[str], environ: Mapping[str, str], usage_head: str) -> int:
+    """Serve until SIGTERM/SIGINT; the exit code. ``usage_head`` opens ``derper -h``."""
+    try:
+        config, _, show_version = build_config(argv, environ)
+    except HelpRequested:
+        print(usage_head + usage(SERVE_FLAGS, flag_defaults()))
+        return 0
+    except UsageError as e:
+        print(f"derper: {e}\nRun 'derper -h' for the list of flags.", file=sys.stderr)
+        return 2
+    if show_version:
+        print(f"derper {__version__}")
+        return 0
+    logs.setup(config.log_level)
+    try:
+        server = Server(config, load_server_key(config), mesh_key=load_mesh_key(config, environ))
+    except ConfigError as e:
+        print(f"derper: {e}", file=sys.stderr)
+        return 1
+    # Everything made so far (modules, configuration) lives as long as the process: keep it out
+    # of the collector's full passes, which otherwise walk it again for every few hundred
+    # new connections.
+    gc.collect()
+    gc.freeze()
+    gc_tuning.for_many_connections()
+    try:
+        trio.run(partial(server.run, handle_signals=True, task_status=SystemdReady()))
+    except ConfigError as e:  # at start-up: the certdir did not cooperate
+        print(f"derper: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"derper: {_listen_error(e, config)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    log.info("stopped", addr=f"{host_literal(server.listen_host)}:{server.main_port}")
+    return 0
