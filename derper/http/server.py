@@ -12,6 +12,7 @@ import trio
 
 from .. import logs
 from ..errors import ProtocolError
+from ..net.reading import RECV_SIZE
 from ..relay.hub import Relay
 from ..relay.session import serve_derp
 from .endpoints import Request, Response, error
@@ -21,7 +22,6 @@ log = logs.get("derper.http")
 
 MAX_HEAD = 16 << 10
 MAX_BODY = 64 << 10  # our endpoints take no body; a larger one is refused, not read
-RECV_SIZE = 64 << 10
 MAX_REQUESTS = 100  # per keep-alive connection
 
 
