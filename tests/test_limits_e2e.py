@@ -5,6 +5,7 @@ from __future__ import annotations
 import trio
 
 from derper import client as dc
+from derper.proto.messages import ReceivedPacket
 from tests.conftest import url
 from tests.relay_helpers import assert_relays, connect_opts, recv_kind, wait_until
 
@@ -117,7 +118,7 @@ async def relayed_rate(server, tx: dc.DerpClient, rx: dc.DerpClient, count: int 
                 await tx.send_many([(rx.public_key, packet)] * 40)
         nursery.start_soon(send_all)
         for i in range(1, count + 1):
-            await recv_kind(rx, dc.ReceivedPacket)
+            await recv_kind(rx, ReceivedPacket)
             if i in (first, last):
                 marks[i] = trio.current_time()
     assert sum(server.relay.stats.packets_dropped) == 0  # the sender was slowed instead
