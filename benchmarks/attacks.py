@@ -37,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a b
 from derper import client as dc  # noqa: E402
 from derper.cli.bench import StartedServer  # noqa: E402
 from derper.metrics.procstat import rss_bytes  # noqa: E402
+from derper.net.dial import pinned_context  # noqa: E402
+from derper.proto.messages import ReceivedPacket  # noqa: E402
 from derper.proto import wire  # noqa: E402
 from derper.proto.keys import KeyPair, public_text  # noqa: E402
 from stun.message import tailscale_request  # noqa: E402
@@ -108,7 +110,7 @@ class Canary:
     async def _receive(self, b: dc.DerpClient) -> None:
         while True:
             m = await b.recv()
-            if isinstance(m, dc.ReceivedPacket) and len(m.data) == 8:
+            if isinstance(m, ReceivedPacket) and len(m.data) == 8:
                 self.latencies.append(trio.current_time() - struct.unpack("!d", m.data)[0])
 
     async def _newcomers(self, stop: trio.Event) -> None:
@@ -213,7 +215,7 @@ async def _repeat(server, seconds, payload: bytes, limit: int = 5000) -> None:
         nonlocal done
         try:
             s = await _tcp(server)
-            tls = trio.SSLStream(s, dc.pinned_context(), server_hostname="127.0.0.1")
+            tls = trio.SSLStream(s, pinned_context(), server_hostname="127.0.0.1")
             await tls.send_all(payload)
             with trio.move_on_after(2):
                 while await tls.receive_some():

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a b
 
 from derper import client as dc  # noqa: E402
 from derper.admission.rate_config import parse_rate  # noqa: E402
+from derper.proto.messages import ReceivedPacket  # noqa: E402
 
 BULK_SIZE, SMALL_SIZE, SMALL_PERIOD = 1200, 100, 0.02
 SHARE_FLOOR, SHARE_CEILING = 0.85, 1.10  # of the configured limit
@@ -71,7 +72,7 @@ async def interactive(url: str, seconds: float) -> dict:
         async def receive():
             while True:
                 m = await rx.recv()
-                if isinstance(m, dc.ReceivedPacket):
+                if isinstance(m, ReceivedPacket):
                     (stamp,) = struct.unpack_from("!d", m.data)
                     latencies.append(trio.current_time() - stamp)
 
@@ -107,7 +108,7 @@ async def bulk(url: str, seconds: float, started: trio.Event, stop: trio.Event) 
             nonlocal received
             while True:
                 m = await rx.recv()
-                if isinstance(m, dc.ReceivedPacket):
+                if isinstance(m, ReceivedPacket):
                     received += len(m.data) + OVERHEAD
 
         async with trio.open_nursery() as nursery:

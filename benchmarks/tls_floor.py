@@ -27,9 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a bare checkout too
 
-from derper import client as derp_client  # noqa: E402
 from derper.certs.bundle import ensure_ip_cert, load_manual  # noqa: E402
 from derper.certs.context import make_context  # noqa: E402
+from derper.net.dial import pinned_context  # noqa: E402
 from derper.proto import metacert  # noqa: E402
 from derper.proto.keys import KeyPair  # noqa: E402
 
@@ -58,7 +58,7 @@ def _serve(listener: socket.socket, count: int, out) -> None:
 
 
 def _connect(port: int, count: int, out) -> None:
-    ctx = derp_client.pinned_context()
+    ctx = pinned_context()
     start = _cpu()
     for _ in range(count):
         with socket.create_connection(("127.0.0.1", port)) as sock:
@@ -68,7 +68,7 @@ def _connect(port: int, count: int, out) -> None:
 
 def _in_memory(count: int) -> float:
     """CPU seconds per handshake with no sockets at all: both ends over memory BIOs."""
-    server_ctx, client_ctx = _server_context(), derp_client.pinned_context()
+    server_ctx, client_ctx = _server_context(), pinned_context()
     start = _cpu()
     for _ in range(count):
         c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))

@@ -8,82 +8,46 @@ or a WebSocket with subprotocol ``derp``. Certificates are checked normally, aga
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 import ssl
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Literal
 from urllib.parse import SplitResult, urlsplit
 
-import h11
 import trio
 import trio_websocket
 
-from . import __version__
 from .errors import IOFailure, ProtocolError
-from .http.websocket import SUBPROTOCOL, WebSocketStream
-from .net.addr import host_literal
+from .http import client as http_client
+from .http.client import MAX_ERROR_BODY
+from .net import dial
+from .net.reading import next_frame, read_more
 from .net.tls_stream import TLSStream
-from .proto import handshake, metacert, wire
+from .net.websocket import ReplayStream, open_client as open_websocket
+from .proto import handshake, messages, wire
 from .proto.handshake import ServerInfo
 from .proto.keys import KeyPair
-from .proto.pin import pin_problem
+from .proto.messages import Message
 from .proto.wire import FrameReader, FrameType
 
-RECV_SIZE = 64 << 10
-MAX_ERROR_BODY = 4096
+Step = Literal["dial", "tls", "upgrade", "handshake", "protocol"]
 
 
 class DerpClientError(IOFailure):
-    """Connecting or talking to the server failed; the message says at which step."""
+    """Connecting or talking to the server failed at ``step``; the message starts with it.
 
+    The steps, in order: ``dial`` (TCP connect), ``tls`` (handshake, certificate, pin),
+    ``upgrade`` (the HTTP or WebSocket upgrade), ``handshake`` (ServerKey, ClientInfo,
+    ServerInfo), ``protocol`` (frames after the handshake, and the server closing).
+    """
 
-# ---- what recv() returns ----------------------------------------------------------------------
+    def __init__(self, step: Step, detail: str) -> None:
+        super().__init__(f"{step}: {detail}")
+        self.step = step
+        self.detail = detail
 
-@dataclass(frozen=True)
-class ReceivedPacket:
-    source: bytes
-    data: bytes
-
-
-@dataclass(frozen=True)
-class PeerGoneMessage:
-    peer: bytes
-    reason: int
-
-
-@dataclass(frozen=True)
-class KeepAliveMessage:
-    pass
-
-
-@dataclass(frozen=True)
-class PingMessage:
-    data: bytes
-
-
-@dataclass(frozen=True)
-class PongMessage:
-    data: bytes
-
-
-@dataclass(frozen=True)
-class HealthMessage:
-    problem: str
-
-
-@dataclass(frozen=True)
-class RestartingMessage:
-    reconnect_in_ms: int
-    try_for_ms: int
-
-
-PeerPresentMessage = wire.PeerPresent
-Message = (ReceivedPacket | PeerGoneMessage | PeerPresentMessage | KeepAliveMessage
-           | PingMessage | PongMessage | HealthMessage | RestartingMessage)
-
-_CLIENT_LIMITS = {FrameType.RECV_PACKET: wire.KEY_LEN + wire.MAX_PACKET_SIZE}
+    def __reduce__(self):  # the load generator's processes send it back pickled
+        return type(self), (self.step, self.detail)
 
 
 class DerpClient:
@@ -161,34 +125,13 @@ class DerpClient:
     async def recv(self) -> Message:
         """The next message; ServerKey frames and unknown frame types are skipped."""
         reader = self._reader
-        while True:
-            f = reader.next()
-            if f is None:
-                data = await self.stream.receive_some(RECV_SIZE)
-                if not data:
-                    raise DerpClientError("server closed the connection")
-                reader.feed(data)
-                continue
-            ftype, s, e = f
-            payload = reader.data[s:e]
-            if ftype == FrameType.RECV_PACKET:
-                if len(payload) < wire.KEY_LEN:
-                    raise DerpClientError("short RecvPacket frame")
-                return ReceivedPacket(payload[:wire.KEY_LEN], payload[wire.KEY_LEN:])
-            if ftype == FrameType.KEEP_ALIVE:
-                return KeepAliveMessage()
-            if ftype == FrameType.PING:
-                return PingMessage(payload)
-            if ftype == FrameType.PONG:
-                return PongMessage(payload)
-            if ftype == FrameType.PEER_GONE:
-                return PeerGoneMessage(*wire.parse_peer_gone(payload))
-            if ftype == FrameType.PEER_PRESENT:
-                return wire.parse_peer_present(payload)
-            if ftype == FrameType.HEALTH:
-                return HealthMessage(payload.decode("utf-8", "replace"))
-            if ftype == FrameType.RESTARTING:
-                return RestartingMessage(*wire.parse_restarting(payload))
+        try:
+            while True:
+                ftype, start, end = await next_frame(self.stream, reader)
+                if (m := messages.decode(ftype, reader.data[start:end])) is not None:
+                    return m
+        except (ProtocolError, EOFError, trio.BrokenResourceError) as e:
+            raise _protocol_error(e) from e
 
     async def recv_frames(self) -> tuple[bytes, list[tuple[int, int, int]]]:
         """Every complete frame one read brought: ``(buffer, [(type, start, end), ...])``.
@@ -197,35 +140,29 @@ class DerpClient:
         """
         reader = self._reader
         frames = []
-        while True:
-            while (f := reader.next()) is not None:
-                frames.append(f)
-            if frames:
-                return reader.data, frames
-            data = await self.stream.receive_some(RECV_SIZE)
-            if not data:
-                raise DerpClientError("server closed the connection")
-            reader.feed(data)
+        try:
+            while True:
+                while (f := reader.next()) is not None:
+                    frames.append(f)
+                if frames:
+                    return reader.data, frames
+                await read_more(self.stream, reader)
+        except (ProtocolError, EOFError, trio.BrokenResourceError) as e:
+            raise _protocol_error(e) from e
 
     async def aclose(self) -> None:
         await self.stream.aclose()
 
 
+def _protocol_error(e: Exception) -> DerpClientError:
+    if isinstance(e, EOFError):
+        return DerpClientError("protocol", "server closed the connection")
+    if isinstance(e, trio.BrokenResourceError):
+        return DerpClientError("protocol", f"connection lost: {str(e) or 'reset'}")
+    return DerpClientError("protocol", str(e))
+
+
 # ---- connecting -------------------------------------------------------------------------------
-
-def _host_header(url) -> str:
-    host = host_literal(url.hostname)
-    default = 443 if url.scheme == "https" else 80
-    return host if url.port in (None, default) else f"{host}:{url.port}"
-
-
-def pinned_context() -> ssl.SSLContext:
-    """A client context for ``sha256-raw:`` pins: the pin replaces chain verification."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
 
 CLOSE_TIMEOUT = 1.0
 
@@ -248,6 +185,11 @@ class _Options:
     timeout: float
 
 
+class _Progress:
+    """The step ``_connect`` is in, for naming the step a failure or a timeout hit."""
+    step = "dial"
+
+
 @asynccontextmanager
 async def connect(url: str, keypair: KeyPair | None = None, *,
                   ssl_context: ssl.SSLContext | None = None, cert_pin: str | None = None,
@@ -259,7 +201,8 @@ async def connect(url: str, keypair: KeyPair | None = None, *,
     """Connect to ``http(s)://host[:port]/derp`` and complete the DERP handshake.
 
     ``dial`` overrides where the TCP connection goes (a DERP map's IPv4/IPv6); ``cert_pin`` is
-    a ``sha256-raw:`` CertName; ``ideal_node`` sends the ``Ideal-Node`` header.
+    a ``sha256-raw:`` CertName; ``ideal_node`` sends the ``Ideal-Node`` header. Every failure
+    to connect is a ``DerpClientError`` whose ``step`` says where it happened.
     """
     parsed = urlsplit(url)
     if parsed.scheme not in ("http", "https"):
@@ -284,9 +227,14 @@ async def connect(url: str, keypair: KeyPair | None = None, *,
             finally:
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
+        if len(group.exceptions) != 1:
+            raise
+        e = group.exceptions[0]
+        if isinstance(e, trio_websocket.ConnectionRejected):  # raised in the reader task
+            body = (e.body or b"")[:MAX_ERROR_BODY].decode("utf-8", "replace").strip()
+            raise DerpClientError("upgrade", f"server answered the WebSocket upgrade with "
+                                             f"HTTP {e.status_code}: {body}") from e
+        raise e from None
 
 
 @asynccontextmanager
@@ -298,150 +246,96 @@ async def _closing(client: DerpClient) -> AsyncIterator[DerpClient]:
             await client.aclose()
 
 
+# Failures that mean "this step did not work"; a DerpClientError already names its step.
+_FAILURES = (OSError, trio.BrokenResourceError, EOFError, IOFailure, ProtocolError,
+             trio_websocket.HandshakeError)
+_DOING = {"dial": "cannot connect to", "tls": "TLS failed with",
+          "upgrade": "HTTP upgrade failed with", "handshake": "DERP handshake failed with"}
+
+
 async def _establish(opts: _Options, nursery: trio.Nursery | None) -> DerpClient:
     where = opts.url.geturl()
+    progress = _Progress()
     try:
         with trio.fail_after(opts.timeout):
-            return await _connect(opts, nursery)
-    except trio.TooSlowError:
-        raise DerpClientError(f"timed out connecting to {where} after {opts.timeout:g}s") \
-            from None
-    except (OSError, trio.BrokenResourceError) as e:
-        raise DerpClientError(f"cannot connect to {where}: {e}") from None
+            return await _connect(opts, nursery, progress)
+    except trio.TooSlowError as e:
+        raise DerpClientError(progress.step, f"timed out after {opts.timeout:g}s "
+                                             f"connecting to {where}") from e
+    except DerpClientError:
+        raise
+    except _FAILURES as e:
+        why = "server closed the connection" if isinstance(e, EOFError) else \
+            (str(e) or type(e).__name__)
+        raise DerpClientError(progress.step, f"{_DOING[progress.step]} {where}: {why}") from e
 
 
-async def _connect(opts: _Options, nursery: trio.Nursery | None) -> DerpClient:
-    url, keypair = opts.url, opts.keypair
-    stream: trio.abc.Stream = await _open_tcp(opts.dial_host, opts.dial_port)
-    tls_version, chain, meta = None, [], None
+async def _connect(opts: _Options, nursery: trio.Nursery | None,
+                   progress: _Progress) -> DerpClient:
+    """Dial, TLS, upgrade, handshake, in that order, each announced in ``progress``."""
+    keypair = opts.keypair
+    stream: trio.abc.Stream = await dial.open_tcp(opts.dial_host, opts.dial_port)
+    tls = dial.TLSFacts(None, [], None)
     try:
-        if url.scheme == "https":
-            ctx = opts.ssl_context or (pinned_context() if opts.cert_pin
-                                       else ssl.create_default_context())
-            tls = TLSStream(stream, ctx, server_side=False, server_hostname=opts.server_hostname)
-            stream = tls
-            await tls.do_handshake()
-            tls_version = tls.version()
-            chain = tls.peer_chain_der()
-            if opts.cert_pin and (problem := pin_problem(chain, opts.cert_pin)):
-                raise DerpClientError(problem)
-            meta = next(filter(None, map(metacert.parse, chain)), None)
+        if opts.url.scheme == "https":
+            progress.step = "tls"
+            stream = dial.tls_client(stream, ssl_context=opts.ssl_context,
+                                     cert_pin=opts.cert_pin,
+                                     server_hostname=opts.server_hostname)
+            tls = await dial.tls_handshake(stream, opts.cert_pin)
+        progress.step = "upgrade"
         info_json = handshake.client_info_json(mesh_key=opts.mesh_key,
                                                can_ack_pings=opts.can_ack_pings,
                                                is_prober=opts.is_prober)
-        reader = FrameReader(_CLIENT_LIMITS, wanted=wire.ALL_TYPES)
-        use_fast = (not opts.websocket and opts.fast_start and tls_version == "TLSv1.3"
-                    and meta is not None and meta[0] != bytes(32) and meta[1] != 0)
+        reader = FrameReader(messages.LIMITS, wanted=wire.ALL_TYPES)
+        host = http_client.host_header(opts.url)
+        fast_key = tls.fast_start_key if opts.fast_start and not opts.websocket else None
         if opts.websocket:
-            ws = await trio_websocket.wrap_client_stream(
-                nursery, stream, _host_header(url), "/derp", subprotocols=[SUBPROTOCOL],
-                max_message_size=1 << 20)
-            stream = WebSocketStream(ws)
-            server_key = await _read_server_key(stream, reader)
+            stream = await open_websocket(nursery, stream, host)
         else:
-            http = h11.Connection(h11.CLIENT)
-            request = _upgrade_request(http, url, use_fast, opts.ideal_node)
-            if use_fast:  # request and ClientInfo in one write; no HTTP response will come
-                server_key = meta[0]
-                await stream.send_all(request + handshake.client_info_frame(
-                    keypair.private, keypair.public, server_key, info_json))
+            upgrade = http_client.derp_upgrade(host, fast_start=fast_key is not None,
+                                               ideal_node=opts.ideal_node)
+            if fast_key is not None:  # request and ClientInfo in one write; no HTTP answer
+                await stream.send_all(upgrade.request + handshake.client_info_frame(
+                    keypair.private, keypair.public, fast_key, info_json))
             else:
-                await stream.send_all(request)
-                reader.feed(await _read_101(stream, http))
-                server_key = await _read_server_key(stream, reader)
-        if not use_fast:
+                await stream.send_all(upgrade.request)
+                reader.feed(await upgrade.read_101(stream))
+        progress.step = "handshake"
+        server_key = fast_key
+        if server_key is None:
+            server_key = await _read_server_key(stream, reader)
             await stream.send_all(handshake.client_info_frame(keypair.private, keypair.public,
                                                               server_key, info_json))
-        info = await _read_server_info(stream, reader, keypair, server_key)
+        try:
+            info = await _read_server_info(stream, reader, keypair, server_key)
+        except ProtocolError:
+            if fast_key is not None and reader.data.startswith(b"HTTP/", reader.pos):
+                progress.step = "upgrade"  # an HTTP answer where frames should be (spec §1.4)
+                await upgrade.read_101(ReplayStream(reader.data[reader.pos:], stream))
+                raise ProtocolError("server answered a fast-start request with HTTP 101")
+            raise
     except BaseException:
         with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
             await stream.aclose()
         raise
-    return DerpClient(stream, keypair, server_key, info, reader, tls_version=tls_version,
-                      fast_start=use_fast, peer_chain=chain)
-
-
-async def _open_tcp(host: str, port: int) -> trio.SocketStream:
-    """``trio.open_tcp_stream``, less its happy-eyeballs tasks when there is one address."""
-    try:
-        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-    except ValueError:
-        return await trio.open_tcp_stream(host, port)
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
-    try:
-        await sock.connect((host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return trio.SocketStream(sock)
-
-
-def _upgrade_request(http: h11.Connection, url, fast: bool, ideal_node: str | None) -> bytes:
-    headers = [("Host", _host_header(url)), ("User-Agent", f"derper-client/{__version__}"),
-               ("Connection", "Upgrade")]
-    if fast:
-        headers.append(("Derp-Fast-Start", "1"))
-    if ideal_node:
-        headers.append(("Ideal-Node", ideal_node))
-    headers.append(("Upgrade", "DERP"))
-    return (http.send(h11.Request(method="GET", target="/derp", headers=headers))
-            + http.send(h11.EndOfMessage()))
-
-
-async def _read_101(stream: trio.abc.Stream, http: h11.Connection) -> bytes:
-    """Read the HTTP response; return the bytes after it if it is 101, else raise with the body."""
-    status, body = None, b""
-    while True:
-        try:
-            event = http.next_event()
-        except h11.RemoteProtocolError as e:
-            raise DerpClientError(f"bad HTTP response to the DERP upgrade: {e}") from None
-        if event is h11.NEED_DATA:
-            data = await stream.receive_some(RECV_SIZE)
-            if not data and status is None:
-                raise DerpClientError("server closed the connection before answering the upgrade")
-            http.receive_data(data)
-            continue
-        if isinstance(event, h11.InformationalResponse) and event.status_code == 101:
-            return bytes(http.trailing_data[0])
-        if isinstance(event, h11.Response):
-            status = event.status_code
-        elif isinstance(event, h11.Data) and len(body) < MAX_ERROR_BODY:
-            body += event.data
-        elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-            raise DerpClientError(f"server answered the DERP upgrade with HTTP {status}: "
-                                  f"{body[:MAX_ERROR_BODY].decode('utf-8', 'replace').strip()}")
-
-
-async def _next_frame(stream: trio.abc.Stream, reader: FrameReader) -> tuple[int, bytes]:
-    while (f := reader.next()) is None:
-        data = await stream.receive_some(RECV_SIZE)
-        if not data:
-            raise DerpClientError("server closed the connection during the DERP handshake")
-        reader.feed(data)
-    ftype, s, e = f
-    return ftype, reader.data[s:e]
+    return DerpClient(stream, keypair, server_key, info, reader, tls_version=tls.version,
+                      fast_start=fast_key is not None, peer_chain=tls.chain)
 
 
 async def _read_server_key(stream: trio.abc.Stream, reader: FrameReader) -> bytes:
-    ftype, payload = await _next_frame(stream, reader)
+    ftype, start, end = await next_frame(stream, reader)
     if ftype != FrameType.SERVER_KEY:
-        raise DerpClientError(f"expected ServerKey, got frame type {ftype:#04x}")
-    try:
-        return wire.parse_server_key(payload)
-    except ProtocolError as e:
-        raise DerpClientError(str(e)) from None
+        raise ProtocolError(f"expected ServerKey, got frame type {ftype:#04x}")
+    return wire.parse_server_key(reader.data[start:end])
 
 
 async def _read_server_info(stream: trio.abc.Stream, reader: FrameReader, keypair: KeyPair,
                             server_key: bytes) -> ServerInfo:
     while True:
-        ftype, payload = await _next_frame(stream, reader)
+        ftype, start, end = await next_frame(stream, reader)
         if ftype == FrameType.SERVER_KEY:
             continue  # a fast-start client already knows it
         if ftype != FrameType.SERVER_INFO:
-            raise DerpClientError(f"expected ServerInfo first, got frame type {ftype:#04x}")
-        try:
-            return handshake.open_server_info(payload, keypair.private, server_key)
-        except handshake.HandshakeError as e:
-            raise DerpClientError(str(e)) from None
+            raise ProtocolError(f"expected ServerInfo first, got frame type {ftype:#04x}")
+        return handshake.open_server_info(reader.data[start:end], keypair.private, server_key)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import trio
 
 from derper import client as dc
+from derper.proto.messages import KeepAliveMessage, ReceivedPacket
 from derper.server import Server
 from tests.conftest import client_context
 
@@ -20,7 +21,7 @@ def connect_opts(server: Server, ca, **kw) -> dict:
     return opts
 
 
-async def recv_kind(client: dc.DerpClient, kind: type, skip=(dc.KeepAliveMessage,)):
+async def recv_kind(client: dc.DerpClient, kind: type, skip=(KeepAliveMessage,)):
     """The next message of type ``kind``; other kinds in ``skip`` are ignored, any other fails."""
     with trio.fail_after(TIMEOUT):
         while True:
@@ -41,9 +42,9 @@ async def messages_until_self_packet(client: dc.DerpClient, marker: bytes) -> li
     with trio.fail_after(TIMEOUT):
         while True:
             m = await client.recv()
-            if isinstance(m, dc.ReceivedPacket) and m.data == marker:
+            if isinstance(m, ReceivedPacket) and m.data == marker:
                 return seen
-            if not isinstance(m, dc.KeepAliveMessage):
+            if not isinstance(m, KeepAliveMessage):
                 seen.append(m)
 
 
@@ -56,7 +57,7 @@ async def wait_until(predicate, timeout: float = TIMEOUT) -> None:
 
 async def assert_relays(a: dc.DerpClient, b: dc.DerpClient, payload: bytes = b"ping") -> None:
     await a.send(b.public_key, payload)
-    m = await recv_kind(b, dc.ReceivedPacket)
+    m = await recv_kind(b, ReceivedPacket)
     assert (m.source, m.data) == (a.public_key, payload)
 
 

@@ -43,13 +43,13 @@ def test_unreachable_server_is_one_clear_line(tmp_path):
     proc = subprocess.run(bench("-url", url, "-smoke", "-json", str(tmp_path / "o.json")),
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
-    assert proc.stderr.startswith("derper bench: a load process failed: cannot connect to")
+    assert proc.stderr.startswith("derper bench: a load process failed: dial: cannot connect to")
     assert "Traceback" not in proc.stderr
     proc = subprocess.run(bench("conns", "-url", url, "-smoke", "-json",
                                 str(tmp_path / "o.json")),
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
-    assert proc.stderr.startswith("derper bench: no connection succeeded: cannot connect to")
+    assert proc.stderr.startswith("derper bench: no connection succeeded: dial: cannot connect to")
 
 
 def test_bad_command_lines_exit_2_with_the_reason(capsys):

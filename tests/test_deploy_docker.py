@@ -14,6 +14,7 @@ import trio
 import trustme
 
 from derper import client as dc
+from derper.proto.messages import RestartingMessage
 from stun.message import tailscale_request
 from tests.containers import REPO, Podman
 from tests.pebble import DOMAIN, Pebble
@@ -108,7 +109,7 @@ async def test_sigterm_sends_restarting_and_exits_zero_with_state_kept(podman, i
     async with dc.connect(f"https://{PUBLIC_IP}/derp", dial=("127.0.0.1", ports["tls"]),
                           cert_pin=pin) as client:
         podman("stop", "-t", "20", name)  # exit code 0 below: derper exited, no SIGKILL
-        message = await recv_kind(client, dc.RestartingMessage)
+        message = await recv_kind(client, RestartingMessage)
         assert message.reconnect_in_ms > 0
     assert podman.out("inspect", name, "--format", "{{.State.ExitCode}}").strip() == "0"
     # The volume keeps key and certificate: same pin after a restart.

@@ -12,6 +12,7 @@ from derper import client as dc
 from derper.metrics.counters import DropReason
 from derper.net.tls_stream import TLSStream
 from derper.proto import wire
+from derper.proto.messages import KeepAliveMessage, PeerGoneMessage, PongMessage, ReceivedPacket
 from tests.conftest import url
 from tests.relay_helpers import assert_relays, connect_opts, expect_closed, recv_kind, wait_until
 
@@ -42,9 +43,9 @@ async def test_packets_to_an_idle_receiver_go_out_from_the_senders_read(start_se
         sent_before, ones_before = stats.packets_sent, stats.buffered_write_frames.by_value[1]
         for i in range(20):
             await a.send(b.public_key, i.to_bytes(2, "big"))
-            assert (await recv_kind(b, dc.ReceivedPacket)).data == i.to_bytes(2, "big")
+            assert (await recv_kind(b, ReceivedPacket)).data == i.to_bytes(2, "big")
         await a.send_many([(b.public_key, bytes([i])) for i in range(5)])  # one read, one write
-        assert [(await recv_kind(b, dc.ReceivedPacket)).data for _ in range(5)] == \
+        assert [(await recv_kind(b, ReceivedPacket)).data for _ in range(5)] == \
             [bytes([i]) for i in range(5)]
     assert direct_writes == [True] * 21
     assert stats.packets_sent - sent_before == 25
@@ -62,7 +63,7 @@ async def test_a_control_frame_due_hands_the_read_to_the_writer(start_server, ca
         me = a.public_key
         await a.send_frames([wire.send_packet(me, b"p1"), wire.ping(b"12345678"),
                              wire.send_packet(me, b"p2")])
-        got = [await recv_kind(a, (dc.ReceivedPacket, dc.PongMessage)) for _ in range(3)]
+        got = [await recv_kind(a, (ReceivedPacket, PongMessage)) for _ in range(3)]
         assert [m.data for m in got] == [b"12345678", b"p1", b"p2"]
         assert direct_writes == []
         await assert_relays(a, a, b"p3")
@@ -96,7 +97,7 @@ async def test_a_receiver_that_does_not_read_gets_the_rest_from_its_writer(start
         await sender.send(stalled.public_key, b"last")
         got = []
         with trio.fail_after(30):
-            while (m := await recv_kind(stalled, dc.ReceivedPacket)).data != b"last":
+            while (m := await recv_kind(stalled, ReceivedPacket)).data != b"last":
                 got.append(int.from_bytes(m.data[:8], "big"))
     assert got == sorted(got) and got[-1] == seq
     assert stats.dropped(DropReason.QUEUE_HEAD) == seq - len(got) > 0
@@ -136,7 +137,7 @@ async def test_packets_a_read_queued_before_a_protocol_error_still_go_out(start_
         await bad.send_frames([wire.send_packet(b.public_key, b"before"),
                                wire.header(wire.FrameType.SEND_PACKET, 4) + b"oops"])
         await expect_closed(bad)
-        skip = (dc.KeepAliveMessage, dc.PeerGoneMessage)
-        assert (await recv_kind(b, dc.ReceivedPacket, skip)).data == b"before"
+        skip = (KeepAliveMessage, PeerGoneMessage)
+        assert (await recv_kind(b, ReceivedPacket, skip)).data == b"before"
         await c.send(b.public_key, b"after")
-        assert (await recv_kind(b, dc.ReceivedPacket, skip)).data == b"after"
+        assert (await recv_kind(b, ReceivedPacket, skip)).data == b"after"

@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from derper.certs.bundle import ensure_ip_cert
 
@@ -134,8 +133,6 @@ def test_derpmap_loads_neither_the_server_nor_trio(tmp_path):
     assert "trio" not in loaded
 
 
-@pytest.mark.xfail(strict=True, reason="derper.client imports http.websocket, which imports the "
-                   "relay; the client split (issue 14, another branch) moves the stream out")
 def test_bench_help_loads_no_server_module():
     out, loaded = modules_after(["bench", "-h"])
     assert out.startswith("Usage: derper bench")

@@ -7,6 +7,7 @@ import signal
 import trio
 
 from derper import client as dc
+from derper.proto.messages import ReceivedPacket
 from tests.conftest import url
 from tests.process import derper, free_port
 from tests.relay_helpers import assert_relays, connect_opts, recv_kind, wait_until
@@ -120,7 +121,7 @@ async def relayed_rate(server, tx: dc.DerpClient, rx: dc.DerpClient, count: int 
                 await tx.send_many([(rx.public_key, packet)] * 40)
         nursery.start_soon(send_all)
         for i in range(1, count + 1):
-            await recv_kind(rx, dc.ReceivedPacket)
+            await recv_kind(rx, ReceivedPacket)
             if i in (first, last):
                 marks[i] = trio.current_time()
     assert sum(server.relay.stats.packets_dropped) == 0  # the sender was slowed instead
@@ -194,6 +195,6 @@ async def test_sighup_reloads_the_rate_config_in_the_real_process(tmp_path):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(tx.send_many, [(rx.public_key, packet)] * 600)
                 for _ in range(600):
-                    await recv_kind(rx, dc.ReceivedPacket)
+                    await recv_kind(rx, ReceivedPacket)
             # 600 x 1037 bytes at most 300 kB/s after a 64 KiB burst: the limit still holds.
             assert trio.current_time() - started >= (600 * 1037 - 70_000) / 300_000 / 1.1

@@ -8,6 +8,7 @@ from derper import client as dc
 from derper.metrics.counters import DropReason
 from derper.proto import wire
 from derper.proto.keys import KeyPair
+from derper.proto.messages import PeerGoneMessage, PeerPresentMessage, ReceivedPacket
 from derper.proto.wire import PeerPresentFlags
 from tests.conftest import url
 from tests.relay_helpers import connect_opts, expect_closed, recv_kind, wait_until
@@ -23,7 +24,7 @@ async def test_watcher_sees_presence_and_departures(start_server, ca):
             await watcher.watch_conns()
             present = {}
             while len(present) < 2:  # the early client and the watcher itself
-                m = await recv_kind(watcher, dc.PeerPresentMessage)
+                m = await recv_kind(watcher, PeerPresentMessage)
                 present[m.key] = m
             assert present[early.public_key].ip == "127.0.0.1"
             assert present[early.public_key].port == early.stream.socket.getsockname()[1]
@@ -31,11 +32,11 @@ async def test_watcher_sees_presence_and_departures(start_server, ca):
             assert present[watcher.public_key].flags == PeerPresentFlags.MESH
             async with dc.connect(u, **connect_opts(server, ca, is_prober=True,
                                                     ideal_node="900a")) as late:
-                m = await recv_kind(watcher, dc.PeerPresentMessage)
+                m = await recv_kind(watcher, PeerPresentMessage)
                 assert m.key == late.public_key
                 assert m.flags == PeerPresentFlags.PROBER | PeerPresentFlags.NOT_IDEAL
-            m = await recv_kind(watcher, dc.PeerGoneMessage)
-            assert m == dc.PeerGoneMessage(late.public_key, wire.PeerGoneReason.DISCONNECTED)
+            m = await recv_kind(watcher, PeerGoneMessage)
+            assert m == PeerGoneMessage(late.public_key, wire.PeerGoneReason.DISCONNECTED)
 
 
 async def test_close_peer_and_forward_packet(start_server, ca):
@@ -45,7 +46,7 @@ async def test_close_peer_and_forward_packet(start_server, ca):
     async with dc.connect(u, **connect_opts(server, ca)) as local, \
             dc.connect(u, **connect_opts(server, ca, mesh_key=MESH_KEY)) as mesh:
         await mesh.forward(remote_sender, local.public_key, b"via the mesh")
-        m = await recv_kind(local, dc.ReceivedPacket)
+        m = await recv_kind(local, ReceivedPacket)
         assert (m.source, m.data) == (remote_sender, b"via the mesh")
         await mesh.forward(remote_sender, KeyPair.generate().public, b"nobody")
         await wait_until(lambda: server.relay.stats.dropped(DropReason.UNKNOWN_DEST_ON_FWD) == 1)

@@ -24,6 +24,7 @@ from derper.metrics.counters import DropReason, Histogram
 from derper.metrics.varz import debug_allowed, go_number, parse_cidrs, render
 from derper.proto import wire
 from derper.proto.keys import KeyPair, public_text
+from derper.proto.messages import PeerGoneMessage, ReceivedPacket
 from derper.server import Server
 from tests.conftest import client_context, url
 from tests.process import free_port
@@ -101,7 +102,7 @@ async def traffic(server: Server, ca) -> list[bytes]:
         await assert_relays(a, b, b"hello")
         await a.send(KeyPair.generate().public, b"lost")
         await a.send(KeyPair.generate().public, DISCO)
-        await recv_kind(a, dc.PeerGoneMessage)
+        await recv_kind(a, PeerGoneMessage)
         await a.note_preferred(True)
     await wait_until(lambda: server.relay.router.current_connections == 0)
     return [server.relay.keypair.private, a.keypair.private, b.keypair.private]
@@ -348,7 +349,7 @@ async def test_queue_wait_grows_when_a_receiver_stalls(start_server, ca):
                 await trio.sleep(0)
         with trio.fail_after(30):
             while stats.average_queue_duration_ms == 0:
-                await recv_kind(receiver, dc.ReceivedPacket)
+                await recv_kind(receiver, ReceivedPacket)
     assert f"derp_average_queue_duration_ms {go_number(stats.average_queue_duration_ms)}\n" \
         in render(server.exposition.metrics())
 

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from derper import client as dc
 from derper.proto.keys import KeyPair, parse_private
+from derper.proto.messages import RestartingMessage
 from derper.proto.pin import cert_pin
 from tests.conftest import client_context, write_cert
 from tests.process import derper, free_port, run_derper, stun_query
@@ -36,7 +37,7 @@ async def test_dev_command_line_as_checked_and_sigterm_sends_restarting(tmp_path
             identity = a.server_key
             proc.signal(signal.SIGTERM)
             for c in (a, b):
-                m = await recv_kind(c, dc.RestartingMessage)
+                m = await recv_kind(c, RestartingMessage)
                 assert m.reconnect_in_ms > 0 and m.try_for_ms > 0
             assert await proc.wait(timeout=5) == 0
         assert "shutting down" in proc.log and "signal=SIGTERM" in proc.log

@@ -14,6 +14,8 @@ from derper.metrics.counters import DropReason
 from derper.net.tls_stream import TLSStream
 from derper.proto import handshake, metacert, wire
 from derper.proto.keys import KeyPair
+from derper.proto.messages import (KeepAliveMessage, PeerGoneMessage, PongMessage, ReceivedPacket,
+                                   RestartingMessage)
 from tests.conftest import client_context, url
 from tests.relay_helpers import (assert_relays, connect_opts, expect_closed,
                                  messages_until_self_packet, recv_kind, wait_until)
@@ -148,7 +150,7 @@ async def test_unknown_destination_not_here_only_for_disco_and_rate_limited(star
         for key in unknown:
             await a.send(key, DISCO)
         seen = await messages_until_self_packet(a, b"barrier")
-    assert seen == [dc.PeerGoneMessage(k, wire.PeerGoneReason.NOT_HERE) for k in unknown[:3]]
+    assert seen == [PeerGoneMessage(k, wire.PeerGoneReason.NOT_HERE) for k in unknown[:3]]
     stats = server.relay.stats
     assert stats.dropped(DropReason.UNKNOWN_DEST, disco=False) == 1
     assert stats.dropped(DropReason.UNKNOWN_DEST, disco=True) == 5
@@ -176,7 +178,7 @@ async def test_full_queue_drops_oldest_and_keeps_disco_separate(start_server, ca
         got, saw_disco = [], False
         with trio.fail_after(30):
             while True:
-                m = await recv_kind(receiver, dc.ReceivedPacket)
+                m = await recv_kind(receiver, ReceivedPacket)
                 if m.data == DISCO:
                     saw_disco = True
                 elif m.data == b"last":
@@ -198,7 +200,7 @@ async def test_burst_larger_than_the_queue_reaches_a_reading_client(start_server
         count = 3 * server.relay.queue_depth
         await sender.send_many([(receiver.public_key, i.to_bytes(2, "big") + bytes(98))
                                 for i in range(count)])
-        got = [int.from_bytes((await recv_kind(receiver, dc.ReceivedPacket)).data[:2], "big")
+        got = [int.from_bytes((await recv_kind(receiver, ReceivedPacket)).data[:2], "big")
                for _ in range(count)]
     assert got == list(range(count))
     assert server.relay.stats.dropped(DropReason.QUEUE_HEAD) == 0
@@ -225,7 +227,7 @@ async def test_duplicate_keys_last_writer_wins_and_peer_gone(start_server, ca):
             await assert_relays(c, a1, b"back to single")
         await wait_until(lambda: router.current_connections == 1)
         seen = await messages_until_self_packet(c, b"b2")
-        assert seen == [dc.PeerGoneMessage(shared.public, wire.PeerGoneReason.DISCONNECTED)]
+        assert seen == [PeerGoneMessage(shared.public, wire.PeerGoneReason.DISCONNECTED)]
     assert server.relay.stats.total_dup_client_conns == 1
     assert server.relay.stats.peer_gone_disconnected_frames == 1
 
@@ -234,9 +236,9 @@ async def test_ping_pong(start_server, ca):
     server = await start_server()
     async with dc.connect(url(server), **connect_opts(server, ca)) as a:
         await a.ping(bytes.fromhex("010203040506072a"))
-        assert (await recv_kind(a, dc.PongMessage)).data == bytes.fromhex("010203040506072a")
+        assert (await recv_kind(a, PongMessage)).data == bytes.fromhex("010203040506072a")
         await a.ping(b"12345678" + bytes(992))  # 1000 bytes: extra bytes are ignored
-        assert (await recv_kind(a, dc.PongMessage)).data == b"12345678"
+        assert (await recv_kind(a, PongMessage)).data == b"12345678"
     assert server.relay.stats.got_ping == 2
     await wait_until(lambda: server.relay.stats.sent_pong == 2)
 
@@ -246,7 +248,7 @@ async def test_keepalive_frames_arrive_on_schedule(start_server, ca):
     async with dc.connect(url(server), **connect_opts(server, ca)) as a:
         with trio.fail_after(10):
             for _ in range(3):
-                assert isinstance(await a.recv(), dc.KeepAliveMessage)
+                assert isinstance(await a.recv(), KeepAliveMessage)
 
 
 async def test_note_preferred_counts_home_connections(start_server, ca):
@@ -267,7 +269,7 @@ async def test_server_info_is_first_and_restarting_on_shutdown(start_server, ca)
     server = await start_server()
     async with dc.connect(url(server), **connect_opts(server, ca)) as a:
         await server.shutdown()
-        m = await recv_kind(a, dc.RestartingMessage)
+        m = await recv_kind(a, RestartingMessage)
         assert (m.reconnect_in_ms, m.try_for_ms) == (1000, 30000)
         await expect_closed(a)
 

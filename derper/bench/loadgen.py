@@ -29,6 +29,7 @@ from .. import client as derp_client
 from ..cli import gc_tuning
 from ..errors import IOFailure
 from ..metrics.procstat import cpu_seconds, rss_bytes
+from ..net.dial import pinned_context
 from ..proto import wire
 
 
@@ -53,7 +54,7 @@ def connect_target(target: dict):
     key = (target["ca_file"], target["cert_pin"])
     if key not in _contexts:
         _contexts[key] = (ssl.create_default_context(cafile=target["ca_file"])
-                          if target["ca_file"] else derp_client.pinned_context()
+                          if target["ca_file"] else pinned_context()
                           if target["cert_pin"] else ssl.create_default_context())
     ctx = _contexts[key] if target["url"].startswith("https:") else None
     return derp_client.connect(target["url"], cert_pin=target["cert_pin"], ssl_context=ctx,

@@ -1,23 +1,27 @@
-"""A tiny HTTP/1.1 client on h11 for the admission checks: one request per connection.
+"""A tiny HTTP/1.1 client on h11: one request per connection, for admission and DERP upgrades.
 
 Enough for an admission controller (``-verify-client-url``, plain HTTP or HTTPS with the system
-CA roots) and tailscaled's LocalAPI over its unix socket; no redirects, no keep-alive, and only
-the first ``max_body`` bytes of a response are read, so a hostile or broken server costs at most
-one small buffer and the caller's timeout.
+CA roots), tailscaled's LocalAPI over its unix socket, and the DERP client's ``Upgrade: DERP``
+request (spec §1.2). No redirects, no keep-alive, and only the first ``max_body`` bytes of a
+response are read, so a hostile or broken server costs at most one small buffer and the
+caller's timeout.
 """
 
 from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import h11
 import trio
 
+from .. import __version__
 from ..errors import IOFailure
+from ..net.addr import host_literal
+from ..net.reading import RECV_SIZE
 
-RECV_SIZE = 16 << 10
+MAX_ERROR_BODY = 4096  # what an upgrade error shows of the server's answer
 
 _default_ssl: ssl.SSLContext | None = None
 
@@ -29,7 +33,79 @@ class HTTPClientError(IOFailure):
 @dataclass(frozen=True)
 class HTTPResponse:
     status: int
+    headers: list[tuple[bytes, bytes]]  # names lower-cased, as h11 gives them
     body: bytes  # at most max_body bytes
+    after: bytes = b""  # what followed a 101 response: the first bytes of the new protocol
+
+
+class Exchange:
+    """One request and its response; h11 keeps the state between the two."""
+
+    def __init__(self, method: str, target: str, headers, body: bytes = b"") -> None:
+        self._conn = h11.Connection(h11.CLIENT)
+        data = self._conn.send(h11.Request(method=method, target=target, headers=headers))
+        data += self._conn.send(h11.Data(data=body)) if body else b""
+        self.request = data + self._conn.send(h11.EndOfMessage())
+
+    async def read_response(self, stream: trio.abc.Stream, max_body: int) -> HTTPResponse:
+        """The response to ``request``; a 101 returns at once, with the bytes after it.
+
+        ``HTTPClientError`` when the answer is not HTTP or the server closes without one;
+        errors of the stream itself are the caller's to map.
+        """
+        conn = self._conn
+        status, headers, chunks, size = None, [], [], 0
+        try:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await stream.receive_some(RECV_SIZE)
+                    if not data and status is None:
+                        raise HTTPClientError("server closed the connection before answering")
+                    conn.receive_data(data)
+                elif isinstance(event, h11.InformationalResponse) and event.status_code == 101:
+                    return HTTPResponse(101, list(event.headers), b"",
+                                        bytes(conn.trailing_data[0]))
+                elif isinstance(event, h11.Response):
+                    status, headers = event.status_code, list(event.headers)
+                elif isinstance(event, h11.Data):
+                    chunks.append(event.data)
+                    size += len(event.data)
+                    if size >= max_body:
+                        break
+                elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                    break
+        except h11.ProtocolError as e:
+            raise HTTPClientError(f"bad HTTP response: {e}") from e
+        return HTTPResponse(status, headers, b"".join(chunks)[:max_body])
+
+    async def read_101(self, stream: trio.abc.Stream) -> bytes:
+        """The bytes after a ``101 Switching Protocols``; any other answer is an
+        ``HTTPClientError`` with its status and the start of its body."""
+        resp = await self.read_response(stream, MAX_ERROR_BODY)
+        if resp.status != 101:
+            raise HTTPClientError(f"server answered the upgrade with HTTP {resp.status}: "
+                                  f"{resp.body.decode('utf-8', 'replace').strip()}")
+        return resp.after
+
+
+def host_header(url: SplitResult) -> str:
+    """``Host`` as a Go client sends it: the port only when it is not the scheme's default."""
+    host = host_literal(url.hostname)
+    default = 443 if url.scheme == "https" else 80
+    return host if url.port in (None, default) else f"{host}:{url.port}"
+
+
+def derp_upgrade(host: str, *, fast_start: bool, ideal_node: str | None) -> Exchange:
+    """``GET /derp`` with ``Upgrade: DERP``, headers in the Go client's order (spec §1.2)."""
+    headers = [("Host", host), ("User-Agent", f"derper-client/{__version__}"),
+               ("Connection", "Upgrade")]
+    if fast_start:
+        headers.append(("Derp-Fast-Start", "1"))
+    if ideal_node:
+        headers.append(("Ideal-Node", ideal_node))
+    headers.append(("Upgrade", "DERP"))
+    return Exchange("GET", "/derp", headers)
 
 
 def _ssl_context() -> ssl.SSLContext:
@@ -68,34 +144,13 @@ async def request(method: str, url: str, *, body: bytes = b"", headers=(),
 
 async def _exchange(stream: trio.abc.Stream, method: str, target: str, netloc: str,
                     body: bytes, headers, max_body: int) -> HTTPResponse:
-    conn = h11.Connection(h11.CLIENT)
     head = [("Host", netloc), ("User-Agent", "derper"), ("Connection", "close"),
             ("Content-Length", str(len(body))), *headers]
     try:
-        data = conn.send(h11.Request(method=method, target=target, headers=head))
-        data += conn.send(h11.Data(data=body)) if body else b""
-        data += conn.send(h11.EndOfMessage())
-        await stream.send_all(data)
-        status = None
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(RECV_SIZE))
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.Data):
-                chunks.append(event.data)
-                size += len(event.data)
-                if size >= max_body:
-                    break
-            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                break
+        exchange = Exchange(method, target, head, body)
+        await stream.send_all(exchange.request)
+        return await exchange.read_response(stream, max_body)
     except h11.ProtocolError as e:
-        raise HTTPClientError(f"bad HTTP response: {e}") from None
+        raise HTTPClientError(f"bad HTTP request: {e}") from None
     except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as e:
         raise HTTPClientError(f"connection failed: {e}") from None
-    if status is None:
-        raise HTTPClientError("connection closed before a response")
-    return HTTPResponse(status, b"".join(chunks)[:max_body])

@@ -14,6 +14,7 @@ import trio
 from .. import logs
 from ..errors import ProtocolError
 from ..logs import Throttle
+from ..net.reading import RECV_SIZE
 from ..relay.hub import Relay
 from ..relay.session import serve_derp
 from .endpoints import Request, Response, error
@@ -23,7 +24,6 @@ log = logs.get("derper.http")
 
 MAX_HEAD = 16 << 10
 MAX_BODY = 64 << 10  # our endpoints take no body; a larger one is refused, not read
-RECV_SIZE = 64 << 10
 MAX_REQUESTS = 100  # per keep-alive connection
 
 

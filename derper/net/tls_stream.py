@@ -14,7 +14,8 @@ import ssl
 
 import trio
 
-RECV_SIZE = 64 << 10
+from .reading import RECV_SIZE
+
 _READ_CHUNK = 16 << 10  # the largest TLS record plaintext
 # One scratch buffer for every connection of the process: decryption never awaits between
 # filling it and copying out, and trio runs one task at a time.

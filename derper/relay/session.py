@@ -21,6 +21,7 @@ from .. import logs
 from ..admission.limits import TokenBucket
 from ..errors import IOFailure, ProtocolError
 from ..metrics.counters import DropReason
+from ..net.reading import RECV_SIZE, read_more
 from ..proto import handshake, wire
 from ..proto.handshake import ClientInfo
 from ..proto.keys import public_text
@@ -30,7 +31,6 @@ from .sendqueue import RECV_OVERHEAD, SendQueue
 
 log = logs.get("derper.relay.session")
 
-RECV_SIZE = 64 << 10
 # Under a rate limit, bytes are handed to the frame parser in steps this big, each paid for
 # first: a backlog of one big read never reaches a destination's 32-packet queue at once.
 PACE_STEP = 4 << 10
@@ -159,10 +159,7 @@ async def _read_client_info(relay: Relay, stream: trio.abc.Stream,
                             reader: FrameReader) -> ClientInfo:
     """Read until the ClientInfo is whole; called once the buffer is known not to hold it."""
     while True:
-        data = await stream.receive_some(RECV_SIZE)
-        if not data:
-            raise EOFError("peer closed before sending ClientInfo")
-        reader.feed(data)
+        await read_more(stream, reader)
         if (info := _buffered_client_info(relay, reader)) is not None:
             return info
 
