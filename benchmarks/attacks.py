@@ -206,42 +206,36 @@ async def sighup_storm(server, seconds):
             nursery.start_soon(trio.to_thread.run_sync, storm)
 
 
-async def _repeat(server, seconds, payload: bytes, limit: int = 5000) -> None:
-    """Connections that send ``payload`` and read until closed, 50 at a time."""
+async def _over_tls(server, payload: bytes) -> None:
+    """One connection that sends ``payload`` over TLS and reads until the server closes it."""
+    try:
+        s = await _tcp(server)
+        tls = trio.SSLStream(s, pinned_context(), server_hostname="127.0.0.1")
+        await tls.send_all(payload)
+        with trio.move_on_after(2):
+            while await tls.receive_some():
+                pass
+        await tls.aclose()
+    except (OSError, trio.BrokenResourceError):
+        pass
+
+
+async def _waves(seconds: float, attempt, *args, width: int = 50) -> None:
+    """``attempt(*args)`` ``width`` at a time, wave after wave, for ``seconds``."""
     deadline = trio.current_time() + seconds
-    done = 0
-
-    async def one():
-        nonlocal done
-        try:
-            s = await _tcp(server)
-            tls = trio.SSLStream(s, pinned_context(), server_hostname="127.0.0.1")
-            await tls.send_all(payload)
-            with trio.move_on_after(2):
-                while await tls.receive_some():
-                    pass
-            await tls.aclose()
-        except (OSError, trio.BrokenResourceError):
-            pass
-        done += 1
-
-    while trio.current_time() < deadline and done < limit:
+    while trio.current_time() < deadline:
         async with trio.open_nursery() as nursery:
-            for _ in range(50):
-                nursery.start_soon(one)
+            for _ in range(width):
+                nursery.start_soon(attempt, *args)
 
 
 async def connect_flood(server, seconds):
-    await _repeat(server, seconds, b"CONNECT x:22 HTTP/1.1\r\nHost: x\r\n\r\n")
+    await _waves(seconds, _over_tls, server, b"CONNECT x:22 HTTP/1.1\r\nHost: x\r\n\r\n")
 
 
 async def protocol_errors(server, seconds):
     """A valid handshake, then a frame that breaks the protocol, over and over."""
-    deadline = trio.current_time() + seconds
-    while trio.current_time() < deadline:
-        async with trio.open_nursery() as nursery:
-            for _ in range(50):
-                nursery.start_soon(_bad_session, server)
+    await _waves(seconds, _bad_session, server)
 
 
 async def _bad_session(server):
@@ -257,8 +251,6 @@ async def _bad_session(server):
 
 async def rejected_keys(server, seconds):
     """Fresh random keys against an allowlist: every one rejected."""
-    deadline = trio.current_time() + seconds
-
     async def one():
         try:
             async with dc.connect(server.url, cert_pin=server.pin, timeout=3):
@@ -266,10 +258,7 @@ async def rejected_keys(server, seconds):
         except dc.DerpClientError:
             pass
 
-    while trio.current_time() < deadline:
-        async with trio.open_nursery() as nursery:
-            for _ in range(50):
-                nursery.start_soon(one)
+    await _waves(seconds, one)
 
 
 async def many_sessions(server, seconds):
@@ -337,17 +326,12 @@ async def _stun_flood(server, seconds, request: bytes) -> None:
 
 
 async def malformed_frames(server, seconds):
-    deadline = trio.current_time() + seconds
-    while trio.current_time() < deadline:
-        await _repeat(server, 0.1, UPGRADE + wire.header(0x02, 8) + os.urandom(8), limit=50)
+    """An upgrade, then a ClientInfo too short to open."""
+    await _waves(seconds, _over_tls, server, UPGRADE + wire.header(0x02, 8) + os.urandom(8))
 
 
 async def tls_garbage(server, seconds):
-    deadline = trio.current_time() + seconds
-    while trio.current_time() < deadline:
-        async with trio.open_nursery() as nursery:
-            for _ in range(50):
-                nursery.start_soon(_garbage_once, server)
+    await _waves(seconds, _garbage_once, server)
 
 
 async def _garbage_once(server):
@@ -365,7 +349,6 @@ async def _garbage_once(server):
 async def duplicate_keys(server, seconds):
     """One key connected and reconnected from many sockets at once."""
     key = KeyPair.generate()
-    deadline = trio.current_time() + seconds
 
     async def one():
         try:
@@ -374,10 +357,7 @@ async def duplicate_keys(server, seconds):
         except dc.DerpClientError:
             pass
 
-    while trio.current_time() < deadline:
-        async with trio.open_nursery() as nursery:
-            for _ in range(30):
-                nursery.start_soon(one)
+    await _waves(seconds, one, width=30)
 
 
 async def slow_receivers(server, seconds):

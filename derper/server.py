@@ -20,7 +20,7 @@ from stun.server import open_stun_socket, serve_socket
 from . import __version__, logs, signals
 from .admission.fairshare import BandwidthLimiter
 from .admission.gate import DEFAULT_SOCKET, Admission, AllowList
-from .admission.limits import HandshakeSlots, TokenBucket
+from .admission.limits import HandshakeSlot, HandshakeSlots, TokenBucket
 from .admission.rate_config import load_rate_config, parse_rate
 from .certs.acme import AcmeCerts
 from .certs.acme_order import AcmeSettings, resolve_directory
@@ -295,12 +295,17 @@ class Server:
 
     # ---- connections --------------------------------------------------------------------------
 
-    async def _serve_main(self, stream: trio.SocketStream) -> None:
-        config = self.config
-        slot = self.handshakes.try_enter()
+    def _enter(self, slots: HandshakeSlots, stream: trio.SocketStream) -> HandshakeSlot | None:
+        """A place among ``slots``' half-open connections, or None with the socket closed."""
+        slot = slots.try_enter()
         if slot is None:
             self.relay.stats.rejected_half_open += 1
             stream.socket.close()
+        return slot
+
+    async def _serve_main(self, stream: trio.SocketStream) -> None:
+        config = self.config
+        if (slot := self._enter(self.handshakes, stream)) is None:
             return
         ip, port = peer_address(stream)
         conn: trio.abc.Stream = stream
@@ -343,10 +348,7 @@ class Server:
 
     async def _serve_helper(self, stream: trio.SocketStream) -> None:
         config = self.config
-        slot = self.helper_connections.try_enter()
-        if slot is None:
-            self.relay.stats.rejected_half_open += 1
-            stream.socket.close()
+        if (slot := self._enter(self.helper_connections, stream)) is None:
             return
         ip, port = peer_address(stream)
         try:
