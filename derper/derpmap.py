@@ -61,7 +61,7 @@ def build(config: Config, pin: str | None, options: MapOptions) -> dict:
     try:
         _, port = parse_addr(config.addr)
     except ValueError as e:
-        raise DerpMapError(str(e)) from None
+        raise DerpMapError(str(e)) from e
     if port == 0:
         raise DerpMapError("-a must name a fixed port for clients to dial, not port 0")
     hostname = config.hostname.strip("[]")

@@ -29,7 +29,7 @@ def parse_rate_config(data: bytes | str) -> ReceiveLimit | None:
     try:
         obj = gojson.load_object(data)
     except ValueError as e:
-        raise ConfigError(f"rate config is {e}") from None
+        raise ConfigError(f"rate config is {e}") from e
     values = []
     for name in ("PerClientRateLimitBytesPerSec", "PerClientRateBurstBytes"):
         v = obj.get(name.lower(), 0)
@@ -46,11 +46,11 @@ def load_rate_config(path: str) -> ReceiveLimit | None:
     try:
         data = Path(path).read_bytes()
     except OSError as e:
-        raise ConfigError(f"cannot read -rate-config {path}: {e.strerror}") from None
+        raise ConfigError(f"cannot read -rate-config {path}: {e.strerror}") from e
     try:
         return parse_rate_config(data)
     except ConfigError as e:
-        raise ConfigError(f"-rate-config {path}: {e}") from None
+        raise ConfigError(f"-rate-config {path}: {e}") from e
 
 
 # Decimal SI prefixes, as network links are sold; "bit" units are bits per second, the others

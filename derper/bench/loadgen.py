@@ -228,7 +228,7 @@ def _get_or_fail(queue, pending) -> None:
                 except Exception as e:
                     while isinstance(e, BaseExceptionGroup) and e.exceptions:
                         e = e.exceptions[0]  # the first cause, out of trio's nurseries
-                    raise LoadError(f"a load process failed: {e}") from None
+                    raise LoadError(f"a load process failed: {e}") from e
                 raise LoadError("a load process ended before it was ready")
 
 

@@ -135,16 +135,16 @@ def obtain(settings: AcmeSettings, account_key: jose.JWKEC, hostname: str,
                 publisher.withdraw(token)
     except errors.ValidationError as e:
         raise AcmeError("the CA could not validate the HTTP-01 challenge: "
-                        + "; ".join(_authz_problems(e.failed_authzrs))) from None
+                        + "; ".join(_authz_problems(e.failed_authzrs))) from e
     except errors.TimeoutError:
-        raise AcmeError(f"the order did not complete within {order_timeout:.0f} s") from None
+        raise AcmeError(f"the order did not complete within {order_timeout:.0f} s") from e
     except messages.Error as e:
-        raise AcmeError(f"the CA refused: {e.detail or e.typ}") from None
+        raise AcmeError(f"the CA refused: {e.detail or e.typ}") from e
     except requests.RequestException as e:
         raise AcmeError(f"cannot reach the ACME server {settings.directory}: "
-                        f"{_root_cause(e)}") from None
+                        f"{_root_cause(e)}") from e
     except errors.Error as e:
-        raise AcmeError(f"ACME protocol error: {e}") from None
+        raise AcmeError(f"ACME protocol error: {e}") from e
     return order.fullchain_pem.encode(), key_pem
 
 

@@ -77,7 +77,7 @@ def load_manual(certdir: Path, hostname: str, now: datetime.datetime | None = No
         key_pem = key_path.read_bytes()
     except OSError as e:
         raise CertError(f"cannot read {e.filename}: {e.strerror}. -certmode manual needs "
-                        f"{crt_path} and {key_path} for -hostname {hostname}") from None
+                        f"{crt_path} and {key_path} for -hostname {hostname}") from e
     return check_bundle(chain_pem, key_pem, hostname, str(crt_path), now)
 
 
@@ -91,7 +91,7 @@ def check_bundle(chain_pem: bytes, key_pem: bytes, hostname: str, where: str,
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError) as e:
-        raise CertError(f"{where}: the private key cannot be loaded ({e})") from None
+        raise CertError(f"{where}: the private key cannot be loaded ({e})") from e
     leaf = certs[0]
     spki = serialization.PublicFormat.SubjectPublicKeyInfo
     if (key.public_key().public_bytes(serialization.Encoding.DER, spki)

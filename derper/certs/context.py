@@ -33,7 +33,7 @@ def make_context(bundle: CertBundle, meta_pem: bytes, required_sni: str | None) 
             f.write(bundle.chain_pem.rstrip(b"\n") + b"\n" + meta_pem + bundle.key_pem)
         ctx.load_cert_chain(path)
     except ssl.SSLError as e:
-        raise CertError(f"OpenSSL refused the certificate: {e.reason or e}") from None
+        raise CertError(f"OpenSSL refused the certificate: {e.reason or e}") from e
     finally:
         os.unlink(path)
     if required_sni:

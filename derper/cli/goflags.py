@@ -122,7 +122,7 @@ def parse(flags: list[Flag], argv: list[str],
                 try:
                     values[flag.field] = parse_value(flag, environ[var])
                 except ValueError as e:
-                    raise UsageError(f"environment variable {var} (for -{flag.name}): {e}") from None
+                    raise UsageError(f"environment variable {var} (for -{flag.name}): {e}") from e
                 explicit.add(flag.field)
                 break
     i = 0
@@ -150,7 +150,7 @@ def parse(flags: list[Flag], argv: list[str],
         try:
             values[flag.field] = parse_value(flag, text)
         except ValueError as e:
-            raise UsageError(f"invalid value {text!r} for flag -{name}: {e}") from None
+            raise UsageError(f"invalid value {text!r} for flag -{name}: {e}") from e
         explicit.add(flag.field)
         i += 1
     return values, explicit, argv[i:]

@@ -29,7 +29,7 @@ def load_or_create_key_file(path: Path) -> tuple[KeyPair, bool]:
     except FileNotFoundError:
         return _create_key_file(path), True
     except OSError as e:
-        raise KeyFileError(f"cannot read server key file {path}: {e.strerror}") from None
+        raise KeyFileError(f"cannot read server key file {path}: {e.strerror}") from e
     return KeyPair(_parse_key_file(path, data)), False
 
 
@@ -38,13 +38,13 @@ def _parse_key_file(path: Path, data: bytes) -> bytes:
     try:
         value = gojson.load_object(data).get("privatekey")
     except ValueError as e:
-        raise KeyFileError(f"server key file {path} is {e}; {hint}") from None
+        raise KeyFileError(f"server key file {path} is {e}; {hint}") from e
     if not isinstance(value, str):
         raise KeyFileError(f'server key file {path} has no "PrivateKey" string; {hint}')
     try:
         return parse_private(value)
     except KeyFormatError as e:
-        raise KeyFileError(f"server key file {path}: {e}; {hint}") from None
+        raise KeyFileError(f"server key file {path}: {e}; {hint}") from e
 
 
 def _create_key_file(path: Path) -> KeyPair:
@@ -56,5 +56,5 @@ def _create_key_file(path: Path) -> KeyPair:
         # so a crash can never leave a half-written key that we would then refuse to load.
         write_atomic(path, body, 0o600, replace=False)
     except OSError as e:
-        raise KeyFileError(f"cannot create server key file {path}: {e.strerror}") from None
+        raise KeyFileError(f"cannot create server key file {path}: {e.strerror}") from e
     return pair
