@@ -137,7 +137,7 @@ def obtain(settings: AcmeSettings, account_key: jose.JWKEC, hostname: str,
         raise AcmeError("the CA could not validate the HTTP-01 challenge: "
                         + "; ".join(_authz_problems(e.failed_authzrs))) from e
     except errors.TimeoutError:
-        raise AcmeError(f"the order did not complete within {order_timeout:.0f} s") from e
+        raise AcmeError(f"the order did not complete within {order_timeout:.0f} s") from None
     except messages.Error as e:
         raise AcmeError(f"the CA refused: {e.detail or e.typ}") from e
     except requests.RequestException as e:
