@@ -12,6 +12,8 @@ import re
 import sys
 import time
 
+from .admission.limits import TokenBucket
+
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
           "error": logging.ERROR}
 _SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
@@ -105,34 +107,37 @@ def get(name: str) -> EventLogger:
 
 
 class Throttle:
-    """At most one line per key per ``interval``; the next one says how many were left out.
+    """Lines a remote peer can cause, limited per kind: a burst, then one per ``every`` seconds.
 
-    For messages a scanner or a broken client can trigger at will (bad HTTP, TLS garbage, bad
-    handshakes): the first one shows what is happening, the rest would only flood the journal.
-    Keys are a bounded set of message kinds chosen by the caller, never peer-controlled text.
-    Each server owns one, so its count (a metric) is its own.
+    For anything a scanner, a broken client or an attacker can trigger at will (bad HTTP, TLS
+    garbage, bad handshakes, protocol errors, rejected keys, even connects): the first lines
+    show what is happening, the rest would only flood the journal. The next line that gets
+    through says how many were left out. Kinds are a bounded set chosen by the caller (by
+    default the message), never peer-controlled text such as a key or an address, so fresh
+    keys or addresses cannot defeat it. Each server owns one, so its count is its own metric.
     """
 
-    __slots__ = ("interval", "total", "_last", "_suppressed")
+    __slots__ = ("total", "_buckets", "_suppressed")
 
-    def __init__(self, interval: float = 10.0) -> None:
-        self.interval = interval
+    def __init__(self) -> None:
         self.total = 0  # lines left out so far (a metric)
-        self._last: dict[str, float] = {}
+        self._buckets: dict[str, TokenBucket] = {}
         self._suppressed: dict[str, int] = {}
 
-    def check(self, key: str, now: float) -> int | None:
+    def check(self, kind: str, now: float, *, burst: int = 1, every: float = 10.0) -> int | None:
         """None to stay quiet; else log now, noting the returned count of lines left out."""
-        last = self._last.get(key)
-        if last is not None and now - last < self.interval:
-            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+        bucket = self._buckets.get(kind)
+        if bucket is None:
+            bucket = self._buckets[kind] = TokenBucket(1.0 / every, burst, now)
+        if not bucket.allow(now):
+            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
             self.total += 1
             return None
-        self._last[key] = now
-        return self._suppressed.pop(key, 0)
+        return self._suppressed.pop(kind, 0)
 
-    def log(self, log: EventLogger, level: str, msg: str, **fields) -> None:
-        """``log.<level>(msg, ...)``, at most once per interval for each ``msg``."""
-        n = self.check(msg, time.monotonic())
+    def log(self, log: EventLogger, level: str, msg: str, *, kind: str = "", burst: int = 1,
+            every: float = 10.0, **fields) -> None:
+        """``log.<level>(msg, ...)`` within the budget of ``kind`` (default: ``msg``)."""
+        n = self.check(kind or msg, time.monotonic(), burst=burst, every=every)
         if n is not None:
             getattr(log, level)(msg, **fields, suppressed=n or None)

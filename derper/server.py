@@ -105,7 +105,8 @@ class Server:
         self.helper_connections = HandshakeSlots(config.max_handshakes)
         if self.allow_list or config.verify_clients or url:
             socket = (config.socket or DEFAULT_SOCKET) if config.verify_clients else None
-            relay.admission = Admission(relay.stats, allow_list=self.allow_list,
+            relay.admission = Admission(relay.stats, relay.log_throttle,
+                                        allow_list=self.allow_list,
                                         localapi_socket=socket, url=url,
                                         fail_open=config.verify_client_url_fail_open)
 
@@ -208,12 +209,12 @@ class Server:
                 if not math.isinf(config.accept_connection_limit):
                     limiter = TokenBucket(config.accept_connection_limit,
                                           config.accept_connection_burst, trio.current_time())
-                stats = self.relay.stats
+                stats, throttle = self.relay.stats, self.relay.log_throttle
                 nursery.start_soon(partial(accept_loop, main, nursery, self._serve_main,
-                                           stats=stats, limiter=limiter))
+                                           stats=stats, log_throttle=throttle, limiter=limiter))
                 if helper is not None:
                     nursery.start_soon(partial(accept_loop, helper, nursery, self._serve_helper,
-                                               stats=stats))
+                                               stats=stats, log_throttle=throttle))
                 if stun is not None:
                     await nursery.start(partial(serve_socket, stun, strict=config.stun_strict,
                                                 counters=self.stun_counters))
@@ -338,7 +339,8 @@ class Server:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the peer went away mid-request; nothing to report
         except Exception:
-            log.exception("internal error on a connection; closed it", remote=f"{ip}:{port}")
+            throttle.log(log, "exception", "internal error on a connection; closed it",
+                         remote=f"{ip}:{port}")
         finally:
             slot.release()
             if tls_version is not None:
@@ -358,8 +360,9 @@ class Server:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:
-            log.exception("internal error on an HTTP helper connection; closed it",
-                          remote=f"{ip}:{port}")
+            self.relay.log_throttle.log(log, "exception",
+                                        "internal error on an HTTP helper connection; closed it",
+                                        remote=f"{ip}:{port}")
         finally:
             slot.release()
             await stream.aclose()

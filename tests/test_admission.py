@@ -105,7 +105,22 @@ async def test_headscale_verify_with_tls_and_cache(start_server, ca, nursery, ca
     assert stats.admission_cache_hits == 4
     assert (stats.admission_allowed, stats.admission_rejected) == (3, 3)
     rejected = [r for r in caplog.records if "client rejected" in r.getMessage()]
-    assert len(rejected) == 1  # a repeating stranger is logged once per interval
+    assert len(rejected) == 3  # within the burst every rejection is logged
+
+
+async def test_rejections_of_fresh_random_keys_cannot_flood_the_log(start_server, ca, tmp_path,
+                                                                     caplog):
+    """Throttled per kind, not per key: 40 new keys buy 5 lines and a count, not 40 lines."""
+    path = tmp_path / "allowed"
+    path.write_text(key_file())
+    server = await start_server(tls=True, allow_keys=str(path))
+    caplog.set_level(logging.INFO, logger="derper.admission.gate")
+    for _ in range(40):
+        assert not await admitted(server, ca, KeyPair.generate())
+    assert server.relay.stats.admission_rejected == 40
+    rejected = [r for r in caplog.records if "client rejected" in r.getMessage()]
+    assert len(rejected) == 5
+    assert server.relay.log_throttle.total >= 35
 
 
 async def test_mesh_key_bypasses_admission(start_server, ca, nursery):

@@ -14,8 +14,9 @@ from nacl.bindings import crypto_box
 from derper import client as dc
 from derper.proto import handshake, wire
 from derper.proto.keys import KeyPair
+from derper.relay import session as session_module
 from tests.conftest import url
-from tests.relay_helpers import assert_relays, connect_opts
+from tests.relay_helpers import assert_relays, connect_opts, wait_until
 
 UPGRADE = b"GET /derp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: DERP\r\n\r\n"
 
@@ -156,3 +157,33 @@ async def test_client_rejects_a_server_key_with_bad_magic(nursery):
     with pytest.raises(dc.DerpClientError, match="^handshake: .*lacks the DERP magic"):
         async with dc.connect(f"http://127.0.0.1:{port}/derp"):
             pass
+
+
+async def test_protocol_error_disconnects_cannot_flood_the_log(start_server, ca, caplog):
+    """30 sessions that each break the protocol after the handshake: one warning, then a count."""
+    server = await start_server()
+    caplog.set_level(logging.INFO, logger="derper")
+    for _ in range(30):
+        bad = await trio.open_tcp_stream("127.0.0.1", server.main_port)
+        await bad.send_all(good_handshake(server.relay.public_key)
+                           + wire.frame(wire.FrameType.NOTE_PREFERRED))
+        await read_until_closed(bad)
+        await bad.aclose()
+    warnings = [r for r in caplog.records if r.getMessage() == "client disconnected"
+                and r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert server.relay.log_throttle.total >= 29
+
+
+async def test_connect_lines_are_kept_at_a_human_pace_and_throttled_in_a_flood(
+        start_server, ca, caplog, monkeypatch):
+    monkeypatch.setattr(session_module, "CONNECT_LOG_BURST", 3)
+    server = await start_server()
+    caplog.set_level(logging.INFO, logger="derper")
+    for _ in range(10):
+        async with dc.connect(url(server), **connect_opts(server, ca)) as c:
+            await assert_relays(c, c)
+    await wait_until(lambda: server.relay.router.current_connections == 0)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages.count("client connected") == 3
+    assert messages.count("client disconnected") == 3

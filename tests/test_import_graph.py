@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from derper.certs.bundle import ensure_ip_cert
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -235,14 +235,22 @@ async def test_unbindable_metrics_port_leaves_the_relay_running(start_server, ca
 
 
 def test_log_throttle_keeps_one_line_per_interval_and_counts_the_rest():
-    t = logs.Throttle(interval=10)
+    t = logs.Throttle()
     assert t.check("bad", 0.0) == 0
     assert t.check("bad", 1.0) is None
     assert t.check("bad", 2.0) is None
-    assert t.check("other", 2.0) == 0  # keys are independent
+    assert t.check("other", 2.0) == 0  # kinds are independent
     assert t.check("bad", 10.5) == 2
     assert t.check("bad", 11.0) is None
     assert t.total == 3
+
+
+def test_log_throttle_burst_then_a_steady_trickle():
+    t = logs.Throttle()
+    got = [t.check("connect", 0.0, burst=3, every=1.0) for _ in range(5)]
+    assert got == [0, 0, 0, None, None]
+    assert t.check("connect", 1.0, burst=3, every=1.0) == 2  # one more per second
+    assert t.check("connect", 1.5, burst=3, every=1.0) is None
 
 
 async def test_scanner_garbage_is_logged_once_per_interval(start_server, caplog):

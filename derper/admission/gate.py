@@ -15,6 +15,7 @@ from pathlib import Path
 import trio
 
 from .. import logs
+from ..logs import Throttle
 from ..disk.filewatch import follow, signature
 from ..errors import ConfigError
 from ..http.client import HTTPClientError, request
@@ -29,7 +30,7 @@ LOCALAPI_TIMEOUT = 5.0
 MAX_BODY = 4096  # Go reads at most 4 KiB of the URL's answer
 CACHE_TTL = 10.0  # short: a node removed from the tailnet cannot open new sessions for long
 CACHE_SIZE = 4096
-LOG_INTERVAL = 60.0  # a rejected key is logged at most once per interval
+LOG_INTERVAL = 60.0  # "admitted without verification" (fail-open) at most once per interval
 MAX_CONCURRENT = 64  # lookups in flight; more wait, up to ADMISSION_DEADLINE in all
 ADMISSION_DEADLINE = 10.0
 DEFAULT_SOCKET = "/var/run/tailscale/tailscaled.sock"
@@ -158,10 +159,11 @@ class _Flight:
 class Admission:
     """Runs the configured checks for one ClientInfo; never raises, never blocks the loop."""
 
-    def __init__(self, stats: Stats, *, allow_list: AllowList | None = None,
-                 localapi_socket: str | None = None, url: str | None = None,
-                 fail_open: bool = True) -> None:
+    def __init__(self, stats: Stats, log_throttle: Throttle, *,
+                 allow_list: AllowList | None = None, localapi_socket: str | None = None,
+                 url: str | None = None, fail_open: bool = True) -> None:
         self.stats = stats
+        self.log_throttle = log_throttle
         self.allow_list = allow_list
         self.localapi_socket = localapi_socket
         self.url = url
@@ -169,7 +171,6 @@ class Admission:
         self._cache: OrderedDict[tuple, tuple[float, Verdict]] = OrderedDict()
         self._inflight: dict[tuple, _Flight] = {}
         self._limit = trio.CapacityLimiter(MAX_CONCURRENT)
-        self._logged: OrderedDict[object, float] = OrderedDict()
 
     async def admit(self, key: bytes, source: str | None) -> bool:
         verdict = _OVERLOADED
@@ -180,12 +181,14 @@ class Admission:
             stats.admission_allowed += 1
             if not verdict.cacheable:
                 stats.admission_fail_open += 1
-                self._log_once(("fail-open",), log.warning, "admitted without verification",
-                               key=public_text(key), reason=verdict.reason)
+                self.log_throttle.log(log, "warning", "admitted without verification",
+                                      every=LOG_INTERVAL, key=public_text(key),
+                                      reason=verdict.reason)
         else:
             stats.admission_rejected += 1
-            self._log_once(key, log.info, "client rejected", key=public_text(key),
-                           remote=source, reason=verdict.reason)
+            # Per kind, not per key: fresh random keys must not buy a line each.
+            self.log_throttle.log(log, "info", "client rejected", burst=5,
+                                  key=public_text(key), remote=source, reason=verdict.reason)
         return verdict.allow
 
     async def _decide(self, key: bytes, source: str | None) -> Verdict:
@@ -232,15 +235,3 @@ class Admission:
         cache.move_to_end(ck)
         while len(cache) > CACHE_SIZE:
             cache.popitem(last=False)
-
-    def _log_once(self, what: object, emit, message: str, **fields) -> None:
-        """Log ``message`` for ``what`` at most once per LOG_INTERVAL (bounded memory)."""
-        now = trio.current_time()
-        last = self._logged.get(what)
-        if last is not None and now - last < LOG_INTERVAL:
-            return
-        self._logged[what] = now
-        self._logged.move_to_end(what)
-        while len(self._logged) > CACHE_SIZE:
-            self._logged.popitem(last=False)
-        emit(message, **fields)

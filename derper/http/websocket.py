@@ -53,8 +53,8 @@ async def _accept_and_serve(nursery: trio.Nursery, relay: Relay, stream: trio.ab
                 return
             ws = await ws_req.accept(subprotocol=SUBPROTOCOL)
     except (trio.TooSlowError, ConnectionClosed, trio.BrokenResourceError) as e:
-        log.info("WebSocket upgrade failed", remote=f"{remote_ip}:{remote_port}",
-                 error=type(e).__name__)
+        relay.log_throttle.log(log, "info", "WebSocket upgrade failed",
+                               remote=f"{remote_ip}:{remote_port}", error=type(e).__name__)
         return
     relay.stats.websocket_accepts += 1
     await serve_derp(relay, WebSocketStream(ws), remote_ip=remote_ip, remote_port=remote_port,

@@ -13,6 +13,7 @@ from typing import Awaitable, Callable
 import trio
 
 from .. import logs
+from ..logs import Throttle
 from ..admission.limits import TokenBucket
 from ..metrics.counters import Stats
 from .addr import unmap_ip
@@ -85,7 +86,8 @@ def peer_address(stream: trio.SocketStream) -> tuple[str | None, int]:
 
 async def accept_loop(listener: trio.SocketListener, nursery: trio.Nursery,
                       handler: Callable[[trio.SocketStream], Awaitable[None]], *,
-                      stats: Stats, limiter: TokenBucket | None = None) -> None:
+                      stats: Stats, log_throttle: Throttle,
+                      limiter: TokenBucket | None = None) -> None:
     """Accept until the listener is closed; a resource shortage pauses, never stops, it."""
     while True:
         try:
@@ -94,7 +96,8 @@ async def accept_loop(listener: trio.SocketListener, nursery: trio.Nursery,
             return
         except OSError as e:
             if e.errno in _CAPACITY_ERRNOS:
-                log.error("accept failed: out of resources; pausing 100ms", error=e.strerror)
+                log_throttle.log(log, "error", "accept failed: out of resources; pausing 100ms",
+                                 error=e.strerror)
                 await trio.sleep(0.1)
                 continue
             if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):

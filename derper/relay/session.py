@@ -41,6 +41,9 @@ YIELDS_PER_READ = 16
 HOME_MOVE_GRACE = 5.0  # NotePreferred changes sooner than this after connecting aren't moves
 NOT_HERE_RATE, NOT_HERE_BURST = 1.0, 3.0  # PeerGone(NotHere) per sender
 KEEPALIVE_JITTER = 5 / 60  # Go: 60 s + [0, 5) s, chosen once per connection
+# Connect and disconnect lines: every one while clients come and go at a human pace (a restart
+# brings this many back at once), then one a second, so a connect flood cannot flood the log.
+CONNECT_LOG_BURST = 200
 
 STEADY_LIMITS = {
     FrameType.CLIENT_INFO: wire.CLIENT_INFO_MAX,
@@ -112,7 +115,8 @@ async def serve_derp(relay: Relay, stream: trio.abc.Stream, *, remote_ip: str | 
         return
     except (trio.BrokenResourceError, trio.ClosedResourceError, EOFError) as e:
         stats.handshake_failures += 1
-        log.info("connection lost during DERP handshake", remote=remote, error=str(e) or None)
+        relay.log_throttle.log(log, "info", "connection lost during DERP handshake",
+                               remote=remote, error=str(e) or None)
         return
     if relay.admission is not None:
         if info.has_mesh_key(relay.mesh_key):
@@ -123,8 +127,10 @@ async def serve_derp(relay: Relay, stream: trio.abc.Stream, *, remote_ip: str | 
     session = Session(relay, stream, info, remote_ip, remote_port, not_ideal)
     relay.router.register(session)
     on_established()
-    log.info("client connected", key=public_text(info.key), remote=remote, via=transport,
-             dup=session.dup or None, mesh=session.can_mesh or None)
+    throttle = relay.log_throttle
+    throttle.log(log, "info", "client connected", burst=CONNECT_LOG_BURST, every=1.0,
+                 key=public_text(info.key), remote=remote, via=transport,
+                 dup=session.dup or None, mesh=session.can_mesh or None)
     try:
         with session.cancel_scope:
             with trio.fail_after(relay.handshake_timeout):
@@ -137,9 +143,12 @@ async def serve_derp(relay: Relay, stream: trio.abc.Stream, *, remote_ip: str | 
         session.close_reason = _lost(e)
     finally:
         session.finish()
-    level = log.warning if session.close_is_error else log.info
-    level("client disconnected", key=public_text(info.key), remote=remote,
-          reason=session.close_reason)
+    if session.close_is_error:  # a protocol error: a peer can cause these at will
+        throttle.log(log, "warning", "client disconnected", kind="disconnected: protocol error",
+                     key=public_text(info.key), remote=remote, reason=session.close_reason)
+    else:
+        throttle.log(log, "info", "client disconnected", burst=CONNECT_LOG_BURST, every=1.0,
+                     key=public_text(info.key), remote=remote, reason=session.close_reason)
 
 
 def _buffered_client_info(relay: Relay, reader: FrameReader) -> ClientInfo | None:
