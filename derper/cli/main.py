@@ -80,6 +80,14 @@ SERVE_FLAGS = [
     Flag("stun-strict", "stun_strict", "bool",
          "answer only Tailscale's STUN requests, like the Go derper (default: every RFC 5389/"
          "8489 and RFC 3489 Binding request)", ("DERP_STUN_STRICT",)),
+    Flag("stun-alt-port", "stun_alt_port", "int",
+         "also answer STUN on this UDP port, as an RFC 5780 server: NAT behaviour discovery for "
+         "`derper nat`, coturn's turnutils_natdiscovery and others; -1 disables",
+         ("DERP_STUN_ALT_PORT",)),
+    Flag("stun-alt-ip", "stun_alt_ip", "string",
+         "with -stun-alt-port: a second address of this machine to answer STUN on too (both "
+         "ports), so NAT filtering by address can be measured; needs -a IP:port",
+         ("DERP_STUN_ALT_IP",)),
     Flag("derp", "derp", "bool",
          "serve DERP at /derp; false keeps STUN and the HTTP endpoints while decommissioning",
          ("DERP_DERP",)),
@@ -152,6 +160,7 @@ SERVE_FLAGS = [
 COMMANDS = {
     "derpmap": ("derper.cli.derpmap", "print this relay's DERP map for Headscale or Tailscale"),
     "bench": ("derper.cli.bench", "load a DERP relay: throughput, latency, connections/s"),
+    "nat": ("derper.cli.nat", "why are my devices relayed? measure this network's NAT"),
 }
 
 _COMMAND_LINES = "\n".join(f"       derper {name} [flags]".ljust(35) + summary
@@ -253,7 +262,8 @@ def _listen_error(e: OSError, config: Config) -> str:
         hint = " (another program already listens there)"
     elif e.errno == errno.EADDRNOTAVAIL:
         hint = " (that IP is not an address of this machine)"
-    stun = f", -stun-port {config.stun_port} (UDP)" if config.stun else ""
+    alt = f" and -stun-alt-port {config.stun_alt_port}" if config.stun_alt_port >= 0 else ""
+    stun = f", -stun-port {config.stun_port}{alt} (UDP)" if config.stun else ""
     return (f"cannot listen: {e.strerror}{hint}; -a is {config.addr}, "
             f"-http-port {config.http_port}{stun}")
 
