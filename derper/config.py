@@ -51,6 +51,8 @@ class Config:
     stun: bool = True
     stun_port: int = 3478
     stun_strict: bool = False  # answer only Tailscale's STUN requests, as the Go derper does
+    stun_alt_port: int = -1  # RFC 5780's alternate port; -1 = off (not in the Go derper)
+    stun_alt_ip: str = ""  # RFC 5780's alternate IP, with -stun-alt-port
     derp: bool = True
     home: str = ""
     bootstrap_dns_names: str = ""

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from typing import Callable, Iterator
 
+from stun.server import check_alternates
+
 from .admission.gate import read_allow_keys
 from .admission.rate_config import load_rate_config, parse_rate
 from .certs.acme import unwritable_certdir
@@ -64,7 +66,11 @@ def _listening(config: Config) -> Iterator[ConfigError | None]:
     for name, port in (("-http-port", config.http_port), ("-stun-port", config.stun_port)):
         if not -1 <= port <= 65535:
             yield ConfigError(f"{name} must be a port number (or -1 to disable), not {port}")
-    yield _failure(parse_addr, config.addr, flag="-a")
+    addr_problem = _failure(parse_addr, config.addr, flag="-a")
+    yield addr_problem
+    if addr_problem is None:  # the RFC 5780 sockets depend on the address -a names
+        yield _failure(check_alternates, parse_addr(config.addr)[0], config.stun_port,
+                       config.stun_alt_port, config.stun_alt_ip, config.stun_strict)
     if config.metrics_listen:
         yield _failure(parse_addr, config.metrics_listen, flag="-metrics-addr")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import trio
 
 from stun.counters import StunCounters
-from stun.server import open_stun_socket, serve_socket
+from stun.server import open_alternates, open_stun_socket, serve_socket
 
 from . import __version__, logs, signals
 from .admission.fairshare import BandwidthLimiter
@@ -194,7 +194,7 @@ class Server:
         self._listeners.append(main)
         tune(main.socket, config.tcp_keepalive_time, config.tcp_user_timeout)
         self.main_port = bound_port(main)
-        helper = stun = None
+        helper = stun = alternates = None
         try:
             if self.tls is not None and config.http_port >= 0:
                 helper = await open_listener(self.listen_host, config.http_port)
@@ -203,6 +203,8 @@ class Server:
             if config.stun and config.stun_port >= 0:
                 stun = await open_stun_socket(self.listen_host, config.stun_port)
                 self.stun_port = stun.getsockname()[1]
+                alternates = await open_alternates(stun, self.listen_host, config.stun_alt_port,
+                                                   config.stun_alt_ip)
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 limiter = None
@@ -217,7 +219,8 @@ class Server:
                                                stats=stats, log_throttle=throttle))
                 if stun is not None:
                     await nursery.start(partial(serve_socket, stun, strict=config.stun_strict,
-                                                counters=self.stun_counters))
+                                                counters=self.stun_counters,
+                                                alternates=alternates))
                 if self.bootstrap.names:
                     nursery.start_soon(self.bootstrap.refresh_forever)
                 if not os.environ.get("TS_DERP_DISABLE_RTT_STATS"):
@@ -253,6 +256,8 @@ class Server:
                     await listener.aclose()
             if stun is not None:
                 stun.close()
+            if alternates is not None:
+                alternates.close()
 
     def _open_metrics(self) -> prom.MetricsListener | None:
         """The /metrics listener; a port that cannot be bound costs the metrics, not the relay."""

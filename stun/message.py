@@ -21,6 +21,13 @@ What gets answered, and how:
 
 Replies only ever go to the datagram's source (the caller's job) and are never more than
 ``MAX_GROWTH`` bytes longer than the request, so the responder cannot amplify.
+
+RFC 5780 (NAT behaviour discovery), when the server has an alternate port and maybe an alternate
+IP (a ``Layout``): ``answer`` also says which socket sends the reply. CHANGE-REQUEST is honoured
+by answering from the socket that differs in the asked-for part; generic successes add
+OTHER-ADDRESS and RESPONSE-ORIGIN (RFC 3489 ones: CHANGED-ADDRESS and SOURCE-ADDRESS), growing
+by at most ``MAX_GROWTH_RFC5780`` bytes; a 420 larger than its request is not sent at all.
+Tailscale requests still get Go's reply, from the socket they reached.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from __future__ import annotations
 import socket
 import struct
 import zlib
+from dataclasses import dataclass
 from enum import IntEnum
 
 from derper.net.addr import unmap_ip
@@ -40,10 +48,20 @@ MAX_REQUEST_SIZE = 1500
 """Longer datagrams are junk: no Binding request comes near an Ethernet MTU. Bounds parse cost."""
 MAX_GROWTH = 32
 """Most a reply can exceed its request by (the worst case: a 420 naming one empty attribute)."""
+MAX_GROWTH_RFC5780 = 72
+"""The same with a ``Layout``: three IPv6 address attributes on a bare 20-byte request."""
 
 _BINDING_REQUEST = b"\x00\x01"
-_ATTR_CHANGE_REQUEST = 0x0003
-_ATTR_FINGERPRINT = 0x8028
+ATTR_MAPPED_ADDRESS = 0x0001
+ATTR_CHANGE_REQUEST = 0x0003
+ATTR_SOURCE_ADDRESS = 0x0004  # RFC 3489's RESPONSE-ORIGIN
+ATTR_CHANGED_ADDRESS = 0x0005  # RFC 3489's OTHER-ADDRESS
+ATTR_XOR_MAPPED_ADDRESS = 0x0020
+ATTR_RESPONSE_ORIGIN = 0x802B
+ATTR_OTHER_ADDRESS = 0x802C
+CHANGE_IP = 0x04
+CHANGE_PORT = 0x02
+ATTR_FINGERPRINT = 0x8028
 _ATTR_SOFTWARE = 0x8022
 _IGNORABLE = frozenset({
     # USERNAME, MESSAGE-INTEGRITY(-SHA256), REALM, NONCE, USERHASH: nobody is authenticated here.
@@ -76,6 +94,30 @@ class Disposition(IntEnum):
     WRITE_ERROR = 7        # sending the reply failed (counted by the responder, instead)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where an RFC 5780 responder's sockets are; a socket's index has bit 1 set for the
+    alternate IP and bit 0 for the alternate port.
+
+    ``ips`` holds one address (only the port can change) or two, as sockets report them.
+    """
+
+    ips: tuple[str, ...]
+    ports: tuple[int, int]
+
+    def address(self, index: int) -> tuple[str, int]:
+        return self.ips[index >> 1 if len(self.ips) == 2 else 0], self.ports[index & 1]
+
+    def other(self, index: int) -> int:
+        """The socket that differs in IP and port (only the port, with one IP): OTHER-ADDRESS."""
+        return index ^ (3 if len(self.ips) == 2 else 1)
+
+    @property
+    def changes(self) -> int:
+        """The CHANGE-REQUEST flags this layout can honour."""
+        return CHANGE_IP | CHANGE_PORT if len(self.ips) == 2 else CHANGE_PORT
+
+
 def respond(data: bytes, src_ip: str, src_port: int, *,
             strict: bool = False) -> tuple[bytes | None, Disposition]:
     """The reply to ``data`` received from ``src_ip``:``src_port``, and the datagram's disposition.
@@ -83,34 +125,41 @@ def respond(data: bytes, src_ip: str, src_port: int, *,
     ``src_ip`` is the host string a socket reports (``"::ffff:…"`` on a dual-stack socket, maybe
     with a ``%scope`` suffix). Never raises on any ``data``.
     """
+    reply, disposition, _ = answer(data, src_ip, src_port, strict=strict)
+    return reply, disposition
+
+
+def answer(data: bytes, src_ip: str, src_port: int, *, strict: bool = False,
+           layout: Layout | None = None, at: int = 0) -> tuple[bytes | None, Disposition, int]:
+    """``respond`` for socket ``at`` of ``layout``: also the index of the socket to reply from."""
     n = len(data)
     if n < 20 or n > MAX_REQUEST_SIZE or data[0] & 0xC0:
-        return None, Disposition.NOT_STUN
+        return None, Disposition.NOT_STUN, at
     if data[4:8] != COOKIE:
-        return _respond_classic(data, src_ip, src_port, strict)
+        return _respond_classic(data, src_ip, src_port, strict, layout, at)
     if data[:2] != _BINDING_REQUEST:
-        return None, Disposition.NOT_BINDING
+        return None, Disposition.NOT_BINDING, at
     # At 40 bytes the only shape Go accepts is Tailscale's own request: check it without a walk.
     if n == 40:
-        tailscale = data[20:36] == _TAILSCALE_MIDDLE and _fingerprint_ok(data, 32)
+        tailscale = data[20:36] == _TAILSCALE_MIDDLE and fingerprint_ok(data, 32)
     else:
         tailscale = _is_tailscale(data)
     if tailscale:
-        return _go_reply(data[8:20], src_ip, src_port), Disposition.SUCCESS
-    return _respond_rfc5389(data, src_ip, src_port, strict)
+        return _go_reply(data[8:20], src_ip, src_port), Disposition.SUCCESS, at
+    return _respond_rfc5389(data, src_ip, src_port, strict, layout, at)
 
 
 def tailscale_request(txid: bytes) -> bytes:
     """The 40-byte Binding request Tailscale clients send (spec §7.2), for probes and load tests."""
-    return _message(b"\x00\x01", COOKIE + txid, _TAILNODE_SOFTWARE, fingerprint=True)
+    return encode(b"\x00\x01", COOKIE + txid, _TAILNODE_SOFTWARE, fingerprint=True)
 
 
-def _fingerprint_ok(data: bytes, at: int) -> bool:
+def fingerprint_ok(data: bytes, at: int) -> bool:
     """Whether the FINGERPRINT attribute starting at ``at`` matches every byte before it."""
     return data[at + 4:at + 8] == (zlib.crc32(data[:at]) ^ _FINGERPRINT_XOR).to_bytes(4, "big")
 
 
-def _attributes(data: bytes, end: int) -> list[tuple[int, int, int]] | None:
+def walk_attributes(data: bytes, end: int) -> list[tuple[int, int, int]] | None:
     """(type, value offset, value length) of each attribute in ``data[20:end]``; None on overrun."""
     attrs = []
     pos = 20
@@ -129,13 +178,13 @@ def _attributes(data: bytes, end: int) -> list[tuple[int, int, int]] | None:
 
 def _is_tailscale(data: bytes) -> bool:
     """Go's ``ParseBindingRequest`` acceptance, for a datagram known to be a Binding request."""
-    attrs = _attributes(data, len(data))
+    attrs = walk_attributes(data, len(data))
     if not attrs:
         return False
     kind, at, length = attrs[-1]
-    return (kind == _ATTR_FINGERPRINT and length == 4
+    return (kind == ATTR_FINGERPRINT and length == 4
             and any(k == _ATTR_SOFTWARE and data[a:a + n] == b"tailnode" for k, a, n in attrs)
-            and _fingerprint_ok(data, at - 4))
+            and fingerprint_ok(data, at - 4))
 
 
 def _packed(ip: str) -> bytes:
@@ -164,10 +213,10 @@ def _go_reply(txid: bytes, ip: str, port: int) -> bytes:
     if ":" not in ip:  # the hot path: one pack, no intermediate attribute bytes
         xored = int.from_bytes(socket.inet_aton(ip), "big") ^ _COOKIE_INT
         return _GO_REPLY_V4.pack(_REPLY_V4_HEAD, COOKIE, txid, _XMA_V4_HEAD, port ^ 0x2112, xored)
-    return _message(b"\x01\x01", COOKIE + txid, _xor_address(txid, _packed(ip), port))
+    return encode(b"\x01\x01", COOKIE + txid, _xor_address(txid, _packed(ip), port))
 
 
-def _message(kind: bytes, cookie_and_id: bytes, body: bytes, fingerprint: bool = False) -> bytes:
+def encode(kind: bytes, cookie_and_id: bytes, body: bytes, fingerprint: bool = False) -> bytes:
     """Header + ``body``, plus a FINGERPRINT over both when asked."""
     if not fingerprint:
         return kind + len(body).to_bytes(2, "big") + cookie_and_id + body
@@ -180,19 +229,53 @@ def _checked_attributes(data: bytes) -> list[tuple[int, int, int]] | None:
     length = int.from_bytes(data[2:4], "big")
     if length & 3 or length + 20 != len(data):
         return None
-    return _attributes(data, len(data))
+    return walk_attributes(data, len(data))
 
 
-def _unknown(data: bytes, attrs: list[tuple[int, int, int]]) -> list[int]:
-    """Comprehension-required attribute types we cannot honour, in order, without repeats."""
+def _unknown(data: bytes, attrs: list[tuple[int, int, int]],
+             layout: Layout | None) -> tuple[list[int], int]:
+    """Comprehension-required attribute types we cannot honour, in order, without repeats; and
+    the CHANGE-REQUEST flags to honour (a request for no change is honoured by every server)."""
     unknown = {}
+    honoured = layout.changes if layout is not None else 0
+    change = 0
     for kind, at, length in attrs:
         if kind >= 0x8000 or kind in _IGNORABLE:
             continue
-        if kind == _ATTR_CHANGE_REQUEST and data[at:at + length] == b"\x00\x00\x00\x00":
-            continue  # asks for no change: nothing to honour
+        if kind == ATTR_CHANGE_REQUEST and length == 4:
+            flags = int.from_bytes(data[at:at + 4], "big")
+            if not flags & ~honoured:
+                change |= flags
+                continue
         unknown[kind] = None
-    return list(unknown)
+    return list(unknown), change
+
+
+def _via(at: int, change: int) -> int:
+    """The socket that answers a CHANGE-REQUEST with ``change`` received on socket ``at``."""
+    return at ^ (2 if change & CHANGE_IP else 0) ^ (1 if change & CHANGE_PORT else 0)
+
+
+def _plain_address(kind: int, ip: str, port: int) -> bytes:
+    """A MAPPED-ADDRESS-shaped attribute (header included): OTHER-ADDRESS, RESPONSE-ORIGIN, …"""
+    addr = _unmapped(ip)
+    return (struct.pack("!HHH", kind, 4 + len(addr), 1 if len(addr) == 4 else 2)
+            + port.to_bytes(2, "big") + addr)
+
+
+def _where(layout: Layout, at: int, via: int, origin: int, other: int) -> bytes:
+    """The two attributes that tell an RFC 5780 client where a reply came from and where else
+    the server listens (``origin``/``other``: their RFC 5780 or RFC 3489 types)."""
+    return (_plain_address(origin, *layout.address(via))
+            + _plain_address(other, *layout.address(layout.other(at))))
+
+
+def _error_fits(error: bytes, data: bytes, layout: Layout | None, at: int,
+                ) -> tuple[bytes | None, Disposition, int]:
+    """A 420 as legacy servers sent it; with a ``Layout``, only when no larger than its request."""
+    if layout is not None and len(error) > len(data):
+        return None, Disposition.UNKNOWN_ATTRIBUTE, at
+    return error, Disposition.UNKNOWN_ATTRIBUTE, at
 
 
 def _error_420(unknown: list[int], pad_by_repeat: bool) -> bytes:
@@ -204,44 +287,48 @@ def _error_420(unknown: list[int], pad_by_repeat: bool) -> bytes:
             + b"\x00" * (-len(listed) & 3))
 
 
-def _respond_rfc5389(data: bytes, ip: str, port: int,
-                     strict: bool) -> tuple[bytes | None, Disposition]:
+def _respond_rfc5389(data: bytes, ip: str, port: int, strict: bool, layout: Layout | None,
+                     at: int) -> tuple[bytes | None, Disposition, int]:
     attrs = _checked_attributes(data)
     if attrs is None:
-        return None, Disposition.MALFORMED
+        return None, Disposition.MALFORMED, at
     fingerprint = False
-    for i, (kind, at, length) in enumerate(attrs):
-        if kind == _ATTR_FINGERPRINT:
-            if i != len(attrs) - 1 or length != 4 or not _fingerprint_ok(data, at - 4):
-                return None, Disposition.MALFORMED
+    for i, (kind, start, length) in enumerate(attrs):
+        if kind == ATTR_FINGERPRINT:
+            if i != len(attrs) - 1 or length != 4 or not fingerprint_ok(data, start - 4):
+                return None, Disposition.MALFORMED, at
             fingerprint = True
     if strict:
-        return None, Disposition.STRICT_IGNORED
+        return None, Disposition.STRICT_IGNORED, at
     head = data[4:20]
-    unknown = _unknown(data, attrs)
+    unknown, change = _unknown(data, attrs, layout)
     if unknown:
-        error = _message(b"\x01\x11", head, _error_420(unknown, False), fingerprint)
-        return error, Disposition.UNKNOWN_ATTRIBUTE
-    xma = _xor_address(data[8:20], _unmapped(ip), port)
-    return _message(b"\x01\x01", head, xma, fingerprint), Disposition.SUCCESS
+        error = encode(b"\x01\x11", head, _error_420(unknown, False), fingerprint)
+        return _error_fits(error, data, layout, at)
+    body = _xor_address(data[8:20], _unmapped(ip), port)
+    via = _via(at, change)
+    if layout is not None:
+        body += _where(layout, at, via, ATTR_RESPONSE_ORIGIN, ATTR_OTHER_ADDRESS)
+    return encode(b"\x01\x01", head, body, fingerprint), Disposition.SUCCESS, via
 
 
-def _respond_classic(data: bytes, ip: str, port: int,
-                     strict: bool) -> tuple[bytes | None, Disposition]:
+def _respond_classic(data: bytes, ip: str, port: int, strict: bool, layout: Layout | None,
+                     at: int) -> tuple[bytes | None, Disposition, int]:
     """RFC 3489: no cookie, bytes 4-19 are the transaction id; RFC 5389 §12.2 says how to answer."""
     if data[:2] != _BINDING_REQUEST:
-        return None, Disposition.NOT_STUN
+        return None, Disposition.NOT_STUN, at
     attrs = _checked_attributes(data)
-    if attrs is None or any(kind == _ATTR_FINGERPRINT for kind, _, _ in attrs):
-        return None, Disposition.MALFORMED  # FINGERPRINT only exists with the cookie: damaged
+    if attrs is None or any(kind == ATTR_FINGERPRINT for kind, _, _ in attrs):
+        return None, Disposition.MALFORMED, at  # FINGERPRINT only exists with the cookie: damaged
     if strict:
-        return None, Disposition.STRICT_IGNORED
+        return None, Disposition.STRICT_IGNORED, at
     head = data[4:20]
-    unknown = _unknown(data, attrs)
+    unknown, change = _unknown(data, attrs, layout)
     if unknown:
-        return _message(b"\x01\x11", head, _error_420(unknown, True)), Disposition.UNKNOWN_ATTRIBUTE
-    addr = _unmapped(ip)
-    family = b"\x00\x01" if len(addr) == 4 else b"\x00\x02"
-    mapped = (b"\x00\x01" + (4 + len(addr)).to_bytes(2, "big") + family + port.to_bytes(2, "big")
-              + addr)
-    return _message(b"\x01\x01", head, mapped), Disposition.SUCCESS
+        return _error_fits(encode(b"\x01\x11", head, _error_420(unknown, True)), data, layout,
+                           at)
+    body = _plain_address(ATTR_MAPPED_ADDRESS, ip, port)
+    via = _via(at, change)
+    if layout is not None:
+        body += _where(layout, at, via, ATTR_SOURCE_ADDRESS, ATTR_CHANGED_ADDRESS)
+    return encode(b"\x01\x01", head, body), Disposition.SUCCESS, via

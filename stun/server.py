@@ -5,18 +5,27 @@ datagram already queued is read and answered with plain calls, and the task only
 socket is empty (or yields once per ``_BATCH`` under a flood). Going through ``trio.socket``'s
 async ``recvfrom``/``sendto`` instead costs two trips through the scheduler per datagram: about
 a third of the throughput (see benchmarks/stun_bench.py).
+
+With an alternate port (and maybe IP) the responder serves RFC 5780 from every socket of an
+``Rfc5780Sockets``; ``stun.message.answer`` picks the socket each reply leaves from. Wildcard
+sockets learn the address each request reached (IP_PKTINFO) and send the reply from that same
+address, so RESPONSE-ORIGIN is where the reply really comes from.
 """
 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import socket
+import struct
+from typing import Callable
 
 import trio
 
+from derper.errors import ConfigError
 from stun.counters import IPV4, IPV6, StunCounters
-from stun.message import MAX_REQUEST_SIZE, Disposition, respond
+from stun.message import MAX_REQUEST_SIZE, Disposition, Layout, answer, respond
 
 log = logging.getLogger("derper.stun")
 
@@ -25,6 +34,110 @@ _READ_SIZE = MAX_REQUEST_SIZE + 1
 _BATCH = 256
 """Datagrams handled between two checkpoints while the socket stays readable."""
 _NO_IPV6 = frozenset({errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT, errno.EADDRNOTAVAIL})
+_IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux's value; Python 3.11 lacks the name
+_CMSG_SPACE = socket.CMSG_SPACE(20)
+_WILDCARDS = ("::", "0.0.0.0")
+
+
+class Rfc5780Sockets:
+    """The primary STUN socket and its alternates, by ``Layout`` index (0 is the primary)."""
+
+    def __init__(self, sockets: list[socket.socket]) -> None:
+        self.sockets = sockets
+        bound = [s.getsockname()[:2] for s in sockets]
+        self.ports = (bound[0][1], bound[1][1])
+        self.wildcard = bound[0][0] in _WILDCARDS
+        self.layout = None if self.wildcard else Layout(
+            tuple(dict.fromkeys(ip for ip, _ in bound)), self.ports)
+        self.v6 = sockets[0].family == socket.AF_INET6
+        for sock in sockets if self.wildcard else ():
+            if self.v6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, _IP_PKTINFO, 1)
+
+    def describe(self) -> str:
+        ips = self.layout.ips if self.layout else ("*",)
+        return f"RFC 5780 on {' and '.join(ips)}, UDP ports {self.ports[0]} and {self.ports[1]}"
+
+    def receive(self, index: int) -> tuple[bytes, tuple, Layout]:
+        """A datagram on socket ``index``, its source, and the layout it is answered with."""
+        if not self.wildcard:
+            data, addr = self.sockets[index].recvfrom(_READ_SIZE)
+            return data, addr, self.layout
+        data, ancillary, _, addr = self.sockets[index].recvmsg(_READ_SIZE, _CMSG_SPACE)
+        here = None
+        for level, kind, value in ancillary:
+            if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO:
+                here = socket.inet_ntop(socket.AF_INET6, value[:16])
+            elif level == socket.IPPROTO_IP and kind == _IP_PKTINFO:
+                here = socket.inet_ntoa(value[8:12])
+        if here is None:
+            raise OSError(errno.EPROTO, "no IP_PKTINFO on a wildcard RFC 5780 socket")
+        return data, addr, Layout((here,), self.ports)
+
+    def send(self, via: int, reply: bytes, addr: tuple, layout: Layout) -> None:
+        """``reply`` to ``addr`` from socket ``via`` (from the address it was sent to, if wild)."""
+        sock = self.sockets[via]
+        if not self.wildcard:
+            sock.sendto(reply, addr)
+        elif self.v6:
+            info = socket.inet_pton(socket.AF_INET6, layout.ips[0]) + struct.pack("I", 0)
+            sock.sendmsg([reply], [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, info)], 0, addr)
+        else:
+            info = struct.pack("I", 0) + socket.inet_aton(layout.ips[0]) + bytes(4)
+            sock.sendmsg([reply], [(socket.IPPROTO_IP, _IP_PKTINFO, info)], 0, addr)
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+
+def check_alternates(host: str | None, port: int, alt_port: int, alt_ip: str,
+                     strict: bool) -> None:
+    """Refuse -stun-alt-port/-stun-alt-ip settings that cannot give a working RFC 5780 server."""
+    if not -1 <= alt_port <= 65535:
+        raise ConfigError(f"-stun-alt-port must be a port number (or -1 to disable), not "
+                          f"{alt_port}")
+    if alt_port < 0:
+        if alt_ip:
+            raise ConfigError("-stun-alt-ip needs -stun-alt-port too")
+        return
+    if alt_port == port != 0:
+        raise ConfigError("-stun-alt-port must differ from -stun-port")
+    if strict:
+        raise ConfigError("-stun-strict answers only Tailscale, which never asks for the "
+                          "alternate address: drop -stun-strict or -stun-alt-port")
+    if alt_ip:
+        try:
+            primary, alternate = ipaddress.ip_address(host or ""), ipaddress.ip_address(alt_ip)
+        except ValueError:
+            raise ConfigError("-stun-alt-ip needs IP addresses: -a IP:port for the primary one "
+                              "and -stun-alt-ip IP, both of this machine (e.g. -a "
+                              "203.0.113.7:443 -stun-alt-ip 203.0.113.8)") from None
+        if primary.version != alternate.version or primary == alternate:
+            raise ConfigError(f"-stun-alt-ip {alt_ip} must be another address of the same "
+                              f"family as {host}")
+
+
+async def open_alternates(primary: socket.socket, host: str | None, alt_port: int,
+                          alt_ip: str = "") -> Rfc5780Sockets | None:
+    """The sockets RFC 5780 needs besides ``primary`` (bound to ``host``); None without
+    ``alt_port``. With ``alt_ip`` there are four, ``host`` must be an address, and each socket is
+    bound to its own address so that a reply leaves from the address it names."""
+    if alt_port < 0:
+        return None
+    port = primary.getsockname()[1]
+    wanted = [(host, alt_port)] + ([(alt_ip, port), (alt_ip, alt_port)] if alt_ip else [])
+    sockets = [primary]
+    try:
+        for where in wanted:
+            sockets.append(await open_stun_socket(*where))
+        return Rfc5780Sockets(sockets)
+    except BaseException:
+        for sock in sockets[1:]:
+            sock.close()
+        raise
 
 
 async def serve_stun(host: str | None, port: int, *, strict: bool = False,
@@ -40,17 +153,31 @@ async def serve_stun(host: str | None, port: int, *, strict: bool = False,
 
 async def serve_socket(sock: socket.socket, *, strict: bool = False,
                        counters: StunCounters | None = None,
+                       alternates: Rfc5780Sockets | None = None,
                        task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Answer STUN on an already bound socket (see ``open_stun_socket``) until cancelled; closes it.
+    """Answer STUN on an already bound socket (see ``open_stun_socket``) until cancelled; closes it
+    (and the ``alternates``, which make it an RFC 5780 server: see ``open_alternates``).
 
     Binding first lets a server report a port conflict before it starts anything else.
     """
     counters = counters if counters is not None else StunCounters()
     with sock:
         bound = sock.getsockname()[:2]
-        log.info("STUN on %s UDP port %d%s", bound[0], bound[1], " (strict)" if strict else "")
-        task_status.started([bound])
-        await _serve(sock, strict, counters)
+        log.info("STUN on %s UDP port %d%s%s", bound[0], bound[1], " (strict)" if strict else "",
+                 f" ({alternates.describe()})" if alternates else "")
+        if alternates is None:
+            task_status.started([bound])
+            await _serve(sock, _responder(sock, strict, counters), counters)
+            return
+        try:
+            task_status.started([s.getsockname()[:2] for s in alternates.sockets])
+            async with trio.open_nursery() as nursery:
+                for index, each in enumerate(alternates.sockets):
+                    nursery.start_soon(_serve, each,
+                                       _rfc5780_responder(alternates, index, strict, counters),
+                                       counters)
+        finally:
+            alternates.close()
 
 
 async def open_stun_socket(host: str | None, port: int) -> socket.socket:
@@ -81,14 +208,58 @@ def _udp_socket(family: int, sockaddr: tuple, dual_stack: bool = False) -> socke
     return sock
 
 
-async def _serve(sock: socket.socket, strict: bool, counters: StunCounters) -> None:
-    requests, families = counters.requests, counters.families
-    recvfrom, sendto = sock.recvfrom, sock.sendto
-    write_error = Disposition.WRITE_ERROR
+def _family(ip: str) -> int:
+    return IPV6 if ":" in ip and not ip.startswith("::ffff:") else IPV4
+
+
+def _responder(sock: socket.socket, strict: bool,
+               counters: StunCounters) -> Callable[[], Disposition]:
+    """Reads one datagram and answers it from ``sock``; raises BlockingIOError when empty."""
+    recvfrom, sendto, families = sock.recvfrom, sock.sendto, counters.families
+
+    def one() -> Disposition:
+        data, addr = recvfrom(_READ_SIZE)
+        ip = addr[0]
+        reply, disposition = respond(data, ip, addr[1], strict=strict)
+        if reply is not None:
+            families[_family(ip)] += 1
+            try:
+                sendto(reply, addr)
+            except OSError:
+                return Disposition.WRITE_ERROR
+        return disposition
+
+    return one
+
+
+def _rfc5780_responder(group: Rfc5780Sockets, index: int, strict: bool,
+                       counters: StunCounters) -> Callable[[], Disposition]:
+    """``_responder`` for socket ``index`` of ``group``: the reply may leave from another one."""
+    families = counters.families
+
+    def one() -> Disposition:
+        data, addr, layout = group.receive(index)
+        reply, disposition, via = answer(data, addr[0], addr[1], strict=strict, layout=layout,
+                                         at=index)
+        if reply is not None:
+            families[_family(addr[0])] += 1
+            try:
+                group.send(via, reply, addr, layout)
+            except OSError:
+                return Disposition.WRITE_ERROR
+        return disposition
+
+    return one
+
+
+async def _serve(sock: socket.socket, one: Callable[[], Disposition],
+                 counters: StunCounters) -> None:
+    """Drain ``sock`` with ``one`` (one datagram per call), parking only when it is empty."""
+    requests = counters.requests
     while True:
         for _ in range(_BATCH):
             try:
-                data, addr = recvfrom(_READ_SIZE)
+                disposition = one()
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -96,14 +267,6 @@ async def _serve(sock: socket.socket, strict: bool, counters: StunCounters) -> N
                 log.warning("STUN read failed: %s; pausing 1 s", exc)
                 await trio.sleep(1)
                 break
-            ip = addr[0]
-            reply, disposition = respond(data, ip, addr[1], strict=strict)
-            if reply is not None:
-                families[IPV6 if ":" in ip and not ip.startswith("::ffff:") else IPV4] += 1
-                try:
-                    sendto(reply, addr)
-                except OSError:
-                    disposition = write_error
             requests[disposition] += 1
         else:
             await trio.lowlevel.checkpoint()  # still readable after a full batch: be fair, go on

@@ -15,10 +15,10 @@ from pathlib import Path
 import trio
 
 from .. import logs
-from ..logs import Throttle
 from ..disk.filewatch import follow, signature
 from ..errors import ConfigError
 from ..http.client import HTTPClientError, request
+from ..logs import Throttle
 from ..metrics.counters import Stats
 from ..proto import gojson
 from ..proto.keys import PUBLIC_PREFIX, KeyFormatError, parse_public, public_text

@@ -66,6 +66,14 @@ SERVE_FLAGS = [
     Flag("stun-strict", "stun_strict", "bool",
          "answer only Tailscale's STUN requests, like the Go derper (default: every RFC 5389/"
          "8489 and RFC 3489 Binding request)", ("DERP_STUN_STRICT",)),
+    Flag("stun-alt-port", "stun_alt_port", "int",
+         "also answer STUN on this UDP port, as an RFC 5780 server: NAT behaviour discovery for "
+         "`derper nat`, coturn's turnutils_natdiscovery and others; -1 disables",
+         ("DERP_STUN_ALT_PORT",)),
+    Flag("stun-alt-ip", "stun_alt_ip", "string",
+         "with -stun-alt-port: a second address of this machine to answer STUN on too (both "
+         "ports), so NAT filtering by address can be measured; needs -a IP:port",
+         ("DERP_STUN_ALT_IP",)),
     Flag("derp", "derp", "bool",
          "serve DERP at /derp; false keeps STUN and the HTTP endpoints while decommissioning",
          ("DERP_DERP",)),

@@ -19,6 +19,7 @@ SERVE = "derper.cli.serve"  # run(argv, environ, usage_head) -> exit code
 COMMANDS = {
     "derpmap": ("derper.cli.derpmap", "print this relay's DERP map for Headscale or Tailscale"),
     "bench": ("derper.cli.bench", "load a DERP relay: throughput, latency, connections/s"),
+    "nat": ("derper.cli.nat", "why are my devices relayed? measure this network's NAT"),
 }
 
 _COMMAND_LINES = "\n".join(f"       derper {name} [flags]".ljust(35) + summary

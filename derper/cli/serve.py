@@ -71,7 +71,8 @@ def _listen_error(e: OSError, config: Config) -> str:
         hint = " (another program already listens there)"
     elif e.errno == errno.EADDRNOTAVAIL:
         hint = " (that IP is not an address of this machine)"
-    stun = f", -stun-port {config.stun_port} (UDP)" if config.stun else ""
+    alt = f" and -stun-alt-port {config.stun_alt_port}" if config.stun_alt_port >= 0 else ""
+    stun = f", -stun-port {config.stun_port}{alt} (UDP)" if config.stun else ""
     return (f"cannot listen: {e.strerror}{hint}; -a is {config.addr}, "
             f"-http-port {config.http_port}{stun}")
 

@@ -13,8 +13,8 @@ from typing import Awaitable, Callable
 import trio
 
 from .. import logs
-from ..logs import Throttle
 from ..admission.limits import TokenBucket
+from ..logs import Throttle
 from ..metrics.counters import Stats
 from .addr import unmap_ip
 
