@@ -15,7 +15,8 @@ What gets answered, and how:
   SOURCE-/CHANGED-ADDRESS: there is no alternate address to advertise and replies stay small.
 * A comprehension-required attribute we cannot honour -- CHANGE-REQUEST asking for another
   address or port, RESPONSE-ADDRESS, RESPONSE-PORT, PADDING, anything unknown below 0x8000 -- gets
-  a 420 (Unknown Attribute) error listing it, as RFC 5389 §12.2 prescribes and coturn does. A
+  a 420 (Unknown Attribute) error listing it, as RFC 5389 §12.2 prescribes, but only when that
+  error is no larger than the request (else nothing: errors never amplify). A
   zero CHANGE-REQUEST (Vovida ``stun`` and JSTUN-style clients always send one) is a no-op.
 * With ``strict`` only Tailscale requests are answered, like the Go server.
 
@@ -26,7 +27,7 @@ RFC 5780 (NAT behaviour discovery), when the server has an alternate port and ma
 IP (a ``Layout``): ``answer`` also says which socket sends the reply. CHANGE-REQUEST is honoured
 by answering from the socket that differs in the asked-for part; generic successes add
 OTHER-ADDRESS and RESPONSE-ORIGIN (RFC 3489 ones: CHANGED-ADDRESS and SOURCE-ADDRESS), growing
-by at most ``MAX_GROWTH_RFC5780`` bytes; a 420 larger than its request is not sent at all.
+by at most ``MAX_GROWTH_RFC5780`` bytes.
 Tailscale requests still get Go's reply, from the socket they reached.
 """
 
@@ -46,8 +47,9 @@ _FINGERPRINT_XOR = 0x5354554E
 
 MAX_REQUEST_SIZE = 1500
 """Longer datagrams are junk: no Binding request comes near an Ethernet MTU. Bounds parse cost."""
-MAX_GROWTH = 32
-"""Most a reply can exceed its request by (the worst case: a 420 naming one empty attribute)."""
+MAX_GROWTH = 24
+"""Most a reply can exceed its request by (a bare request from IPv6: its XOR-MAPPED-ADDRESS).
+Errors never exceed their request at all."""
 MAX_GROWTH_RFC5780 = 72
 """The same with a ``Layout``: three IPv6 address attributes on a bare 20-byte request."""
 
@@ -85,7 +87,7 @@ class Disposition(IntEnum):
     """What became of one datagram; ``name.lower()`` is the metrics label."""
 
     SUCCESS = 0            # answered with a Binding success response
-    UNKNOWN_ATTRIBUTE = 1  # answered with a 420 error: it asked for something we cannot do
+    UNKNOWN_ATTRIBUTE = 1  # asked for something we cannot do (a 420 if no larger than it)
     NOT_STUN = 2           # too short or too long, top bits set, or cookie-less and not Binding
     MALFORMED = 3          # a Binding request whose length, attributes or FINGERPRINT are bad
     NOT_BINDING = 4        # STUN but not a Binding request: other method, response, indication
@@ -270,10 +272,11 @@ def _where(layout: Layout, at: int, via: int, origin: int, other: int) -> bytes:
             + _plain_address(other, *layout.address(layout.other(at))))
 
 
-def _error_fits(error: bytes, data: bytes, layout: Layout | None, at: int,
-                ) -> tuple[bytes | None, Disposition, int]:
-    """A 420 as legacy servers sent it; with a ``Layout``, only when no larger than its request."""
-    if layout is not None and len(error) > len(data):
+def _error_fits(error: bytes, data: bytes, at: int) -> tuple[bytes | None, Disposition, int]:
+    """A 420 only when no larger than its request: an error must never amplify (a spoofed
+    24-byte request would otherwise draw 56 bytes at its victim). Clients that pad their
+    request, or name several attributes, still learn what was refused."""
+    if len(error) > len(data):
         return None, Disposition.UNKNOWN_ATTRIBUTE, at
     return error, Disposition.UNKNOWN_ATTRIBUTE, at
 
@@ -304,7 +307,7 @@ def _respond_rfc5389(data: bytes, ip: str, port: int, strict: bool, layout: Layo
     unknown, change = _unknown(data, attrs, layout)
     if unknown:
         error = encode(b"\x01\x11", head, _error_420(unknown, False), fingerprint)
-        return _error_fits(error, data, layout, at)
+        return _error_fits(error, data, at)
     body = _xor_address(data[8:20], _unmapped(ip), port)
     via = _via(at, change)
     if layout is not None:
@@ -325,8 +328,7 @@ def _respond_classic(data: bytes, ip: str, port: int, strict: bool, layout: Layo
     head = data[4:20]
     unknown, change = _unknown(data, attrs, layout)
     if unknown:
-        return _error_fits(encode(b"\x01\x11", head, _error_420(unknown, True)), data, layout,
-                           at)
+        return _error_fits(encode(b"\x01\x11", head, _error_420(unknown, True)), data, at)
     body = _plain_address(ATTR_MAPPED_ADDRESS, ip, port)
     via = _via(at, change)
     if layout is not None:

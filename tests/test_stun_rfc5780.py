@@ -70,8 +70,11 @@ def test_tailscale_is_answered_as_by_go_from_the_socket_it_reached():
             *respond(req, "192.0.2.1", 1025), at)
 
 
-def test_without_a_layout_change_requests_still_get_420():
-    reply, disposition = respond(binding_request(TXID, CHANGE_PORT), "192.0.2.1", 1)
+def test_without_a_layout_change_requests_get_420_when_it_does_not_amplify():
+    assert respond(binding_request(TXID, CHANGE_PORT), "192.0.2.1", 1) == (
+        None, Disposition.UNKNOWN_ATTRIBUTE)  # the 420 would be larger than the request
+    req = fingerprinted(request((0x0003, CHANGE_PORT.to_bytes(4, "big")), (0x8022, b"x" * 40)))
+    reply, disposition = respond(req, "192.0.2.1", 1)
     assert disposition is Disposition.UNKNOWN_ATTRIBUTE and parse_response(reply, TXID) == 420
 
 
@@ -86,7 +89,7 @@ RATIOS = [  # (kind, request, source, layout, reply size, request size)
     ("RFC 5389 IPv4, RFC 5780 on", request(), V4, FOUR, 56, 20),
     ("RFC 3489", request(head=CLASSIC_ID), V6, None, 44, 20),
     ("RFC 3489, RFC 5780 on", request(head=CLASSIC_ID), V6, TWO, 92, 20),
-    ("420", request((0x7FFF, b"")), V4, None, 56, 24),
+    ("420", request((0x7FFF, b"x" * 32)), V4, None, 56, 56),
     ("420, RFC 5780 on", request((0x7FFF, b"x" * 32)), V4, FOUR, 56, 56),
 ]
 
@@ -96,8 +99,8 @@ RATIOS = [  # (kind, request, source, layout, reply size, request size)
 def test_amplification_ratio(kind, req, src, layout, reply_size, request_size):
     reply, _, _ = answer(req, *src, layout=layout)
     assert (len(reply), len(req)) == (reply_size, request_size)
-    # Documented: at most 1.1 for Tailscale, 2.8 (IPv4) / 4.6 (IPv6) for generic RFC 5780
-    # replies, 2.33 for a legacy 420, and 1.0 for an error with RFC 5780 on.
+    # Documented: at most 1.1 for Tailscale, 2.2 (4.6 with RFC 5780 on, IPv6) for generic
+    # replies, and 1.0 for an error in either mode (a larger 420 is not sent).
 
 
 SOURCES = st.sampled_from([("192.0.2.1", 1), ("::ffff:192.0.2.1", 2), ("2001:db8::1", 3)])
