@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import resource
 import signal
@@ -38,16 +39,20 @@ from derper import client as dc  # noqa: E402
 from derper.cli.bench import StartedServer  # noqa: E402
 from derper.metrics.procstat import rss_bytes  # noqa: E402
 from derper.net.dial import pinned_context  # noqa: E402
-from derper.proto.messages import ReceivedPacket  # noqa: E402
 from derper.proto import wire  # noqa: E402
 from derper.proto.keys import KeyPair, public_text  # noqa: E402
+from derper.proto.messages import ReceivedPacket  # noqa: E402
 from stun.message import tailscale_request  # noqa: E402
 
 CANARY_PERIOD = 0.01
 CONNECT_PERIOD = 0.5
 SETTLE = 2.0
+SETTLE_MEMORY = 11.0  # derper returns freed memory every 10 s (derper/memory.py)
 MAX_HANDSHAKES = 100  # the cap attacked (the default is 1024; the ratio is what matters)
 TARGET_P99_MS, TARGET_CONNECT_S, TARGET_LOG_PER_S = 50.0, 1.0, 5.0
+# What the log throttle lets through at once before its per-kind rate applies: the connect and
+# disconnect lines' burst (derper/relay/session.py CONNECT_LOG_BURST) and a few other kinds.
+LOG_BURSTS = 2 * 200 + 20
 UPGRADE = b"GET /derp HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: DERP\r\n\r\n"
 
 
@@ -80,24 +85,26 @@ def open_files(pid: int) -> int:
 # ---- the canary -------------------------------------------------------------------------------
 
 class Canary:
-    """A relaying pair and a connecting newcomer, measured while an attack runs."""
+    """A relaying pair and a connecting newcomer, in a process of their own (so the attacker's
+    own scheduling does not show up as relay latency), measured while an attack runs."""
 
-    def __init__(self, server: Target, keys: tuple[KeyPair, KeyPair]) -> None:
-        self.server = server
-        self.keys = keys
+    def __init__(self, url: str, pin: str, keys: list[bytes]) -> None:
+        self.url, self.pin = url, pin
+        self.keys = [KeyPair(k) for k in keys]
         self.sent = 0
         self.latencies: list[float] = []
         self.connects: list[float] = []
         self.connect_failures = 0
 
-    def connect(self, key: KeyPair | None = None, timeout: float = 5.0):
-        return dc.connect(self.server.url, key, cert_pin=self.server.pin, timeout=timeout)
+    def connect(self, key: KeyPair, timeout: float = 5.0):
+        return dc.connect(self.url, key, cert_pin=self.pin, timeout=timeout)
 
-    async def run(self, stop: trio.Event) -> None:
-        async with self.connect(self.keys[0]) as a, self.connect(self.keys[1]) as b:
+    async def run(self, stop) -> None:
+        a_key, b_key, newcomer = self.keys
+        async with self.connect(a_key) as a, self.connect(b_key) as b:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._receive, b)
-                nursery.start_soon(self._newcomers, stop)
+                nursery.start_soon(self._newcomers, stop, newcomer)
                 next_at = trio.current_time()
                 while not stop.is_set():
                     await a.send(b.public_key, struct.pack("!d", trio.current_time()))
@@ -113,11 +120,11 @@ class Canary:
             if isinstance(m, ReceivedPacket) and len(m.data) == 8:
                 self.latencies.append(trio.current_time() - struct.unpack("!d", m.data)[0])
 
-    async def _newcomers(self, stop: trio.Event) -> None:
+    async def _newcomers(self, stop, key: KeyPair) -> None:
         while not stop.is_set():
             start = trio.current_time()
             try:
-                async with self.connect(timeout=3.0):
+                async with self.connect(key, timeout=3.0):
                     self.connects.append(trio.current_time() - start)
             except dc.DerpClientError:
                 self.connect_failures += 1
@@ -132,9 +139,21 @@ class Canary:
                 "connect_failures": self.connect_failures}
 
 
+def canary_process(url: str, pin: str, keys: list[bytes], ready, stop, results) -> None:
+    canary = Canary(url, pin, keys)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(canary.run, stop)
+            await trio.sleep(0.3)
+            ready.set()
+    trio.run(main)
+    results.put(canary.summary())
+
+
 # ---- the attacks ------------------------------------------------------------------------------
 
-async def _tcp(server: Target, source: str = "127.0.0.1") -> trio.SocketStream:
+async def _tcp(server: Target, source: str = "127.0.0.2") -> trio.SocketStream:
     sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     await sock.bind((source, 0))
     await sock.connect(("127.0.0.1", server.port))
@@ -171,7 +190,7 @@ async def _slowloris(server: Target, seconds: float, sources: list[str]) -> None
 
 
 async def slowloris(server, seconds):
-    await _slowloris(server, seconds, ["127.0.0.1"])
+    await _slowloris(server, seconds, ["127.0.0.2"])  # the canary connects from 127.0.0.1
 
 
 async def slowloris_50(server, seconds):
@@ -421,32 +440,35 @@ def start(needs: list[str], canary_keys, workdir: Path) -> Target:
 
 async def run_one(name: str, seconds: float, workdir: Path) -> dict:
     attack, needs = ATTACKS[name]
-    keys = (KeyPair.generate(), KeyPair.generate())
+    keys = [KeyPair.generate() for _ in range(3)]  # the relaying pair and the newcomer
     target = start(needs, keys, workdir)
     server = target.server
+    spawn = multiprocessing.get_context("spawn")
+    ready, stop, results = spawn.Event(), spawn.Event(), spawn.Queue()
     try:
         pid = target.pid
         await trio.sleep(0.5)
         rss0, fds0, lines0 = rss_bytes(pid), open_files(pid), server.log().count("\n")
-        canary = Canary(target, keys)
-        stop = trio.Event()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(canary.run, stop)
-            await trio.sleep(0.3)
-            t0 = trio.current_time()
-            await attack(target, seconds)
-            took = trio.current_time() - t0
-            lines = server.log().count("\n") - lines0
-            await trio.sleep(SETTLE)
-            stop.set()
+        canary = spawn.Process(target=canary_process, args=(
+            target.url, target.pin, [k.private for k in keys], ready, stop, results))
+        canary.start()
+        await trio.to_thread.run_sync(ready.wait, 30)
+        t0 = trio.current_time()
+        await attack(target, seconds)
+        took = trio.current_time() - t0
+        lines = server.log().count("\n") - lines0
+        await trio.sleep(SETTLE)
+        stop.set()
+        summary = await trio.to_thread.run_sync(results.get, True, 30)
+        await trio.to_thread.run_sync(canary.join, 10)
+        await trio.sleep(SETTLE_MEMORY)  # closed connections gone, freed memory returned
         alive = server.proc.poll() is None
         rss1 = rss_bytes(pid) if alive else None
         fds1 = open_files(pid) if alive else None
     finally:
         server.close()
-    return {"attack": name, "alive": alive, **canary.summary(),
-            "log_lines_per_s": round(lines / max(took, 0.001), 1),
-            "rss_mb": [round(rss0 / 1e6, 1), rss1 and round(rss1 / 1e6, 1)],
+    return {"attack": name, "alive": alive, **summary, "seconds": round(took, 1),
+            "log_lines": lines, "rss_mb": [round(rss0 / 1e6, 1), rss1 and round(rss1 / 1e6, 1)],
             "fds": [fds0, fds1], **target.extra}
 
 
@@ -461,8 +483,8 @@ def missed(row: dict) -> list[str]:
     if row["connect_failures"] or (row["connect_max_s"] or 0) >= TARGET_CONNECT_S:
         out.append(f"new clients: {row['connect_failures']} failed, slowest "
                    f"{row['connect_max_s']} s")
-    if row["log_lines_per_s"] > TARGET_LOG_PER_S:
-        out.append(f"{row['log_lines_per_s']} log lines/s")
+    if row["log_lines"] > LOG_BURSTS + TARGET_LOG_PER_S * row["seconds"]:
+        out.append(f"{row['log_lines']} log lines in {row['seconds']} s")
     (rss0, rss1), (fds0, fds1) = row["rss_mb"], row["fds"]
     if rss1 > rss0 * 1.10:
         out.append(f"RSS {rss0} -> {rss1} MB")
@@ -475,13 +497,13 @@ def missed(row: dict) -> list[str]:
 
 def show(rows: list[dict]) -> None:
     print(f"{'attack':<24}{'canary':>11}{'p99 ms':>8}{'max ms':>8}{'connect s':>10}"
-          f"{'log/s':>7}{'RSS MB':>13}{'fds':>11}  verdict")
+          f"{'log lines':>10}{'RSS MB':>13}{'fds':>11}  verdict")
     for r in rows:
         verdict = "; ".join(r["missed"]) or "held"
         rss = f"{r['rss_mb'][0]}->{r['rss_mb'][1]}"
         fds = f"{r['fds'][0]}->{r['fds'][1]}"
         print(f"{r['attack']:<24}{r['delivered']:>5}/{r['sent']:<5}{str(r['p99_ms']):>8}"
-              f"{str(r['max_ms']):>8}{str(r['connect_max_s']):>10}{r['log_lines_per_s']:>7}"
+              f"{str(r['max_ms']):>8}{str(r['connect_max_s']):>10}{r['log_lines']:>10}"
               f"{rss:>13}{fds:>11}  {verdict}")
 
 

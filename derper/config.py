@@ -72,6 +72,7 @@ class Config:
     bandwidth_limit: str = ""  # e.g. "4mbit"; "" or "0" = no relay-wide budget
     max_clients: int = 0  # 0 = no cap
     max_handshakes: int = 1024  # connections not yet through TLS+HTTP+DERP handshake; 0 = no cap
+    max_handshakes_per_source: int = 64  # of those, from one address (IPv6: one /64); 0 = no cap
     log_level: str = "info"
     metrics_addr: str = "127.0.0.1:9437"  # /metrics; "" or "off" disables. Not Prometheus's 9090
     debug_allow_cidrs: str = ""  # /debug/varz beyond loopback

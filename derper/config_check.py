@@ -91,6 +91,8 @@ def _admission(config: Config) -> Iterator[ConfigError | None]:
         yield ConfigError(f"-verify-client-url must be an http:// or https:// URL, not {url!r}")
     if config.max_clients < 0 or config.max_handshakes < 0:
         yield ConfigError("-max-clients and -max-handshakes must be 0 (no cap) or positive")
+    if config.max_handshakes_per_source < 0:
+        yield ConfigError("-max-handshakes-per-source must be 0 (no cap) or positive")
 
 
 def _webroot(config: Config) -> Iterator[ConfigError | None]:

@@ -9,18 +9,20 @@ from __future__ import annotations
 import math
 import os
 import signal
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import trio
 
 from stun.counters import StunCounters
 from stun.server import open_alternates, open_stun_socket, serve_socket
 
-from . import __version__, logs, signals
+from . import __version__, logs, memory, signals
 from .admission.fairshare import BandwidthLimiter
 from .admission.gate import DEFAULT_SOCKET, Admission, AllowList
-from .admission.limits import HandshakeSlot, HandshakeSlots, TokenBucket
+from .admission.limits import PRESSURE_DEADLINE, HandshakeSlots, TokenBucket, source_key
 from .admission.rate_config import load_rate_config, parse_rate
 from .certs.acme import AcmeCerts
 from .certs.acme_order import AcmeSettings, resolve_directory
@@ -99,10 +101,11 @@ class Server:
         self.allow_list = AllowList(config.allow_keys) if config.allow_keys else None
         url = config.verify_client_url or None
         relay.max_clients = config.max_clients
-        self.handshakes = HandshakeSlots(config.max_handshakes)
+        per_source = config.max_handshakes_per_source
+        self.handshakes = HandshakeSlots(config.max_handshakes, per_source, relay.stats)
         # The port-80 helper's connections never upgrade: all of them count, in a pool of
         # their own so a slowloris there cannot starve the DERP port's handshakes.
-        self.helper_connections = HandshakeSlots(config.max_handshakes)
+        self.helper_connections = HandshakeSlots(config.max_handshakes, per_source, relay.stats)
         if self.allow_list or config.verify_clients or url:
             socket = (config.socket or DEFAULT_SOCKET) if config.verify_clients else None
             relay.admission = Admission(relay.stats, relay.log_throttle,
@@ -223,6 +226,7 @@ class Server:
                                                 alternates=alternates))
                 if self.bootstrap.names:
                     nursery.start_soon(self.bootstrap.refresh_forever)
+                nursery.start_soon(memory.trim_forever)
                 if not os.environ.get("TS_DERP_DISABLE_RTT_STATS"):
                     nursery.start_soon(tcp_rtt.sample_forever, self.relay)
                 if self.acme is not None:
@@ -301,19 +305,46 @@ class Server:
 
     # ---- connections --------------------------------------------------------------------------
 
-    def _enter(self, slots: HandshakeSlots, stream: trio.SocketStream) -> HandshakeSlot | None:
-        """A place among ``slots``' half-open connections, or None with the socket closed."""
-        slot = slots.try_enter()
+    @contextmanager
+    def _half_open(self, slots: HandshakeSlots, stream: trio.SocketStream, ip: str | None):
+        """Hold the connection's place among ``slots``' half-open ones while it is half-open.
+
+        Yields the callback that ends that (the DERP session calls it on registration), or None
+        with the socket closed when the place is refused. The handshakes (TLS, HTTP head, DERP)
+        run under one budget, a short one once the pool is half full, and the connection is
+        closed early if a newcomer takes its place.
+        """
+        scope = trio.CancelScope()
+        now = trio.current_time()
+        budget = self.config.handshake_timeout
+        if slots.under_pressure():
+            budget = min(budget, PRESSURE_DEADLINE)
+        slot = slots.try_enter(source_key(ip), scope.cancel)
         if slot is None:
-            self.relay.stats.rejected_half_open += 1
             stream.socket.close()
-        return slot
+            yield None
+            return
+        scope.deadline = now + budget
+
+        def established() -> None:
+            slot.release()
+            scope.deadline = math.inf
+
+        try:
+            with scope:
+                yield established
+        finally:
+            slot.release()
 
     async def _serve_main(self, stream: trio.SocketStream) -> None:
-        config = self.config
-        if (slot := self._enter(self.handshakes, stream)) is None:
-            return
         ip, port = peer_address(stream)
+        with self._half_open(self.handshakes, stream, ip) as established:
+            if established is not None:
+                await self._serve_connection(stream, ip, port, established)
+
+    async def _serve_connection(self, stream: trio.SocketStream, ip: str | None, port: int,
+                                established: Callable[[], None]) -> None:
+        config = self.config
         conn: trio.abc.Stream = stream
         stats, throttle = self.relay.stats, self.relay.log_throttle
         tls_version = None
@@ -339,7 +370,7 @@ class Server:
                 stats.tls_active[tls_version] += 1
             await serve_http(conn, ip, port, head_timeout=config.handshake_timeout,
                              handle=self.endpoints.handle, log_throttle=throttle,
-                             on_established=slot.release,
+                             on_established=established,
                              relay=self.relay if config.derp else None)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the peer went away mid-request; nothing to report
@@ -347,27 +378,26 @@ class Server:
             throttle.log(log, "exception", "internal error on a connection; closed it",
                          remote=f"{ip}:{port}")
         finally:
-            slot.release()
             if tls_version is not None:
                 stats.tls_active[tls_version] -= 1
             with trio.CancelScope(shield=True):
                 await conn.aclose()
 
     async def _serve_helper(self, stream: trio.SocketStream) -> None:
-        config = self.config
-        if (slot := self._enter(self.helper_connections, stream)) is None:
-            return
         ip, port = peer_address(stream)
-        try:
-            await serve_http(stream, ip, port, head_timeout=config.handshake_timeout,
-                             handle=self._serve_helper_request,
-                             log_throttle=self.relay.log_throttle, on_established=slot.release)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        except Exception:
-            self.relay.log_throttle.log(log, "exception",
-                                        "internal error on an HTTP helper connection; closed it",
-                                        remote=f"{ip}:{port}")
-        finally:
-            slot.release()
-            await stream.aclose()
+        with self._half_open(self.helper_connections, stream, ip) as established:
+            if established is None:
+                return
+            try:
+                await serve_http(stream, ip, port, head_timeout=self.config.handshake_timeout,
+                                 handle=self._serve_helper_request,
+                                 log_throttle=self.relay.log_throttle, on_established=established)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            except Exception:
+                self.relay.log_throttle.log(
+                    log, "exception", "internal error on an HTTP helper connection; closed it",
+                    remote=f"{ip}:{port}")
+            finally:
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()

@@ -37,14 +37,17 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
 
 
 class DerperProcess:
-    def __init__(self, args: list[str], workdir: Path, env: dict | None = None) -> None:
+    def __init__(self, args: list[str], workdir: Path, env: dict | None = None,
+                 wrapper: list[str] = ()) -> None:
+        """``wrapper`` goes in front of the command (e.g. ``prlimit --nofile=...``, which
+        execs derper under the same pid)."""
         self.log_path = workdir / f"derper-{len(list(workdir.glob('derper-*.log')))}.log"
         self.out_path = self.log_path.with_suffix(".out")
         self._log = open(self.log_path, "wb")
         self._out = open(self.out_path, "wb")
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("DERP_")}
         full_env.update(env or {})
-        self.proc = subprocess.Popen([DERPER, *args], stdout=self._out, stderr=self._log,
+        self.proc = subprocess.Popen([*wrapper, DERPER, *args], stdout=self._out, stderr=self._log,
                                      env=full_env)
 
     @property
@@ -81,9 +84,9 @@ class DerperProcess:
 
 @asynccontextmanager
 async def derper(args: list[str], workdir: Path, env: dict | None = None,
-                 ready: str = "derper listening"):
+                 ready: str = "derper listening", wrapper: list[str] = ()):
     """A derper process, running and past the ``ready`` log line, killed on exit."""
-    proc = DerperProcess(args, workdir, env)
+    proc = DerperProcess(args, workdir, env, wrapper)
     try:
         await proc.wait_for_log(ready)
         yield proc

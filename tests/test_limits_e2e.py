@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 
+import pytest
 import trio
 
 from derper import client as dc
@@ -29,33 +30,104 @@ async def test_max_clients_answers_503_before_the_upgrade(start_server, ca):
         await assert_relays(again, again)
 
 
-async def test_handshake_cap_closes_excess_idle_connections(start_server, ca):
-    server = await start_server(tls=True, max_handshakes=5)
-    idle = [await trio.open_tcp_stream("127.0.0.1", server.main_port) for _ in range(5)]
+async def tcp_from(source: str, port: int) -> trio.SocketStream:
+    """A TCP connection to 127.0.0.1:``port`` from ``source`` (any 127/8 address is ours)."""
+    sock = trio.socket.socket()
+    await sock.bind((source, 0))
+    await sock.connect(("127.0.0.1", port))
+    return trio.SocketStream(sock)
+
+
+async def closed_soon(stream: trio.SocketStream) -> bool:
+    with trio.move_on_after(5):
+        return await stream.receive_some(1) == b""
+    return False
+
+
+async def test_one_address_is_capped_per_source(start_server, ca):
+    server = await start_server(tls=True, max_handshakes=50, max_handshakes_per_source=5)
+    idle = [await tcp_from("127.0.0.2", server.main_port) for _ in range(5)]
     try:
         await wait_until(lambda: server.handshakes.count == 5)
-        extra = await trio.open_tcp_stream("127.0.0.1", server.main_port)
-        with trio.fail_after(5):
-            assert await extra.receive_some(1) == b""  # closed at once, no TLS spoken
+        extra = await tcp_from("127.0.0.2", server.main_port)
+        assert await closed_soon(extra)  # closed at once, no TLS spoken
         await extra.aclose()
         assert server.relay.stats.rejected_half_open == 1
+        async with dc.connect(url(server), **connect_opts(server, ca)) as c:  # from 127.0.0.1
+            await assert_relays(c, c)
+            assert server.handshakes.count == 5  # an established session holds no slot
     finally:
         for s in idle:
             await s.aclose()
     await wait_until(lambda: server.handshakes.count == 0)
-    async with dc.connect(url(server), **connect_opts(server, ca)) as c:
-        await assert_relays(c, c)
-        assert server.handshakes.count == 0  # an established session holds no slot
 
 
-async def test_http_helper_connections_have_their_own_cap(start_server, ca):
-    server = await start_server(tls=True, max_handshakes=3, http_port=0)
-    idle = [await trio.open_tcp_stream("127.0.0.1", server.http_port) for _ in range(3)]
+async def test_a_full_pool_makes_room_by_closing_the_oldest_idle_connection(start_server, ca):
+    """Slowloris just above the cap used to lock everyone out; now a newcomer gets in."""
+    server = await start_server(tls=True, max_handshakes=5)
+    idle = [await tcp_from(f"127.0.0.{2 + i % 2}", server.main_port) for i in range(5)]
+    try:
+        await wait_until(lambda: server.handshakes.count == 5)
+        async with dc.connect(url(server), **connect_opts(server, ca)) as c:
+            await assert_relays(c, c)
+        assert server.relay.stats.evicted_half_open == 1
+        assert await closed_soon(idle[0])  # the oldest of the address holding the most
+        assert server.handshakes.count == 4
+    finally:
+        for s in idle:
+            await s.aclose()
+
+
+async def test_under_pressure_idle_connections_get_a_short_budget(start_server):
+    server = await start_server(max_handshakes=4, handshake_timeout=10.0)
+    idle = [await tcp_from("127.0.0.2", server.main_port) for _ in range(3)]  # 2 of 4: pressure
+    try:
+        await wait_until(lambda: server.handshakes.count == 3)
+        started = trio.current_time()
+        assert await closed_soon(idle[2])  # the one that arrived under pressure
+        assert trio.current_time() - started < 5  # PRESSURE_DEADLINE, not the 10 s
+        await wait_until(lambda: server.handshakes.count == 2)  # the first two keep 10 s
+    finally:
+        for s in idle:
+            await s.aclose()
+
+
+@pytest.mark.parametrize("sources", [1, 50])
+async def test_ten_times_the_cap_in_slowloris_sockets_locks_nobody_out(start_server, ca,
+                                                                        sources):
+    """The attack run's lockout: 10x the cap in idle sockets, from one address and from 50;
+    sockets the server closes are reopened. A real client from elsewhere still gets in."""
+    cap = 100  # per-source default 64: the default pool's ratio (1024 : 64) is stricter still
+    server = await start_server(tls=True, max_handshakes=cap)
+    stop = trio.Event()
+
+    async def slowloris(source: str) -> None:
+        while not stop.is_set():
+            s = await tcp_from(source, server.main_port)
+            with trio.move_on_after(30):
+                await s.receive_some(1)  # until the server closes it (or the test ends)
+            await s.aclose()
+
+    async with trio.open_nursery() as nursery:
+        for i in range(10 * cap):
+            nursery.start_soon(slowloris, f"127.0.0.{2 + i % sources}")
+        await wait_until(lambda: server.handshakes.count == min(cap, 64 * sources))
+        for _ in range(3):
+            async with dc.connect(url(server), **connect_opts(server, ca, timeout=5)) as c:
+                await assert_relays(c, c)
+        stop.set()
+        nursery.cancel_scope.cancel()
+    assert server.relay.stats.rejected_half_open > 0  # the rest of the flood was refused
+
+
+async def test_http_helper_connections_have_their_own_pool(start_server, ca):
+    server = await start_server(tls=True, max_handshakes=3, max_handshakes_per_source=3,
+                                http_port=0)
+    idle = [await tcp_from("127.0.0.2", server.http_port) for _ in range(3)]
     try:
         await wait_until(lambda: server.helper_connections.count == 3)
-        extra = await trio.open_tcp_stream("127.0.0.1", server.http_port)
-        with trio.fail_after(5):
-            assert await extra.receive_some(1) == b""  # closed at once
+        extra = await tcp_from("127.0.0.2", server.http_port)
+        assert await closed_soon(extra)  # closed at once
         await extra.aclose()
         assert server.relay.stats.rejected_half_open == 1
         # The DERP port's own pool is untouched by the helper's slowloris.
@@ -100,7 +172,8 @@ async def test_accept_flood_does_not_lock_out_a_real_client(start_server, ca):
             await wait_until(lambda: len(flood) >= 500)
             await retrying_client()
         await done.wait()
-        assert stats.rejected_connections + stats.rejected_half_open > 1000
+        assert (stats.rejected_connections + stats.rejected_half_open
+                + stats.evicted_half_open) > 1000
         assert server.handshakes.count <= 100
     finally:
         for s in flood:

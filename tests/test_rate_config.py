@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from derper.admission.limits import HandshakeSlots, TokenBucket
+from derper.admission.limits import TokenBucket
 from derper.admission.rate_config import MIN_BURST, ReceiveLimit, parse_rate, parse_rate_config
 from derper.errors import ConfigError
 
@@ -59,16 +59,3 @@ def test_take_goes_into_debt_and_says_how_long_to_wait():
         taken += size
     assert taken == pytest.approx(500 + 1000 * now, rel=1e-9)
 
-
-def test_handshake_slots():
-    slots = HandshakeSlots(2)
-    a = slots.try_enter()
-    a.release()  # the session registered: no longer half-open
-    a.release()  # and the connection's own release at its end is a no-op
-    b, c = slots.try_enter(), slots.try_enter()
-    assert slots.try_enter() is None
-    b.release()
-    assert slots.try_enter() is not None
-    c.release()
-    assert slots.count == 1
-    assert HandshakeSlots(0).try_enter() is not None  # 0 = no cap

@@ -6,7 +6,12 @@ Pure: callers pass the current time, so behaviour is exact in tests and cheap at
 
 from __future__ import annotations
 
+import ipaddress
 import math
+from collections import deque
+from typing import Callable
+
+from ..metrics.counters import Stats
 
 
 class TokenBucket:
@@ -50,33 +55,97 @@ class TokenBucket:
         return -self.tokens / self.rate if self.tokens < 0 else 0.0
 
 
+# The half-open budget (TLS, HTTP head and DERP handshake together) once the pool is half full.
+PRESSURE_DEADLINE = 2.0
+
+
+def source_key(ip: str | None) -> str:
+    """Whose half-open connections these are: an IPv4 address, or an IPv6 /64 (one subscriber
+    gets a whole /64, so counting addresses would count nothing)."""
+    if not ip or ":" not in ip:
+        return ip or ""
+    try:
+        return str(ipaddress.IPv6Network((ip.split("%", 1)[0], 64), strict=False))
+    except ValueError:
+        return ip
+
+
 class HandshakeSlot:
     """One connection's place among the half-open ones; released once, whoever is first."""
 
-    __slots__ = ("_slots",)
+    __slots__ = ("_slots", "source", "_evict")
 
-    def __init__(self, slots: HandshakeSlots) -> None:
+    def __init__(self, slots: HandshakeSlots, source: str, evict: Callable[[], None]) -> None:
         self._slots: HandshakeSlots | None = slots
+        self.source = source
+        self._evict = evict
 
     def release(self) -> None:
         if self._slots is not None:
-            self._slots.count -= 1
+            self._slots._remove(self)
             self._slots = None
+
+    def evict(self) -> None:
+        """Give the place up to a newcomer: released now, its connection told to close."""
+        self.release()
+        self._evict()
 
 
 class HandshakeSlots:
-    """Caps connections that have not finished TLS + HTTP + DERP handshake (slowloris bound).
+    """Bounds connections that have not finished TLS + HTTP + DERP handshake (slowloris).
 
-    The connection task hands its slot's ``release`` down to the DERP session, which calls it
-    on registration; the task releases it again when it ends, whichever comes first.
+    A cap an attacker can fill would be a lockout switch, so filling it is not enough: each
+    source (address, IPv6 /64) holds at most ``per_source`` places, and when the pool is full
+    a newcomer from a source holding fewer than the biggest holder takes the place of that
+    holder's oldest half-open connection (see ``_victim``). The connection task hands its slot's ``release`` down to the DERP session, which
+    calls it on registration; the task releases it again when it ends, whichever comes first.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, per_source: int, stats: Stats) -> None:
         self.limit = limit
+        self.per_source = per_source
+        self.stats = stats
         self.count = 0
+        self._by_source: dict[str, deque[HandshakeSlot]] = {}
 
-    def try_enter(self) -> HandshakeSlot | None:
-        if self.limit > 0 and self.count >= self.limit:
+    def under_pressure(self) -> bool:
+        """Half full or more: new connections get ``PRESSURE_DEADLINE``."""
+        return self.limit > 0 and 2 * self.count >= self.limit
+
+    def try_enter(self, source: str, evict: Callable[[], None]) -> HandshakeSlot | None:
+        """A place for a connection from ``source``, or None (refused: close it at once).
+
+        ``evict`` is called if the place is later given to a newcomer.
+        """
+        mine = self._by_source.get(source)
+        if self.per_source and mine is not None and len(mine) >= self.per_source:
+            self.stats.rejected_half_open += 1
             return None
+        if self.limit > 0 and self.count >= self.limit:
+            victim = self._victim(len(mine) if mine is not None else 0)
+            if victim is None:
+                self.stats.rejected_half_open += 1
+                return None
+            victim.evict()
+            self.stats.evicted_half_open += 1
+            mine = self._by_source.get(source)
+        if mine is None:
+            mine = self._by_source[source] = deque()
+        slot = HandshakeSlot(self, source, evict)
+        mine.append(slot)
         self.count += 1
-        return HandshakeSlot(self)
+        return slot
+
+    def _victim(self, holding: int) -> HandshakeSlot | None:
+        """The oldest half-open connection of the biggest holder, if it holds at least two
+        more than the newcomer's source: a source below its fair share takes a place, one at
+        its share is refused, so attackers cannot churn each other (or a real client) out."""
+        biggest = max(self._by_source.values(), key=len)
+        return biggest[0] if len(biggest) > holding + 1 else None
+
+    def _remove(self, slot: HandshakeSlot) -> None:
+        slots = self._by_source[slot.source]
+        slots.remove(slot)
+        if not slots:
+            del self._by_source[slot.source]
+        self.count -= 1

@@ -101,12 +101,18 @@ SERVE_FLAGS = [
          "burst of new connections allowed above -accept-connection-limit",
          ("DERP_ACCEPT_CONNECTION_BURST",)),
     Flag("max-clients", "max_clients", "int",
-         "cap on DERP connections; over it new ones get HTTP 503 before the upgrade; 0 = no cap",
+         "cap on DERP connections; over it new ones get HTTP 503 before the upgrade; 0 = as "
+         "many as the open-file limit allows (raised to its hard limit at start) beside the "
+         "half-open connections",
          ("DERP_MAX_CLIENTS",)),
     Flag("max-handshakes", "max_handshakes", "int",
-         "cap on connections still in their TLS/HTTP/DERP handshake (slowloris); excess ones "
-         "are closed at once (the HTTP helper's connections: the same cap, their own pool); "
-         "0 = no cap", ("DERP_MAX_HANDSHAKES",)),
+         "cap on connections still in their TLS/HTTP/DERP handshake (slowloris); when full, a "
+         "newcomer replaces the oldest half-open connection of the address holding the most, "
+         "and from half full each gets 2 s in all (the HTTP helper's connections: the same cap, "
+         "their own pool); 0 = no cap", ("DERP_MAX_HANDSHAKES",)),
+    Flag("max-handshakes-per-source", "max_handshakes_per_source", "int",
+         "of those, at most this many from one address (IPv6: one /64); more are closed at "
+         "once; 0 = no cap", ("DERP_MAX_HANDSHAKES_PER_SOURCE",)),
     Flag("verify-clients", "verify_clients", "bool",
          "admit only nodes the local tailscaled knows (LocalAPI whois over -socket)",
          ("DERP_VERIFY_CLIENTS",)),

@@ -23,7 +23,7 @@ from ..errors import ConfigError
 from ..net.addr import host_literal
 from ..proto.keys import KeyPair, parse_mesh_key
 from ..server import Server
-from . import gc_tuning, sdnotify
+from . import fdlimit, gc_tuning, sdnotify
 from .flags import SERVE_FLAGS, build_config, flag_defaults
 from .goflags import HelpRequested, UsageError, usage
 
@@ -91,6 +91,11 @@ def run(argv: list[str], environ: Mapping[str, str], usage_head: str) -> int:
         print(f"derper {__version__}")
         return 0
     logs.setup(config.log_level)
+    open_files = fdlimit.raise_soft_limit()
+    if config.max_clients == 0:
+        config.max_clients = fdlimit.connection_cap(open_files, config.max_handshakes)
+        log.info("DERP connections capped by the open-file limit", open_files=open_files,
+                 max_clients=config.max_clients)
     try:
         server = Server(config, load_server_key(config), mesh_key=load_mesh_key(config, environ))
     except ConfigError as e:

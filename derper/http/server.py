@@ -165,6 +165,10 @@ async def _upgrade(http: HttpConnection, req: Request, relay: Relay, remote_ip: 
         # Refused before the upgrade: the client gets a plain HTTP error and retries later,
         # and the server spends no key exchange on a connection it cannot keep.
         relay.stats.rejected_max_clients += 1
+        relay.log_throttle.log(log, "warning", "DERP connection cap reached: new clients get 503",
+                               every=60.0, max_clients=relay.max_clients,
+                               fix="raise -max-clients, or the open-file limit (systemd: "
+                                   "LimitNOFILE=) with -max-clients 0")
         return error(503, "DERP server is full (-max-clients)")
     relay.derp_conns += 1
     try:

@@ -89,7 +89,7 @@ class Stats:
         # Admission and limits (not in the Go derper's set; names say what they count).
         "admission_allowed", "admission_rejected", "admission_fail_open",
         "admission_cache_hits", "admission_mesh_bypass",
-        "rejected_max_clients", "rejected_half_open", "rate_limit_per_client_waited",
+        "rejected_max_clients", "rejected_half_open", "evicted_half_open", "rate_limit_per_client_waited",
         "bandwidth_limit_waited",
         "packets_dropped", "bytes_dropped",
         "average_queue_duration_ms", "buffered_write_frames", "mesh_update_batch_size",

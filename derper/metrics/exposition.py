@@ -259,6 +259,10 @@ class Exposition:
                    "connections refused by -max-clients (HTTP 503) or -max-handshakes",
                    _by("limit", {"max_clients": s.rejected_max_clients,
                                  "max_handshakes": s.rejected_half_open}), varz=False),
+            Metric("derper_half_open_evicted", "counter",
+                   "half-open connections closed to make room for a newcomer (-max-handshakes "
+                   "full; the oldest of the address holding the most)",
+                   _one(s.evicted_half_open), varz=False),
             Metric("derper_bandwidth_limit_waited", "counter",
                    "reads paused by -bandwidth-limit", _one(s.bandwidth_limit_waited),
                    varz=False),
