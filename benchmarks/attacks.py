@@ -438,7 +438,7 @@ def start(needs: list[str], canary_keys, workdir: Path) -> Target:
     return Target(server, int(server.url.rsplit(":", 1)[1].split("/")[0]), stun_port)
 
 
-async def run_one(name: str, seconds: float, workdir: Path) -> dict:
+async def run_one(name: str, seconds: float, workdir: Path, settle_memory: float) -> dict:
     attack, needs = ATTACKS[name]
     keys = [KeyPair.generate() for _ in range(3)]  # the relaying pair and the newcomer
     target = start(needs, keys, workdir)
@@ -461,7 +461,7 @@ async def run_one(name: str, seconds: float, workdir: Path) -> dict:
         stop.set()
         summary = await trio.to_thread.run_sync(results.get, True, 30)
         await trio.to_thread.run_sync(canary.join, 10)
-        await trio.sleep(SETTLE_MEMORY)  # closed connections gone, freed memory returned
+        await trio.sleep(settle_memory)  # closed connections gone, freed memory returned
         alive = server.proc.poll() is None
         rss1 = rss_bytes(pid) if alive else None
         fds1 = open_files(pid) if alive else None
@@ -526,7 +526,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            row = trio.run(run_one, name, args.seconds, Path(tmp))
+            row = trio.run(run_one, name, args.seconds, Path(tmp),
+                           SETTLE if args.smoke else SETTLE_MEMORY)
             row["missed"] = missed(row)
             rows.append(row)
     show(rows)

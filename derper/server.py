@@ -227,6 +227,7 @@ class Server:
                 if self.bootstrap.names:
                     nursery.start_soon(self.bootstrap.refresh_forever)
                 nursery.start_soon(memory.trim_forever)
+                nursery.start_soon(self.relay.loop_lag.sample_forever)
                 if not os.environ.get("TS_DERP_DISABLE_RTT_STATS"):
                     nursery.start_soon(tcp_rtt.sample_forever, self.relay)
                 if self.acme is not None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from derper.disk import files
-from derper.disk.files import write_atomic
+from derper.disk.files import write_atomic, write_atomic_group
 from derper.disk.keyfile import KeyFileError, load_or_create_key_file
 
 
@@ -104,3 +104,24 @@ def test_full_disk_key_file_is_a_clear_error_and_nothing_half_written(tiny_disk)
     assert not path.exists()
     if path.parent.exists():
         assert list(path.parent.iterdir()) == []
+
+
+def test_a_group_is_published_whole_or_not_at_all(tiny_disk):
+    """A renewed key and certificate: a full disk midway leaves the old pair, not a mix."""
+    key, crt = tiny_disk / "derp.key", tiny_disk / "derp.crt"
+    key.write_bytes(b"old key")
+    crt.write_bytes(b"old cert")
+    _fill(tiny_disk)
+    with pytest.raises(OSError):
+        write_atomic_group([(key, b"k" * 100, 0o600), (crt, b"c" * 32768, 0o644)], replace=True)
+    assert (key.read_bytes(), crt.read_bytes()) == (b"old key", b"old cert")
+    assert sorted(os.listdir(tiny_disk)) == ["derp.crt", "derp.key", "filler"]
+
+
+def test_a_group_publishes_every_file(tmp_path):
+    files = [(tmp_path / "a.key", b"a", 0o600), (tmp_path / "a.crt", b"b", 0o644)]
+    write_atomic_group(files, replace=False)
+    assert [(p.read_bytes(), p.stat().st_mode & 0o777) for p, _, _ in files] == [
+        (b"a", 0o600), (b"b", 0o644)]
+    with pytest.raises(FileExistsError):
+        write_atomic_group(files, replace=False)

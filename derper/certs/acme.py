@@ -17,7 +17,7 @@ import josepy as jose
 import trio
 
 from .. import logs
-from ..disk.files import ensure_private_dir, write_atomic
+from ..disk.files import ensure_private_dir, write_atomic, write_atomic_group
 from .acme_order import (AcmeError, AcmeSettings, ChallengePublisher, load_or_create_account_key,
                          obtain)
 from .bundle import CertBundle, CertError, check_bundle, load_manual, manual_paths
@@ -139,8 +139,8 @@ class AcmeCerts:
                  not_after=bundle.not_after.isoformat(),
                  renew_at=renewal_time(bundle).isoformat())
         try:
-            write_atomic(self.key_path, key, 0o600, replace=True)
-            write_atomic(self.crt_path, chain, 0o644, replace=True)
+            write_atomic_group([(self.key_path, key, 0o600), (self.crt_path, chain, 0o644)],
+                               replace=True)
         except OSError as e:
             log.error("certificate obtained but not cached; a restart will order it again",
                       certdir=self.certdir, error=e.strerror)

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ..disk.files import ensure_private_dir, write_atomic
+from ..disk.files import ensure_private_dir, write_atomic_group
 from ..errors import ConfigError
 from ..proto.pin import cert_pin
 
@@ -188,9 +188,9 @@ def ensure_ip_cert(certdir: Path, ip_text: str) -> bool:
     crt_path, key_path = manual_paths(certdir, ip_text)
     try:
         ensure_private_dir(certdir)
-        write_atomic(key_path, key_pem, 0o600, replace=False)
-        write_atomic(crt_path, cert.public_bytes(serialization.Encoding.PEM), 0o644,
-                     replace=False)
+        write_atomic_group([(key_path, key_pem, 0o600),
+                            (crt_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)],
+                           replace=False)
     except OSError as e:
         raise unwritable_ip_certdir(certdir, e.strerror) from e
     return True

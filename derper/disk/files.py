@@ -22,20 +22,33 @@ def write_atomic(path: Path, data: bytes, mode: int, *, replace: bool) -> None:
     Raises OSError (a full disk leaves the old file as it was); the temporary file never
     outlives the call.
     """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, _TMP_FLAGS, mode)
+    write_atomic_group([(path, data, mode)], replace=replace)
+
+
+def write_atomic_group(files: list[tuple[Path, bytes, int]], *, replace: bool) -> None:
+    """``write_atomic`` for files that only make sense together (a certificate and its key):
+    every one is written and fsynced before any is published, so a full disk or a failed
+    write leaves the old set whole, never a new key beside an old certificate."""
+    staged: list[tuple[Path, Path]] = []
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if replace:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)
-        _fsync_dir(path.parent)
+        for path, data, mode in files:
+            tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+            fd = os.open(tmp, _TMP_FLAGS, mode)
+            staged.append((tmp, path))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in staged:
+            if replace:
+                os.replace(tmp, path)
+            else:
+                os.link(tmp, path)
+        for parent in {path.parent for _, path in staged}:
+            _fsync_dir(parent)
     finally:
-        tmp.unlink(missing_ok=True)
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import trio
+
 from stun.counters import StunCounters
 from stun.message import Disposition
 
@@ -227,6 +229,11 @@ class Exposition:
             Metric("derper_log_lines_suppressed", "counter",
                    "repetitive log lines left out by the log rate limiter",
                    _one(self.relay.log_throttle.total), varz=False),
+            Metric("derper_event_loop_lag_seconds", "gauge",
+                   "worst lateness of the event loop over the last 10 s (sampled 4x a second)",
+                   _one(self.relay.loop_lag.worst), varz=False),
+            Metric("derper_tasks", "gauge", "trio tasks alive (about two per client)",
+                   _one(trio.lowlevel.current_statistics().tasks_living), varz=False),
             Metric("derper_build", "gauge", "derper build information",
                    (((("version", self.version),), 1),), varz=False, prom_kind="info"),
         ]

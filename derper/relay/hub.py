@@ -10,6 +10,7 @@ from ..admission.gate import Admission
 from ..admission.rate_config import ReceiveLimit
 from ..logs import Throttle
 from ..metrics.counters import Stats
+from ..metrics.loop_lag import LoopLag
 from ..proto.keys import KeyPair
 from .router import Router
 from .sendqueue import DEFAULT_DEPTH
@@ -29,6 +30,7 @@ class Relay:
     stats: Stats = field(default_factory=Stats)
     # Lines a peer can trigger at will (bad TLS, HTTP, DERP handshakes), rate-limited per server.
     log_throttle: Throttle = field(default_factory=Throttle)
+    loop_lag: LoopLag = field(default_factory=LoopLag)
     # Admission and limits; all off by default, and then the read loop pays one test per read.
     admission: Admission | None = None
     max_clients: int = 0  # DERP connections (handshaking or live); 0 = no cap
