@@ -91,11 +91,11 @@ def _derpmap(argv: list[str], environ: Mapping[str, str]) -> tuple[str, str]:
     if "hostname" not in explicit:
         raise DerpMapError("set -hostname (or DERP_DOMAIN) to the name or IP address clients "
                            "reach this relay by, as for the server")
-    pin, warning = _pin(config)
+    pin, warning = served_pin(config)
     return render(build(config, pin, options), fmt), warning
 
 
-def _pin(config: Config) -> tuple[str | None, str]:
+def served_pin(config: Config) -> tuple[str | None, str]:
     """The CertName pin when the served certificate is self-signed (only -certmode manual)."""
     if config.certmode != "manual":
         return None, ""

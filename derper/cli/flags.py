@@ -1,6 +1,6 @@
 """The server's flags: Go-derper-compatible names and ``DERP_*`` variables → one ``Config``.
 
-Shared by every command that speaks about the server (serving, ``derpmap``, later ``check``), so
+Shared by every command that speaks about the server (serving, ``derpmap``, ``check``), so
 each reads the same command line the same way; importing it loads no server module.
 """
 

@@ -20,6 +20,7 @@ COMMANDS = {
     "derpmap": ("derper.cli.derpmap", "print this relay's DERP map for Headscale or Tailscale"),
     "bench": ("derper.cli.bench", "load a DERP relay: throughput, latency, connections/s"),
     "nat": ("derper.cli.nat", "why are my devices relayed? measure this network's NAT"),
+    "check": ("derper.cli.check", "is my relay working? every check, with the fix for each"),
 }
 
 _COMMAND_LINES = "\n".join(f"       derper {name} [flags]".ljust(35) + summary
