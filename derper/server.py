@@ -317,7 +317,9 @@ class Server:
         """
         scope = trio.CancelScope()
         now = trio.current_time()
-        budget = self.config.handshake_timeout
+        # Each phase has its own timeout (TLS + HTTP head, then the DERP handshake); this bounds
+        # them together, and much tighter when the pool fills up.
+        budget = 2 * self.config.handshake_timeout
         if slots.under_pressure():
             budget = min(budget, PRESSURE_DEADLINE)
         slot = slots.try_enter(source_key(ip), scope.cancel)
@@ -328,14 +330,18 @@ class Server:
         scope.deadline = now + budget
 
         def established() -> None:
-            slot.release()
-            scope.deadline = math.inf
+            if slot.release():
+                scope.deadline = math.inf
 
         try:
             with scope:
                 yield established
         finally:
             slot.release()
+        if scope.cancelled_caught and scope.deadline != math.inf:
+            self.relay.log_throttle.log(log, "info", "closing connection: still half-open when "
+                                        "its place was needed or its time ran out",
+                                        remote=ip, pool_full=slots.count >= slots.limit > 0)
 
     async def _serve_main(self, stream: trio.SocketStream) -> None:
         ip, port = peer_address(stream)

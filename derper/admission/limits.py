@@ -80,10 +80,13 @@ class HandshakeSlot:
         self.source = source
         self._evict = evict
 
-    def release(self) -> None:
-        if self._slots is not None:
-            self._slots._remove(self)
-            self._slots = None
+    def release(self) -> bool:
+        """Leave the pool; whether the place was still held (not yet released or evicted)."""
+        if self._slots is None:
+            return False
+        self._slots._remove(self)
+        self._slots = None
+        return True
 
     def evict(self) -> None:
         """Give the place up to a newcomer: released now, its connection told to close."""
