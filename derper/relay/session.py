@@ -106,6 +106,11 @@ async def serve_derp(relay: Relay, stream: trio.abc.Stream, *, remote_ip: str | 
         relay.log_throttle.log(log, "info", "connection lost during DERP handshake",
                                remote=remote, error=str(e) or None)
         return
+    if info.mesh_key and not info.has_mesh_key(relay.mesh_key):
+        relay.log_throttle.log(log, "warning", "a client presented a mesh key that is not this "
+                               "region's; a mesh peer needs the same -mesh-psk-file on every "
+                               "node", kind="wrong mesh key", key=public_text(info.key),
+                               remote=remote, have_mesh_key=relay.mesh_key is not None)
     if relay.admission is not None:
         if info.has_mesh_key(relay.mesh_key):
             stats.admission_mesh_bypass += 1
