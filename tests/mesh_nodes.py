@@ -5,6 +5,7 @@ from __future__ import annotations
 import trio
 
 from derper import client as dc
+from derper.certs.bundle import load_manual
 from derper.proto.keys import KeyPair
 from derper.server import Server
 from tests.conftest import BASE, client_context, write_cert
@@ -16,14 +17,16 @@ class Node:
     """One relay of the region, which a test can stop and start again (same key, same port)."""
 
     def __init__(self, nursery: trio.Nursery, workdir, ca, mesh_key: bytes | None,
-                 port: int | None = None, **fields) -> None:
+                 port: int | None = None, ip: str = "127.0.0.1", hostname: str = "localhost",
+                 **fields) -> None:
         self.nursery, self.ca, self.mesh_key = nursery, ca, mesh_key
         self.port = port or free_port()
+        self.ip, self.hostname = ip, hostname
         self.keypair = KeyPair.generate()
-        certdir = workdir / f"certs-{self.port}"
-        write_cert(ca, certdir, "localhost", "127.0.0.1")
-        self.fields = {"dev": False, "certmode": "manual", "hostname": "localhost",
-                       "certdir": str(certdir), "addr": f"127.0.0.1:{self.port}", **fields}
+        certdir = self.certdir = workdir / f"certs-{ip}-{self.port}"
+        write_cert(ca, certdir, hostname, ip)
+        self.fields = {"dev": False, "certmode": "manual", "hostname": hostname,
+                       "certdir": str(certdir), "addr": f"{ip}:{self.port}", **fields}
         self.server: Server | None = None
         self._scope: trio.CancelScope | None = None
         self._stopped = trio.Event()
@@ -31,11 +34,16 @@ class Node:
     @property
     def entry(self) -> str:
         """This node in -mesh-with syntax."""
-        return f"localhost:{self.port}/127.0.0.1"
+        return f"{self.hostname}:{self.port}/{self.ip}"
+
+    @property
+    def pin(self) -> str:
+        """The sha256-raw: pin of this node's certificate."""
+        return load_manual(self.certdir, self.hostname).pin
 
     @property
     def url(self) -> str:
-        return f"https://localhost:{self.port}/derp"
+        return f"https://{self.hostname}:{self.port}/derp"
 
     @property
     def router(self):
@@ -59,7 +67,7 @@ class Node:
         await self._stopped.wait()
 
     def connect(self, keypair: KeyPair | None = None, **kw):
-        return dc.connect(self.url, keypair, dial=("127.0.0.1", self.port),
+        return dc.connect(self.url, keypair, dial=(self.ip, self.port),
                           ssl_context=client_context(self.ca), **kw)
 
 

@@ -7,8 +7,10 @@ import os
 
 import pytest
 import trio
+from prometheus_client import generate_latest
 
 from derper import client as dc
+from derper.metrics import prometheus as prom, varz
 from derper.metrics.counters import DropReason
 from derper.proto.keys import KeyPair
 from derper.proto.messages import PeerGoneMessage, ReceivedPacket
@@ -43,11 +45,39 @@ async def test_two_nodes_forward_both_ways(nursery, tmp_path, ca, trust_ca):
         await knows(b, ca_.public_key)
         await assert_relays(ca_, cb, b"a to b")
         await assert_relays(cb, ca_, b"b to a")
+        # Go's mesh names on /debug/varz, and the link gauge on /metrics.
+        # Remote: cb and A's own link (a client of B, announced like any); local: ca_ and
+        # B's link. Go counts them the same way.
+        assert set(a.router.forwarders) == {cb.public_key, a.keypair.public}
+        text = varz.render(a.server.exposition.metrics())
+        assert "derp_clients_remote 2\n" in text and "derp_clients_total 4\n" in text
+        assert "derp_multiforwarder_created 0\n" in text and "derp_watchers 1\n" in text
+        exposed = generate_latest(prom.registry(a.server.exposition.metrics)).decode()
+        assert (f'derper_mesh_link_up{{address="127.0.0.1",peer="{b.entry}"}} 1.0'
+                in exposed)
+        assert "derp_packets_forwarded_out_total 1.0" in exposed
     sa, sb = a.server.relay.stats, b.server.relay.stats
     assert (sa.packets_forwarded_out, sb.packets_forwarded_in) == (1, 1)
     assert (sb.packets_forwarded_out, sa.packets_forwarded_in) == (1, 1)
     # A link to ourselves was abandoned: one link per node in the gauge, both up.
     assert [h.up for h in a.server.relay.mesh_links.values()] == [True]
+
+
+@pytest.mark.parametrize("pinned", [True, False])
+async def test_self_signed_nodes_mesh_with_a_pin(nursery, tmp_path, ca, pinned, caplog):
+    """No CA the system trusts: a sha256-raw: pin on each entry is what lets them link."""
+    a, b = Node(nursery, tmp_path, ca, MESH_KEY), Node(nursery, tmp_path, ca, MESH_KEY)
+    pin = {n: f"@{n.pin}" if pinned else "" for n in (a, b)}
+    await a.start(mesh_with=b.entry + pin[b])
+    await b.start(mesh_with=a.entry + pin[a])
+    if pinned:
+        await meshed([a, b])
+        return
+    with trio.fail_after(10):
+        while not any(r.getMessage() == "mesh link down" and
+                      r.fields["reason"].startswith("tls:") for r in caplog.records):
+            await trio.sleep(0.05)
+    assert not any(h.up for h in a.server.relay.mesh_links.values())
 
 
 async def test_three_nodes_restart_move_and_duplicates(nursery, tmp_path, ca, trust_ca):

@@ -2,8 +2,8 @@
 
 Each entry's dial host is resolved now and every ``interval`` seconds; a name with several
 addresses (DNS round robin, a Kubernetes headless Service) gets a link to each, and links come
-and go as the records change. A failed lookup keeps the links there are: a DNS hiccup must not
-cut a region in two.
+and go as the records change. A failed lookup, or an answer with no address at all, keeps the
+links there are: a DNS hiccup must not cut a region in two (a dead node's link drops anyway).
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ class Region:
         for peer in self.peers:
             try:
                 addresses = await self.resolver.resolve(peer.dial_host)
+                if not addresses:
+                    raise ResolveError(f"{peer.dial_host} has no addresses")
             except ResolveError as e:
                 self.relay.log_throttle.log(log, "warning", "cannot resolve a mesh peer; "
                                             "keeping its links", kind="mesh resolve",
