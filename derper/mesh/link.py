@@ -113,7 +113,7 @@ async def run_link(relay: Relay, peer: MeshPeer, address: str, health: LinkHealt
     while True:
         reason, heard = await _connect_once(relay, peer, address, health)
         if reason is None:
-            throttle.log(log, "info", "mesh peer is this node; not linking to ourselves",
+            throttle.log(log, "info", "mesh peer is this node (or has this node's server key); not linking to it",
                          kind="mesh self", **where)
             return
         health.up = False
