@@ -26,9 +26,10 @@ from .peers import MeshPeer
 log = logs.get("derper.mesh")
 
 FORWARD_WRITE_TIMEOUT = 5.0  # Go: mesh ForwardPacket writes; the link closes on expiry
-# Packets queued per link and kind before the oldest is dropped: a link carries many clients'
-# packets, and a reader that fills it yields to the writer first (see the session's reader).
-LINK_QUEUE_DEPTH = 512
+# Packets queued per link and kind: a link carries many clients' packets, so a reader that
+# fills it waits for the link's writer (back-pressure to the sender, as in Go) instead of
+# dropping; the write deadline bounds that wait.
+LINK_QUEUE_DEPTH = 1024
 RETRY_MIN, RETRY_MAX = 1.0, 30.0  # reconnect delay, doubled per failure, reset once up
 CONNECT_TIMEOUT = 10.0
 LOG_BURST, LOG_EVERY = 50, 10.0  # link up/down lines: a flapping peer cannot flood the log
@@ -50,7 +51,7 @@ class MeshLink(Outbox):
     def __init__(self, relay: Relay, client: dc.DerpClient, on_up) -> None:
         super().__init__(client.stream, relay.stats, relay.ready, depth=LINK_QUEUE_DEPTH,
                          write_timeout=FORWARD_WRITE_TIMEOUT, overhead=FORWARD_OVERHEAD,
-                         counts_sent=False)
+                         counts_sent=False, back_pressure=True)
         self.key = client.server_key
         self.router = relay.router
         self.client = client

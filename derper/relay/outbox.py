@@ -51,7 +51,8 @@ class Outbox:
 
     def __init__(self, stream: trio.abc.Stream, stats: Stats, ready: list, *, depth: int,
                  write_timeout: float, overhead: int = RECV_OVERHEAD,
-                 counts_sent: bool = True, control: Control | None = None) -> None:
+                 counts_sent: bool = True, control: Control | None = None,
+                 back_pressure: bool = False) -> None:
         self.stream = stream
         self.stats = stats
         self.queue = SendQueue(stats, depth, overhead)
@@ -68,6 +69,9 @@ class Outbox:
         # are still buffered in the stream, for the writer to push out.
         self._send_nowait = getattr(stream, "send_nowait", None)
         self._carried = False
+        # Readers that found the queue full and wait for room (back_pressure outboxes only).
+        self.back_pressure = back_pressure
+        self._room = trio.lowlevel.ParkingLot()
 
     # ---- what readers call ------------------------------------------------------------------
 
@@ -85,6 +89,13 @@ class Outbox:
 
     def full(self, disco: bool) -> bool:
         return self.queue.full(disco)
+
+    async def wait_room(self) -> None:
+        """Until the writer has taken the queue (or the connection ends): a full mesh link
+        slows its senders down, through TCP, instead of dropping a region's packets (Go's
+        forwarding write blocks the sender too, under the same 5 s deadline)."""
+        if not self.closing:
+            await self._room.park()
 
     def wake(self) -> None:
         """Make the writer look again (a control frame is due, or a claim is given up)."""
@@ -158,6 +169,8 @@ class Outbox:
                     await self._lot.park()
                 if control is not None:
                     control.head(batch)
+                if self._room:
+                    self._room.unpark_all()
                 if queue.take(batch) and counts:
                     now = trio.current_time()
                     if not idle and last_take is not None:
@@ -202,3 +215,4 @@ class Outbox:
         """The connection is over: what is still queued will never be sent."""
         self.closing = True
         self.queue.discard()
+        self._room.unpark_all()

@@ -20,6 +20,7 @@ class Peer(Protocol):
     """Where a reader hands packets: a session's or a mesh link's outbox (``relay.outbox``)."""
 
     key: bytes
+    back_pressure: bool  # a reader that fills it awaits ``wait_room`` instead of dropping
 
     def deliver(self, frame: bytearray, disco: bool) -> bool:
         """Queue a frame; True when that filled the queue (the caller may yield once)."""
@@ -27,6 +28,7 @@ class Peer(Protocol):
     def flush(self) -> None:
         """Write (or wake the writer for) what this read queued; see ``Relay.ready``."""
     def wake(self) -> None: ...
+    async def wait_room(self) -> None: ...
 
 
 class Client(Peer, Protocol):

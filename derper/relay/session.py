@@ -315,15 +315,21 @@ class Session(Outbox):
                             continue
                         out = self._forward_frame(view, s, e)
                     full = dst.deliver(out, disco)
-                    while full and yields:  # let its writer take the queue first
-                        if ready:  # (none may wait in ready while we await)
-                            _flush_ready(ready)
-                        else:  # the writer may run after us in a batch
-                            yields -= 1
-                            await trio.lowlevel.checkpoint()
-                        full = dst.full(disco)
                 else:
-                    self._control(ftype, buf, s, e)
+                    filled = self._control(ftype, buf, s, e)
+                    if filled is None:
+                        continue
+                    dst, disco = filled  # a packet forwarded in filled this queue
+                    full = True
+                while full and yields:  # let its writer take the queue first
+                    if ready:  # (none may wait in ready while we await)
+                        _flush_ready(ready)
+                    elif dst.back_pressure:  # a mesh link: wait, rather than drop
+                        await dst.wait_room()
+                    else:  # the writer may run after us in a batch
+                        yields -= 1
+                        await trio.lowlevel.checkpoint()
+                    full = dst.full(disco)
             if ready:
                 _flush_ready(ready)
 
@@ -372,20 +378,23 @@ class Session(Outbox):
         if disco and self.conn.not_here(dst_key, trio.current_time()):
             self.wake()
 
-    def _control(self, ftype: int, buf: bytearray, s: int, e: int) -> None:
+    def _control(self, ftype: int, buf: bytearray, s: int, e: int) -> tuple | None:
+        """Act on a control frame; (destination, disco) if it was a ForwardPacket that filled
+        that destination's queue (the reader then yields to its writer, as for SendPacket)."""
         event = self.conn.receive(ftype, buf, s, e, trio.current_time())
         if event is None:
-            return
+            return None
         if event is Event.WAKE:
             self.wake()
         elif event is Event.FORWARD:
-            self._forwarded_in(buf, s, e)
+            return self._forwarded_in(buf, s, e)
         elif event is Event.WATCH:
             self.relay.router.add_watcher(self)
         elif event is Event.CLOSE_PEER:
             self.relay.router.close_key(bytes(buf[s:e]))
+        return None
 
-    def _forwarded_in(self, buf: bytearray, s: int, e: int) -> None:
+    def _forwarded_in(self, buf: bytearray, s: int, e: int) -> tuple | None:
         """A mesh peer relays a packet from one of its clients to one of ours (never re-sent)."""
         src, dst_key = buf[s:s + _KL], buf[s + _KL:s + 2 * _KL]
         ps = s + 2 * _KL
@@ -395,12 +404,13 @@ class Session(Outbox):
         dst = router.active.get(dst_key)
         if dst is None:
             self._unknown_dest(dst_key, disco, n, DropReason.UNKNOWN_DEST_ON_FWD)
-            return
+            return None
         out = bytearray(memoryview(buf)[ps - _KL - 5:e])
         out[0:5] = wire.header(FrameType.RECV_PACKET, _KL + n)
         out[5:5 + _KL] = src
-        dst.deliver(out, disco)
+        full = dst.deliver(out, disco)
         router.note_sent(bytes(src), dst)
+        return (dst, disco) if full else None
 
     # ---- writing ------------------------------------------------------------------------------
 
