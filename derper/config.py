@@ -57,6 +57,9 @@ class Config:
     home: str = ""
     bootstrap_dns_names: str = ""
     mesh_psk_file: str = ""
+    mesh_with: str = ""  # Go's -mesh-with list; derper adds @sha256-raw: pins (mesh/peers.py)
+    mesh_dns_server: str = ""  # host:port resolving -mesh-with names; "" = the system's
+    mesh_resolve_interval: float = 30.0
     tcp_keepalive_time: float = 600.0
     tcp_user_timeout: float = 15.0
     tcp_write_timeout: float = 2.0

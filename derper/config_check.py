@@ -23,6 +23,7 @@ from .config import CERT_MODES, DEV_ADDR, GO_DEFAULT_HOSTNAME, Config
 from .disk.files import unwritable_reason
 from .errors import ConfigError
 from .http.endpoints import validate_home
+from .mesh.peers import parse_mesh_with
 from .metrics.varz import parse_cidrs
 from .net.addr import parse_addr
 
@@ -39,10 +40,15 @@ class ConfigProblems(ConfigError):
                              + "\n".join(f"  - {p}" for p in problems))
 
 
-def check(config: Config) -> list[ConfigError]:
-    """Every problem with ``config``, in flag order within each area; empty if it can run."""
+def check(config: Config, *, mesh_key: bytes | None = None) -> list[ConfigError]:
+    """Every problem with ``config``, in flag order within each area; empty if it can run.
+
+    ``mesh_key``: the region's key if one was loaded (in -dev it may come from the
+    environment rather than -mesh-psk-file).
+    """
     parts = (_listening, _endpoints, _admission, _webroot, _certificates)
-    return [problem for part in parts for problem in part(config) if problem is not None]
+    problems = [problem for part in parts for problem in part(config) if problem is not None]
+    return problems + [p for p in _mesh(config, mesh_key) if p is not None]
 
 
 def _failure(parse: Callable, *args, flag: str = "") -> ConfigError | None:
@@ -93,6 +99,20 @@ def _admission(config: Config) -> Iterator[ConfigError | None]:
         yield ConfigError("-max-clients and -max-handshakes must be 0 (no cap) or positive")
     if config.max_handshakes_per_source < 0:
         yield ConfigError("-max-handshakes-per-source must be 0 (no cap) or positive")
+
+
+def _mesh(config: Config, mesh_key: bytes | None) -> Iterator[ConfigError | None]:
+    if not config.mesh_with:
+        return
+    yield _failure(parse_mesh_with, config.mesh_with)
+    if mesh_key is None and not config.mesh_psk_file:
+        yield ConfigError("-mesh-with needs the region's mesh key: give every node the same "
+                          "-mesh-psk-file (make it once with 'openssl rand -hex 32 > FILE'"
+                          "; in -dev, TAILSCALE_DERPER_MESH_KEY also works)")
+    if config.mesh_dns_server:
+        yield _failure(parse_addr, config.mesh_dns_server, flag="-mesh-dns-server")
+    if config.mesh_resolve_interval <= 0:
+        yield ConfigError("-mesh-resolve-interval must be positive, e.g. 30s")
 
 
 def _webroot(config: Config) -> Iterator[ConfigError | None]:

@@ -36,6 +36,9 @@ from .errors import ConfigError
 from .http.bootstrap_dns import BootstrapDNS, parse_names
 from .http.endpoints import Endpoints, Request, Response, https_redirect
 from .http.server import serve_http
+from .mesh.dns import Resolver
+from .mesh.peers import parse_mesh_with
+from .mesh.region import Region
 from .metrics import prometheus as prom, varz
 from .metrics.counters import tls_version_index
 from .metrics.exposition import Exposition
@@ -61,7 +64,7 @@ class Server:
     def __init__(self, config: Config, keypair: KeyPair, *, mesh_key: bytes | None = None) -> None:
         """Raises ConfigProblems naming everything wrong with ``config``; writes and prints
         nothing (it reads the rate config and the allowed keys)."""
-        problems = check(config)
+        problems = check(config, mesh_key=mesh_key)
         if problems:
             raise ConfigProblems(problems)
         self.config = config
@@ -74,6 +77,9 @@ class Server:
                            handshake_timeout=config.handshake_timeout,
                            queue_depth=config.queue_depth)
         self._setup_admission_and_limits()
+        self.mesh = Region(self.relay, parse_mesh_with(config.mesh_with),
+                           Resolver(config.mesh_dns_server),
+                           config.mesh_resolve_interval) if config.mesh_with else None
         webroot = config.acme_webroot
         self.challenges = Http01Responder(Path(webroot) if webroot else None)
         self.acme: AcmeCerts | None = None
@@ -228,6 +234,8 @@ class Server:
                     nursery.start_soon(self.bootstrap.refresh_forever)
                 nursery.start_soon(memory.trim_forever)
                 nursery.start_soon(self.relay.loop_lag.sample_forever)
+                if self.mesh is not None:
+                    nursery.start_soon(self.mesh.run)
                 if not os.environ.get("TS_DERP_DISABLE_RTT_STATS"):
                     nursery.start_soon(tcp_rtt.sample_forever, self.relay)
                 if self.acme is not None:

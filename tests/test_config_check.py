@@ -127,3 +127,23 @@ def test_manual_certificate_problems(tmp_path, ca):
     (certdir / "other.example.com.key").rename(certdir / "derp.example.com.key")
     [problem] = check(config)
     assert "not valid for -hostname derp.example.com" in str(problem)
+
+
+def test_mesh_with_needs_a_mesh_key():
+    config = replace(BASE, mesh_with="derp1.example.com,derp2.example.com")
+    [problem] = check(config)
+    assert "-mesh-with needs the region's mesh key" in str(problem)
+    assert "openssl rand -hex 32" in str(problem)
+    assert check(config, mesh_key=bytes(range(32))) == []  # e.g. TAILSCALE_DERPER_MESH_KEY
+    assert check(replace(config, mesh_psk_file="/etc/derper/mesh.key")) == []
+    with pytest.raises(ConfigProblems, match="needs the region's mesh key"):
+        Server(config, KeyPair.generate())
+
+
+def test_mesh_problems_are_reported_together():
+    config = replace(BASE, mesh_with="a:notaport,b@sha256-raw:zz", mesh_dns_server="nope",
+                     mesh_resolve_interval=0)
+    text = [str(p) for p in check(config, mesh_key=bytes(32))]
+    assert len(text) == 3
+    assert "bad port 'notaport'" in text[0]
+    assert text[1].startswith("-mesh-dns-server: ") and "-mesh-resolve-interval" in text[2]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import socket
 import ssl
@@ -271,8 +272,12 @@ async def test_scanner_garbage_is_logged_once_per_interval(start_server, caplog)
 
 
 async def test_dashboard_uses_only_exported_metrics(start_server, ca):
-    server = await start_server(tls=True, metrics_addr="127.0.0.1:0", stun=True, stun_port=0)
+    # A mesh peer that is down, so the per-link families have a sample too.
+    server = await start_server(tls=True, metrics_addr="127.0.0.1:0", stun=True, stun_port=0,
+                                mesh_key=os.urandom(32),
+                                mesh_with=f"localhost:{free_port()}/127.0.0.1")
     await traffic(server, ca)
+    await wait_until(lambda: any(h.reconnects for h in server.relay.mesh_links.values()))
     _, text = await fetch(metrics_url(server), "/metrics")
     exported = sample_names(text)
     dashboard = json.loads(DASHBOARD.read_text())

@@ -262,3 +262,74 @@ def test_unregistered_watcher_is_forgotten(router):
     w.calls.clear()
     connect(router, A)
     assert w.calls == []
+
+
+# ---- mesh forwarders (Go's rules, spec §4.8) ----------------------------------------------------
+
+class FakeLink:
+    """A mesh link as the router sees it: a Peer, never a local client."""
+
+    def __init__(self, name: str) -> None:
+        self.key = name.encode().ljust(32, b"\0")
+
+
+def forwarder_counters(router: Router) -> tuple[int, int, int]:
+    return (router.multiforwarder_created, router.multiforwarder_deleted,
+            router.forwarder_delete_other)
+
+
+def test_a_local_connection_always_wins(router):
+    link = FakeLink("b")
+    router.add_forwarder(A, link)
+    assert router.active.get(A) is None and router.forwarder(A) is link
+    a = connect(router, A)
+    assert router.active[A] is a  # the reader looks here first; the forwarder waits
+    router.unregister(a)
+    assert router.forwarder(A) is link  # the key is still in the region: no PeerGone
+    assert (router.clients_local, router.clients_remote) == (0, 1)
+
+
+def test_first_claimant_stays_preferred_and_oldest_remaining_takes_over(router):
+    l1, l2, l3 = FakeLink("1"), FakeLink("2"), FakeLink("3")
+    for link in (l1, l2, l3, l2):  # a repeated claim changes nothing
+        router.add_forwarder(A, link)
+    assert router.forwarder(A) is l1 and forwarder_counters(router) == (1, 0, 0)
+    router.remove_forwarder(A, l2)
+    assert router.forwarder(A) is l1
+    router.remove_forwarder(A, l1)
+    assert router.forwarder(A) is l3 and forwarder_counters(router) == (1, 1, 0)
+    router.remove_forwarder(A, l1)  # not registered (any more)
+    router.remove_forwarder(B, l1)
+    assert forwarder_counters(router) == (1, 1, 2)
+    router.remove_forwarder(A, l3)
+    assert router.forwarder(A) is None and router.forwarders == {}
+
+
+def test_peer_gone_when_the_key_leaves_the_whole_region(router):
+    r, link = connect(router, R), FakeLink("b")
+    router.add_forwarder(S, link)
+    router.note_sent(S, r)  # r received a packet forwarded in from S
+    s = connect(router, S)  # S also connects here, then leaves: the forwarder still has it
+    router.unregister(s)
+    assert peer_gones(r) == []
+    router.remove_forwarder(S, link)
+    assert peer_gones(r) == [("peer_gone", S, GONE)]
+
+
+def test_forwarder_removal_with_a_local_connection_sends_no_peer_gone(router):
+    r, s, link = connect(router, R), connect(router, S), FakeLink("b")
+    router.note_sent(S, r)
+    router.add_forwarder(S, link)
+    router.remove_forwarder(S, link)
+    assert peer_gones(r) == [] and router.active[S] is s
+    router.unregister(s)
+    assert peer_gones(r) == [("peer_gone", S, GONE)]
+
+
+def test_watchers_hear_of_local_keys_only(router):
+    w, link = connect(router, C), FakeLink("b")
+    router.add_watcher(w)
+    w.calls.clear()
+    router.add_forwarder(A, link)  # never re-announced: one hop at most
+    router.remove_forwarder(A, link)
+    assert w.calls == []

@@ -73,11 +73,26 @@ def test_take_disco_first_and_totals(stats):
     q.put(pkt(200, 3), False)
     q.put(pkt(70, 4), True)
     out = [b"already there"]
-    assert q.take(out) == (2, 62 + 70, 2, 100 + 200)
+    assert q.take(out) == 4 and q.in_flight == [2, 62 + 70, 2, 100 + 200]
     assert out == [b"already there", pkt(62, 2), pkt(70, 4), pkt(100, 1), pkt(200, 3)]
     assert len(q) == 0
-    assert q.take(out) == (0, 0, 0, 0) and len(out) == 5
+    assert q.take(out) == 0 and len(out) == 5 and q.in_flight == [2, 62 + 70, 2, 100 + 200]
     assert drops(stats) == {}
+
+
+def test_in_flight_settles_as_sent_or_lost(stats):
+    q = SendQueue(stats)
+    q.put(pkt(100), False)
+    q.take([])
+    q.put(pkt(62), True)  # a second take before the write settles: both are in flight
+    q.take([])
+    q.settle_sent()
+    assert (stats.packets_sent, stats.bytes_sent, q.in_flight) == (2, 162, [0, 0, 0, 0])
+    q.put(pkt(30), False)
+    q.take([])
+    q.settle_lost()
+    assert drops(stats) == {("WRITE_ERROR", "other"): (1, 30)}
+    assert q.in_flight == [0, 0, 0, 0] and stats.packets_sent == 2
 
 
 def test_discard_counts_gone_disconnected(stats):

@@ -156,8 +156,9 @@ def _relay_worker(target: dict, job: dict, indices: list[int], ready, start) -> 
         cpu: list[float] = []
         async with trio.open_nursery() as nursery:
             clients = {}
-            for i in indices:
-                clients[i] = await nursery.start(_hold, target)
+            for i in indices:  # with a second server, each pair spans the two
+                clients[i] = await nursery.start(_hold, target if i % 2 == 0 or
+                                                 not target.get("recv") else target["recv"])
             ready.put(len(clients))
             t0 = await trio.to_thread.run_sync(start.get)
             senders = [_Sender(clients[i], clients[i ^ 1].public_key, i, flows[i], job)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ..bench.loadgen import LoadError, median_row, run_conns, run_relay
-from ..certs.bundle import CertError, load_manual
+from ..certs.bundle import CertError, ensure_ip_cert, load_manual
 from ..metrics.procstat import rss_bytes
 from .goflags import Flag, HelpRequested, UsageError, parse, usage
 
@@ -39,6 +39,13 @@ BENCH_FLAGS = [
           "pid of the -url server on this machine, for its CPU and memory figures"),
     _flag("server-args", "server_args", "string",
           "extra flags for the started derper, space separated"),
+    _flag("recv-url", "recv_url", "string",
+          "relay: a second server of the same region for the receivers, so every packet "
+          "crosses the mesh (with -url)"),
+    _flag("recv-cert-pin", "recv_cert_pin", "string", "sha256-raw:... pin of the -recv-url server"),
+    _flag("mesh", "mesh", "bool",
+          "relay, without -url: start two meshed derpers, senders on one, receivers on the "
+          "other"),
     _flag("clients", "clients", "int", "relay: clients, in pairs (8 = 8 senders, 8 receivers)"),
     _flag("size", "size", "int", "relay: packet bytes"),
     _flag("rate", "rate", "int", "relay: packets/s per sender; 0 = flood"),
@@ -56,6 +63,7 @@ BENCH_FLAGS = [
     _flag("smoke", "smoke", "bool", "a seconds-long correctness run"),
 ]
 DEFAULTS = {"url": "", "cert_pin": "", "ca_file": "", "server_pid": 0, "server_args": "",
+            "recv_url": "", "recv_cert_pin": "", "mesh": False,
             "clients": 8, "size": 1280, "rate": 10000, "coalesce": False, "seconds": 5.0,
             "warmup": 1.0, "drain": 1.0, "procs": 4, "repeat": 1, "suite": False,
             "conns": 1000, "concurrency": 64, "json": "derp_bench.json", "smoke": False}
@@ -77,6 +85,8 @@ server on this machine, its memory and CPU per connection.
 Examples:
   derper bench -suite -repeat 3
       a fresh local derper: 8 x 5k pkt/s, 8 x 10k pkt/s and a flood, 1280-byte packets
+  derper bench -mesh -clients 8 -rate 5000
+      two fresh meshed derpers: every packet crosses the mesh, in both directions
   derper bench conns -conns 10000
       10,000 idle connections to a fresh local derper
   derper bench -url https://derp.example.com/derp -clients 2 -rate 100 -seconds 10
@@ -97,10 +107,10 @@ class StartedServer:
     The pin comes from the certificate the server made in its certdir, read once it listens.
     """
 
-    def __init__(self, extra: list[str], wrapper: list[str] = (), cwd: str | None = None) -> None:
-        self._dir = tempfile.TemporaryDirectory()
+    def __init__(self, extra: list[str], wrapper: list[str] = (), cwd: str | None = None,
+                 prepared: "tuple[tempfile.TemporaryDirectory, int] | None" = None) -> None:
+        self._dir, port = prepared or (tempfile.TemporaryDirectory(), _free_tcp_port())
         self.dir = Path(self._dir.name)
-        port = _free_tcp_port()
         args = [*wrapper, sys.executable, "-m", "derper", "-hostname", HOST,
                 "-certmode", "manual", "-certdir", self._dir.name, "-a", f"{HOST}:{port}",
                 "-http-port", "-1", "-stun=false", "-metrics-addr", "off", *extra]
@@ -122,6 +132,35 @@ class StartedServer:
         self.proc.wait(10)
         self._log.close()
         self._dir.cleanup()
+
+
+def started_region(extra: list[str]) -> list[StartedServer]:
+    """Two derpers meshed with each other: their certificates made first, so that each can
+    pin the other's in -mesh-with."""
+    dirs = [(tempfile.TemporaryDirectory(), _free_tcp_port()) for _ in range(2)]
+    pins = []
+    for d, _ in dirs:
+        ensure_ip_cert(Path(d.name), HOST)
+        pins.append(load_manual(Path(d.name), HOST).pin)
+    key_file = Path(dirs[0][0].name) / "mesh.key"
+    key_file.write_text(os.urandom(32).hex() + "\n")
+    mesh_with = ",".join(f"{HOST}:{port}@{pin}" for (_, port), pin in zip(dirs, pins))
+    servers: list[StartedServer] = []
+    try:
+        for prepared in dirs:  # each its own server key: a shared one would look like a loop
+            servers.append(StartedServer([*extra, "-c", f"{prepared[0].name}/derper.key",
+                                          "-mesh-psk-file", str(key_file),
+                                          "-mesh-with", mesh_with], prepared=prepared))
+        deadline = time.monotonic() + 20  # measure the mesh, not its start-up
+        while not all('msg="mesh link up"' in server.log() for server in servers):
+            if time.monotonic() > deadline:
+                raise LoadError("the two derpers did not mesh:\n" + servers[0].log())
+            time.sleep(0.05)
+    except LoadError:
+        for server in servers:
+            server.close()
+        raise
+    return servers
 
 
 def _free_tcp_port() -> int:
@@ -187,6 +226,8 @@ def _options(argv: list[str], environ: Mapping[str, str]) -> tuple[str, dict]:
             raise UsageError(f"-{name} must be at least 1")
     if opts["rate"] < 0 or opts["seconds"] <= 0:
         raise UsageError("-rate must be >= 0 and -seconds > 0")
+    if opts["recv_url"] and not opts["url"]:
+        raise UsageError("-recv-url needs -url (or use -mesh to start two meshed derpers)")
     if opts["url"] and not opts["url"].startswith(("http://", "https://")):
         raise UsageError(f"-url must be http(s)://host[:port]/derp, not {opts['url']!r}")
     if opts["server_pid"] and not Path(f"/proc/{opts['server_pid']}").is_dir():
@@ -199,11 +240,18 @@ def _options(argv: list[str], environ: Mapping[str, str]) -> tuple[str, dict]:
 
 
 def _bench(mode: str, opts: dict) -> dict:
-    server = None if opts["url"] else StartedServer(opts["server_args"].split())
+    extra = opts["server_args"].split()
+    started = [] if opts["url"] else started_region(extra) if opts["mesh"] else \
+        [StartedServer(extra)]
+    server = started[0] if started else None
     try:
         target = {"url": opts["url"] or server.url,
                   "cert_pin": (opts["cert_pin"] or None) if opts["url"] else server.pin,
-                  "ca_file": opts["ca_file"] or None}
+                  "ca_file": opts["ca_file"] or None, "recv": None}
+        if opts["recv_url"] or len(started) == 2:
+            target["recv"] = {"url": opts["recv_url"] or started[1].url,
+                              "cert_pin": (opts["recv_cert_pin"] or None) if opts["recv_url"]
+                              else started[1].pin, "ca_file": opts["ca_file"] or None}
         pid = server.proc.pid if server else opts["server_pid"] or None
         if mode == "conns":
             rss = rss_bytes(pid) if pid else None
@@ -226,9 +274,11 @@ def _bench(mode: str, opts: dict) -> dict:
             for label, _ in plan:
                 rows[label] = median_row([r for r in runs if r["label"] == label])
     finally:
-        if server:
-            server.close()
-    return {"mode": mode, "target": target["url"], "started_server": server is not None,
+        for started_server in started:
+            started_server.close()
+    recv = target["recv"]
+    return {"mode": mode, "target": target["url"] + (f" -> {recv['url']}" if recv else ""),
+            "started_server": server is not None,
             "cpus": len(os.sched_getaffinity(0)), "python": sys.version.split()[0],
             "rows": rows, "runs": runs}
 

@@ -85,7 +85,19 @@ SERVE_FLAGS = [
          ("DERP_BOOTSTRAP_DNS_NAMES",)),
     Flag("mesh-psk-file", "mesh_psk_file", "string",
          "file holding the region's mesh key (64 hex digits); clients presenting it may watch "
-         "connections, close peers and forward packets", ("DERP_MESH_PSK_FILE",)),
+         "connections, close peers and forward packets; make one with "
+         "'openssl rand -hex 32 > FILE'", ("DERP_MESH_PSK_FILE",)),
+    Flag("mesh-with", "mesh_with", "string",
+         "other relays of this region to mesh with, comma separated: host[:port][/dialhost]"
+         "[@sha256-raw:PIN] (listing this node too is fine), e.g. "
+         "'derp1.example.com,derp2.example.com,10.0.0.3:8443@sha256-raw:1f2e...'; a name with "
+         "several addresses links to each; needs -mesh-psk-file", ("DERP_MESH_WITH",)),
+    Flag("mesh-dns-server", "mesh_dns_server", "string",
+         "DNS server (ip:port) that resolves -mesh-with names, e.g. a cluster's DNS; empty: "
+         "the system resolver", ("DERP_MESH_DNS_SERVER",)),
+    Flag("mesh-resolve-interval", "mesh_resolve_interval", "duration",
+         "how often -mesh-with names are resolved again, so links follow the DNS records",
+         ("DERP_MESH_RESOLVE_INTERVAL",)),
     Flag("tcp-keepalive-time", "tcp_keepalive_time", "duration",
          "TCP keepalive idle time; 0 disables", ("DERP_TCP_KEEPALIVE_TIME",)),
     Flag("tcp-user-timeout", "tcp_user_timeout", "duration",

@@ -87,7 +87,7 @@ class Exposition:
 
     def _derp_set(self) -> list[Metric]:
         s, r = self.relay.stats, self.relay.router
-        local = r.clients_local
+        local, remote = r.clients_local, r.clients_remote
         disco = s.packets_received_disco
 
         def m(key: str, kind: str, help: str, value: float | None = None, **kw) -> Metric:
@@ -129,9 +129,10 @@ class Exposition:
               "connections accepted while their key was already connected",
               s.total_dup_client_conns, prom="derp_dup_client_conns"),
             m("gauge_clients_local", "gauge", "distinct keys connected here", local),
-            m("gauge_clients_remote", "gauge", "distinct keys connected to mesh peers only", 0),
-            m("gauge_clients_total", "gauge", "distinct keys known here or via mesh peers", local,
-              prom="derp_clients"),
+            m("gauge_clients_remote", "gauge", "distinct keys connected to mesh peers only",
+              remote),
+            m("gauge_clients_total", "gauge", "distinct keys known here or via mesh peers",
+              local + remote, prom="derp_clients"),
             m("gauge_current_connections", "gauge", "registered DERP connections (dups included)",
               r.current_connections),
             m("gauge_current_dup_client_conns", "gauge",
@@ -155,12 +156,13 @@ class Exposition:
               s.home_moves_in),
             m("home_moves_out", "counter", "clients that moved their home relay away",
               s.home_moves_out),
-            # No regional mesh links yet (-mesh-with): a Go derper without mesh shows 0 too.
-            m("multiforwarder_created", "counter", "keys claimed by several mesh peers", 0,
-              prom=None),
-            m("multiforwarder_deleted", "counter", "multi-forwarders removed", 0, prom=None),
+            m("multiforwarder_created", "counter", "keys claimed by several mesh peers",
+              r.multiforwarder_created),
+            m("multiforwarder_deleted", "counter", "keys back to one claiming mesh peer",
+              r.multiforwarder_deleted),
             m("packet_forwarder_delete_other_value", "counter",
-              "removals of a non-registered forwarder", 0, prom=None),
+              "removals of a forwarder that was not registered for the key",
+              r.forwarder_delete_other),
             m("packets_forwarded_in", "counter", "packets forwarded in by mesh peers",
               s.packets_forwarded_in),
             m("packets_forwarded_out", "counter", "packets forwarded out to mesh peers",
@@ -200,6 +202,7 @@ class Exposition:
             go_stun[GO_STUN_DISPOSITION.get(d, "not_stun")] += self.stun.requests[d]
         versions = dict(zip(TLS_VERSIONS, s.tls_handshakes, strict=True))
         active = dict(zip(TLS_VERSIONS, s.tls_active, strict=True))
+        links = sorted(self.relay.mesh_links.values(), key=lambda h: (h.peer, h.address))
         return [
             Metric("derp_websocket_accepts", "counter", "DERP-over-WebSocket sessions accepted",
                    _one(s.websocket_accepts), order=("derp_websocket_accepts", "")),
@@ -234,6 +237,14 @@ class Exposition:
                    _one(self.relay.loop_lag.worst), varz=False),
             Metric("derper_tasks", "gauge", "trio tasks alive (about two per client)",
                    _one(trio.lowlevel.current_statistics().tasks_living), varz=False),
+            Metric("derper_mesh_link_up", "gauge",
+                   "regional mesh links (-mesh-with) by entry and address: 1 up, 0 down",
+                   tuple(((("address", h.address), ("peer", h.peer)), int(h.up))
+                         for h in links), varz=False),
+            Metric("derper_mesh_link_reconnects", "counter",
+                   "times each mesh link went down and was retried",
+                   tuple(((("address", h.address), ("peer", h.peer)), h.reconnects)
+                         for h in links), varz=False),
             Metric("derper_build", "gauge", "derper build information",
                    (((("version", self.version),), 1),), varz=False, prom_kind="info"),
         ]

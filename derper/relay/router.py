@@ -1,8 +1,10 @@
-"""Who is connected under which key, and where a packet for a key goes (spec §4.2, §4.3, §4.7).
+"""Who is connected under which key, and where a packet for a key goes (spec §4.2, §4.3, §4.7,
+§4.8).
 
 Pure state shared by every session of one server in one trio thread: no locks and no awaits.
-The router knows connections only through the small ``Peer`` interface, so sessions, mesh links
-and tests can all stand behind it.
+The router knows connections only through small interfaces, so sessions, mesh links and tests
+can all stand behind them: ``Peer`` is anything packets can be handed to (a client session, a
+mesh link); ``Client`` is a local connection, which the router also tells about others.
 """
 
 from __future__ import annotations
@@ -15,36 +17,52 @@ from ..proto.wire import PeerGoneReason
 
 
 class Peer(Protocol):
-    """What the router needs from one client connection."""
+    """Where a reader hands packets: a session's or a mesh link's outbox (``relay.outbox``)."""
 
     key: bytes
+    back_pressure: bool  # a reader that fills it awaits ``wait_room`` instead of dropping
+
+    def deliver(self, frame: bytearray, disco: bool) -> bool:
+        """Queue a frame; True when that filled the queue (the caller may yield once)."""
+    def full(self, disco: bool) -> bool: ...
+    def flush(self) -> None:
+        """Write (or wake the writer for) what this read queued; see ``Relay.ready``."""
+    def wake(self) -> None: ...
+    async def wait_room(self) -> None: ...
+
+
+class Client(Peer, Protocol):
+    """A local client connection, as the router needs it."""
+
     conn_id: int
     dup: bool
     remote_ip: str | None
     remote_port: int
     present_flags: int
 
-    def deliver(self, frame: bytearray, disco: bool) -> bool:
-        """Queue a RecvPacket; True when that filled the queue (the caller may yield once)."""
     def send_peer_gone(self, key: bytes, reason: int) -> None: ...
-    def send_peer_present(self, peer: "Peer") -> None: ...
+    def send_peer_present(self, peer: "Client") -> None: ...
     def notify_presence_gone(self, key: bytes) -> None: ...
     def close_by_peer_request(self) -> None: ...
 
 
 class Router:
-    """Key → connections, with last-writer-wins duplicates and PeerGone bookkeeping.
+    """Key → connections, with last-writer-wins duplicates, mesh forwarders and PeerGone
+    bookkeeping.
 
     ``active`` maps a key to the one connection that receives its packets; the hot path is a
     single ``active.get``. ``conns`` holds every connection of a key (more than one means
-    duplicates: a cloned VM or a reconnect racing the old connection).
+    duplicates: a cloned VM or a reconnect racing the old connection). ``forwarders`` holds,
+    per key, the mesh links whose node has it, in the order they claimed it: the first is the
+    one used, and only while the key has no local connection (Go's rules).
     """
 
     def __init__(self, stats: Stats) -> None:
         self.stats = stats
-        self.active: dict[bytes, Peer] = {}
-        self.conns: dict[bytes, list[Peer]] = {}
-        self.watchers: set[Peer] = set()
+        self.active: dict[bytes, Client] = {}
+        self.conns: dict[bytes, list[Client]] = {}
+        self.watchers: set[Client] = set()
+        self.forwarders: dict[bytes, list[Peer]] = {}
         # PeerGone(Disconnected) bookkeeping: src key → {dst key: dst conn_id} and its reverse,
         # so entries are dropped when either side leaves and the tables stay bounded.
         self._receivers_of: dict[bytes, dict[bytes, int]] = {}
@@ -53,10 +71,13 @@ class Router:
         self._last_activity: dict[int, int] = {}
         self.dup_keys = 0
         self.dup_conns = 0
+        self.multiforwarder_created = 0
+        self.multiforwarder_deleted = 0
+        self.forwarder_delete_other = 0  # Go: packet_forwarder_delete_other_value
 
     # ---- membership ---------------------------------------------------------------------------
 
-    def register(self, peer: Peer) -> None:
+    def register(self, peer: Client) -> None:
         key = peer.key
         self._last_activity[peer.conn_id] = next(self._activity)
         conns = self.conns.get(key)
@@ -76,7 +97,7 @@ class Router:
         for w in self.watchers:
             w.send_peer_present(peer)
 
-    def unregister(self, peer: Peer) -> None:
+    def unregister(self, peer: Client) -> None:
         key = peer.key
         self._last_activity.pop(peer.conn_id, None)
         self.watchers.discard(peer)
@@ -87,7 +108,10 @@ class Router:
         if not conns:
             del self.conns[key]
             del self.active[key]
-            self._key_left(key)
+            for w in self.watchers:  # watchers hear of local departures only
+                w.notify_presence_gone(key)
+            if key not in self.forwarders:
+                self._left_region(key)
         elif len(conns) == 1:  # a pair of duplicates is back to one ordinary connection
             self.dup_keys -= 1
             self.dup_conns -= 2
@@ -99,15 +123,13 @@ class Router:
             if self.active.get(key) is peer:  # the most recent writer (or registrant) takes over
                 self.active[key] = max(conns, key=lambda c: self._last_activity[c.conn_id])
 
-    def note_activity(self, peer: Peer) -> None:
-        """A frame arrived from a duplicate: it becomes the one that receives (last writer wins)."""
+    def note_activity(self, peer: Client) -> None:
+        """A frame arrived from a duplicate: it becomes the receiving one (last writer wins)."""
         self._last_activity[peer.conn_id] = next(self._activity)
         self.active[peer.key] = peer
 
-    def _key_left(self, key: bytes) -> None:
-        """The last connection of ``key`` is gone from this region."""
-        for w in self.watchers:
-            w.notify_presence_gone(key)
+    def _left_region(self, key: bytes) -> None:
+        """``key`` has neither a local connection nor a forwarder any more."""
         for src in self._senders_to.pop(key, ()):
             receivers = self._receivers_of.get(src)
             if receivers is not None:
@@ -124,9 +146,41 @@ class Router:
                 if c.conn_id == conn_id:
                     c.send_peer_gone(key, PeerGoneReason.DISCONNECTED)
 
+    # ---- mesh forwarders (spec §4.8) ------------------------------------------------------------
+
+    def forwarder(self, key: bytes) -> Peer | None:
+        """The mesh link to use for ``key``; call only when it has no local connection."""
+        fwds = self.forwarders.get(key)
+        return fwds[0] if fwds else None
+
+    def add_forwarder(self, key: bytes, fwd: Peer) -> None:
+        """A mesh link's node has ``key`` (PeerPresent). A second claimant only queues up."""
+        fwds = self.forwarders.get(key)
+        if fwds is None:
+            self.forwarders[key] = [fwd]
+        elif fwd not in fwds:
+            if len(fwds) == 1:
+                self.multiforwarder_created += 1
+            fwds.append(fwd)
+
+    def remove_forwarder(self, key: bytes, fwd: Peer) -> None:
+        """``fwd``'s node no longer has ``key`` (PeerGone, or the link dropped); the oldest
+        remaining claimant takes over."""
+        fwds = self.forwarders.get(key)
+        if fwds is None or fwd not in fwds:
+            self.forwarder_delete_other += 1
+            return
+        fwds.remove(fwd)
+        if len(fwds) == 1:
+            self.multiforwarder_deleted += 1
+        elif not fwds:
+            del self.forwarders[key]
+            if key not in self.conns:
+                self._left_region(key)
+
     # ---- routing ------------------------------------------------------------------------------
 
-    def note_sent(self, src_key: bytes, dst: Peer) -> None:
+    def note_sent(self, src_key: bytes, dst: Client) -> None:
         """Remember that ``dst`` heard from ``src_key``, for PeerGone when ``src_key`` leaves.
 
         Callers cache the last destination so this runs once per destination change, not per
@@ -143,7 +197,7 @@ class Router:
 
     # ---- mesh privileges ----------------------------------------------------------------------
 
-    def add_watcher(self, watcher: Peer) -> None:
+    def add_watcher(self, watcher: Client) -> None:
         """Enrol a mesh watcher and tell it every key that has a routable connection now."""
         self.watchers.add(watcher)
         for peer in self.active.values():
@@ -165,3 +219,9 @@ class Router:
     @property
     def clients_local(self) -> int:
         return len(self.conns)
+
+    @property
+    def clients_remote(self) -> int:
+        """Keys only mesh peers have."""
+        conns = self.conns
+        return sum(1 for k in self.forwarders if k not in conns)

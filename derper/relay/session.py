@@ -1,17 +1,14 @@
 """One server-side DERP connection: handshake, then a reader task and a writer task (spec §4).
 
-The reader parses every complete frame a socket read brought, routes packets straight into the
-destinations' send queues and never blocks on another client. The writer drains the queues,
-pongs, PeerGone/PeerPresent notes and keepalives into one buffer and sends it with one
-``send_all`` under the write deadline. A slow or hostile client can therefore only lose its own
-packets. One shortcut: when a read queued packets for a destination whose writer is idle with
-nothing else to send, the reader encrypts them and offers them to that socket itself, without
-waiting (``_write_now``); what the socket does not take is left to the writer.
+A thin trio shell: the protocol rules and the control frames owed live in ``conn.ClientConn``
+(pure), the queues and the writer in ``outbox.Outbox`` (shared with mesh links). The reader
+parses every complete frame a socket read brought and routes packets straight into the
+destinations' outboxes (a local client's, else a mesh link's) and never blocks on another
+connection, so a slow or hostile client can only lose its own packets.
 """
 
 from __future__ import annotations
 
-import math
 import random
 from typing import Callable
 
@@ -19,15 +16,16 @@ import trio
 
 from .. import logs
 from ..admission.limits import TokenBucket
-from ..errors import IOFailure, ProtocolError
+from ..errors import ProtocolError
 from ..metrics.counters import DropReason
 from ..net.reading import RECV_SIZE, read_more
 from ..proto import handshake, wire
 from ..proto.handshake import ClientInfo
 from ..proto.keys import public_text
-from ..proto.wire import FrameReader, FrameType, PeerGoneReason, PeerPresentFlags
+from ..proto.wire import FrameReader, FrameType
+from .conn import ClientConn, Event
 from .hub import Relay
-from .sendqueue import RECV_OVERHEAD, SendQueue
+from .outbox import Outbox, WriteTimeout, lost
 
 log = logs.get("derper.relay.session")
 
@@ -38,8 +36,6 @@ PACE_STEP = 4 << 10
 # while we were descheduled). Before the queue head-drops, the reader yields until the
 # destination's writer has taken the queue; bounded per read, so a stuck writer costs little.
 YIELDS_PER_READ = 16
-HOME_MOVE_GRACE = 5.0  # NotePreferred changes sooner than this after connecting aren't moves
-NOT_HERE_RATE, NOT_HERE_BURST = 1.0, 3.0  # PeerGone(NotHere) per sender
 KEEPALIVE_JITTER = 5 / 60  # Go: 60 s + [0, 5) s, chosen once per connection
 # Connect and disconnect lines: every one while clients come and go at a human pace (a restart
 # brings this many back at once), then one a second, so a connect flood cannot flood the log.
@@ -62,19 +58,11 @@ _is_disco = wire.is_disco
 _KL = wire.KEY_LEN
 
 
-def _write_ready(ready: list) -> None:
+def _flush_ready(ready: list) -> None:
     """Write (or wake) every idle writer the current read queued packets for."""
     for dst in ready:
-        dst._write_now()
+        dst.flush()
     ready.clear()
-
-
-class WriteTimeout(IOFailure):
-    """A client took longer than the write deadline to take a batch."""
-
-
-def _lost(e: Exception) -> str:
-    return f"connection lost: {e}" if str(e) else "connection lost"
 
 
 async def serve_derp(relay: Relay, stream: trio.abc.Stream, *, remote_ip: str | None,
@@ -118,6 +106,11 @@ async def serve_derp(relay: Relay, stream: trio.abc.Stream, *, remote_ip: str | 
         relay.log_throttle.log(log, "info", "connection lost during DERP handshake",
                                remote=remote, error=str(e) or None)
         return
+    if info.mesh_key and not info.has_mesh_key(relay.mesh_key):
+        relay.log_throttle.log(log, "warning", "a client presented a mesh key that is not this "
+                               "region's; a mesh peer needs the same -mesh-psk-file on every "
+                               "node", kind="wrong mesh key", key=public_text(info.key),
+                               remote=remote, have_mesh_key=relay.mesh_key is not None)
     if relay.admission is not None:
         if info.has_mesh_key(relay.mesh_key):
             stats.admission_mesh_bypass += 1
@@ -140,7 +133,7 @@ async def serve_derp(relay: Relay, stream: trio.abc.Stream, *, remote_ip: str | 
     except trio.TooSlowError:
         session.close_reason = "timed out writing ServerInfo"
     except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-        session.close_reason = _lost(e)
+        session.close_reason = lost(e)
     finally:
         session.finish()
     if session.close_is_error:  # a protocol error: a peer can cause these at will
@@ -173,43 +166,31 @@ async def _read_client_info(relay: Relay, stream: trio.abc.Stream,
             return info
 
 
-class Session:
-    """A registered DERP client connection; the router's ``Peer``."""
+class Session(Outbox):
+    """A registered DERP client connection: the router's ``Client``, an ``Outbox`` for packets
+    to it, and the reader that routes what it sends."""
 
     def __init__(self, relay: Relay, stream: trio.abc.Stream, info: ClientInfo,
                  remote_ip: str | None, remote_port: int, not_ideal: bool) -> None:
+        can_mesh = info.has_mesh_key(relay.mesh_key)
+        self.conn = ClientConn(info.key, relay.stats, server_key=relay.public_key,
+                               can_mesh=can_mesh, is_prober=info.is_prober, not_ideal=not_ideal,
+                               connected_at=trio.current_time())
+        super().__init__(stream, relay.stats, relay.ready, depth=relay.queue_depth,
+                         write_timeout=(relay.mesh_write_timeout if can_mesh
+                                        else relay.write_timeout),
+                         control=self.conn)
         self.relay = relay
-        self.stream = stream
         self.key = info.key
         self.conn_id = relay.next_conn_id()
         self.dup = False
         self.remote_ip = remote_ip
         self.remote_port = remote_port
-        self.can_mesh = info.has_mesh_key(relay.mesh_key)
+        self.can_mesh = can_mesh
         self.not_ideal = not_ideal
-        flags = ((PeerPresentFlags.MESH if self.can_mesh else 0)
-                 | (PeerPresentFlags.PROBER if info.is_prober else 0)
-                 | (PeerPresentFlags.NOT_IDEAL if not_ideal else 0))
-        self.present_flags = flags or PeerPresentFlags.REGULAR
-        self.queue = SendQueue(relay.stats, relay.queue_depth)
-        self.cancel_scope = trio.CancelScope()
+        self.present_flags = self.conn.present_flags
         self.close_reason = "client closed the connection"
         self.close_is_error = False
-        self.connected_at = trio.current_time()
-        self.preferred = False
-        self._lot = trio.lowlevel.ParkingLot()
-        self._parked = False  # the writer waits in _lot and nobody has claimed it yet
-        # The stream's non-blocking write (TLS only), for _write_now; and what that left to the
-        # writer: counts of packets handed over but not yet all in the kernel.
-        self._send_nowait = getattr(stream, "send_nowait", None)
-        self._carried: tuple[int, int, int, int] | None = None
-        self._closing = False
-        self._pong: bytes | None = None
-        self._peer_gone: dict[bytes, bytes] = {}  # coalesced by key
-        self._presence: dict[bytes, bytes] = {}  # mesh watchers only, coalesced by key
-        self._restarting: bytes | None = None
-        self._keepalive_due = False
-        self._not_here: TokenBucket | None = None
         self._last_dst: object = None
         self._recv_bucket: TokenBucket | None = None
         self._recv_limit: object = None  # the ReceiveLimit _recv_bucket was made for
@@ -217,85 +198,36 @@ class Session:
         if not_ideal:
             relay.stats.current_notideal_connections += 1
 
-    # ---- the router's Peer interface (synchronous; called from other sessions' readers) -------
-
-    def deliver(self, frame: bytearray, disco: bool) -> bool:
-        if self._closing:
-            self.relay.stats.drop(DropReason.GONE_DISCONNECTED, disco, len(frame) - RECV_OVERHEAD)
-            return False
-        full = self.queue.put(frame, disco)
-        if self._parked:  # the reader calling us writes or wakes us before it awaits
-            self._parked = False
-            self.relay.ready.append(self)
-        return full
+    # ---- the router's Client interface (synchronous; called from other sessions' readers) -----
 
     def send_peer_gone(self, key: bytes, reason: int) -> None:
-        self._peer_gone[key] = wire.peer_gone(key, reason)
-        self._wake()
+        self.conn.peer_gone(key, reason)
+        self.wake()
 
     def send_peer_present(self, peer) -> None:
-        self._presence[peer.key] = wire.peer_present(peer.key, peer.remote_ip, peer.remote_port,
-                                                     peer.present_flags)
-        self._wake()
+        self.conn.peer_present(peer.key, peer.remote_ip, peer.remote_port, peer.present_flags)
+        self.wake()
 
     def notify_presence_gone(self, key: bytes) -> None:
-        self._presence[key] = wire.peer_gone(key, PeerGoneReason.DISCONNECTED)
-        self._wake()
+        self.conn.presence_gone(key)
+        self.wake()
 
     def close_by_peer_request(self) -> None:
-        self.close_reason = "closed by a mesh peer (ClosePeer)"
-        self.cancel_scope.cancel()
+        self.close("closed by a mesh peer (ClosePeer)")
 
     def send_restarting(self, frame: bytes) -> None:
-        self._restarting = frame
-        self._wake()
+        self.conn.restarting(frame)
+        self.wake()
 
     @property
     def restart_pending(self) -> bool:
-        return self._restarting is not None and not self._closing
-
-    def _wake(self) -> None:
-        if self._parked:
-            self._parked = False
-            self._lot.unpark()
-
-    def _write_now(self) -> None:
-        """Write the packets a reader just queued for this idle writer, if that cannot block.
-
-        Saves the trip through the scheduler to the writer per batch. Only when nothing but
-        packets is pending (so frame order is the writer's) and the stream is free; else, or
-        if the socket does not take everything at once, the writer is woken as usual and sends
-        the rest under its write deadline. Never raises into the calling reader.
-        """
-        if (self._send_nowait is None or self._closing or not self.stream.can_send_now()
-                or self._control_pending()):
-            self._lot.unpark()
-            return
-        stats = self.relay.stats
-        batch: list = []
-        nd, bd, no, bo = self.queue.take(batch)
-        stats.buffered_write_frames.observe(len(batch))
-        try:
-            done = self._send_nowait(batch[0] if len(batch) == 1 else b"".join(batch))
-        except trio.BrokenResourceError as e:
-            self._count_write_error(nd, bd, no, bo)
-            self.close_reason = _lost(e)
-            self.cancel_scope.cancel()
-            self._lot.unpark()
-            return
-        if done:
-            stats.packets_sent += nd + no
-            stats.bytes_sent += bd + bo
-            self._parked = True
-        else:
-            self._carried = (nd, bd, no, bo)
-            self._lot.unpark()
+        return self.conn.restart_pending and not self.closing
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
     async def run(self, reader: FrameReader) -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._guard, self._write_loop, nursery.cancel_scope)
+            nursery.start_soon(self._guard, self.write_loop, nursery.cancel_scope)
             nursery.start_soon(self._tick_keepalives)
             await self._guard(self._read_loop, nursery.cancel_scope, reader)
 
@@ -306,22 +238,23 @@ class Session:
         except ProtocolError as e:
             self.close_reason, self.close_is_error = f"protocol error: {e}", True
         except WriteTimeout as e:
-            self.close_reason = str(e)
+            self.relay.stats.sclient_write_timeouts += 1
+            self.close_reason = f"{e} (client too slow)"
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-            self.close_reason = _lost(e)
+            self.close_reason = lost(e)
         finally:
             ready = self.relay.ready
             for dst in ready:  # an error ended a read midway: those writers take over
-                dst._lot.unpark()
+                dst.wake()
             ready.clear()
             scope.cancel()
 
     def finish(self) -> None:
-        self._closing = True
         relay = self.relay
+        self.closing = True
         relay.router.unregister(self)
-        self.queue.discard()
-        if self.preferred:
+        self.discard()
+        if self.conn.preferred:
             relay.stats.current_home_connections -= 1
         if self.not_ideal:
             relay.stats.current_notideal_connections -= 1
@@ -365,32 +298,50 @@ class Session:
                     stats.bytes_received += n
                     if disco:
                         stats.packets_received_disco += 1
+                    if view is None:
+                        view = memoryview(buf)
                     dst = active_get(buf[s:ps])
-                    if dst is None:
-                        self._unknown_dest(buf[s:ps], disco, n, DropReason.UNKNOWN_DEST)
-                        continue
-                    if view is None:
-                        view = memoryview(buf)
-                    out = bytearray(view[s - 5:e])  # SendPacket → RecvPacket: same length
-                    out[0] = _RECV
-                    out[5:37] = my_key
+                    if dst is not None:
+                        out = bytearray(view[s - 5:e])  # SendPacket → RecvPacket: same length
+                        out[0] = _RECV
+                        out[5:37] = my_key
+                        if dst is not self._last_dst:
+                            router.note_sent(my_key, dst)
+                            self._last_dst = dst
+                    else:
+                        dst = router.forwarder(buf[s:ps])
+                        if dst is None:
+                            self._unknown_dest(buf[s:ps], disco, n, DropReason.UNKNOWN_DEST)
+                            continue
+                        out = self._forward_frame(view, s, e)
                     full = dst.deliver(out, disco)
-                    if dst is not self._last_dst:
-                        router.note_sent(my_key, dst)
-                        self._last_dst = dst
-                    while full and yields:  # let its writer take the queue first
-                        if ready:  # (none may wait in ready while we await)
-                            _write_ready(ready)
-                        else:  # the writer may run after us in a batch
-                            yields -= 1
-                            await trio.lowlevel.checkpoint()
-                        full = dst.queue.full(disco)
                 else:
-                    if view is None:
-                        view = memoryview(buf)
-                    self._handle_control(ftype, buf, view, s, e)
+                    filled = self._control(ftype, buf, s, e)
+                    if filled is None:
+                        continue
+                    dst, disco = filled  # a packet forwarded in filled this queue
+                    full = True
+                while full and yields:  # let its writer take the queue first
+                    if ready:  # (none may wait in ready while we await)
+                        _flush_ready(ready)
+                    elif dst.back_pressure:  # a mesh link: wait, rather than drop
+                        await dst.wait_room()
+                    else:  # the writer may run after us in a batch
+                        yields -= 1
+                        await trio.lowlevel.checkpoint()
+                    full = dst.full(disco)
             if ready:
-                _write_ready(ready)
+                _flush_ready(ready)
+
+    def _forward_frame(self, view: memoryview, s: int, e: int) -> bytearray:
+        """SendPacket(dst, packet) at ``view[s:e]`` → ForwardPacket(our client, dst, packet),
+        one hop to the mesh peer whose node has dst (spec §4.2 step 2)."""
+        self.relay.stats.packets_forwarded_out += 1
+        out = bytearray(5 + _KL + e - s)
+        out[0:5] = wire.header(FrameType.FORWARD_PACKET, _KL + e - s)
+        out[5:5 + _KL] = self.key
+        out[5 + _KL:] = view[s:e]
+        return out
 
     async def _paced_receive(self) -> bytes:
         """The next at most PACE_STEP bytes from the client, once the limits allow them.
@@ -424,84 +375,44 @@ class Session:
 
     def _unknown_dest(self, dst_key: bytes, disco: bool, n: int, reason: DropReason) -> None:
         self.relay.stats.drop(reason, disco, n)
-        if disco:
-            now = trio.current_time()
-            if self._not_here is None:
-                self._not_here = TokenBucket(NOT_HERE_RATE, NOT_HERE_BURST, now)
-            if self._not_here.allow(now):
-                self.send_peer_gone(dst_key, PeerGoneReason.NOT_HERE)
+        if disco and self.conn.not_here(dst_key, trio.current_time()):
+            self.wake()
 
-    def _handle_control(self, ftype: int, buf: bytes, view: memoryview, s: int, e: int) -> None:
-        stats = self.relay.stats
-        if ftype == FrameType.PING:
-            if e - s < 8:
-                raise ProtocolError(f"Ping of {e - s} bytes is shorter than 8")
-            stats.got_ping += 1
-            if self._pong is None:  # one pending pong at most, as in Go
-                self._pong = buf[s:s + 8]
-                self._wake()
-        elif ftype == FrameType.NOTE_PREFERRED:
-            if e - s != 1:
-                raise ProtocolError("NotePreferred must carry exactly one byte")
-            self._note_preferred(buf[s] != 0)
-        elif ftype == FrameType.FORWARD_PACKET:
-            self._require_mesh("ForwardPacket")
-            if e - s < 2 * _KL:
-                raise ProtocolError("ForwardPacket shorter than two keys")
-            self._forwarded_in(buf, view, s, e)
-        elif ftype == FrameType.WATCH_CONNS:
-            self._require_mesh("WatchConns")
-            if self.key != self.relay.public_key:  # a node watching itself is not enrolled
-                self.relay.router.add_watcher(self)
-        elif ftype == FrameType.CLOSE_PEER:
-            self._require_mesh("ClosePeer")
-            if e - s != _KL:
-                raise ProtocolError("ClosePeer must carry exactly one key")
-            self.relay.router.close_key(buf[s:e])
+    def _control(self, ftype: int, buf: bytearray, s: int, e: int) -> tuple | None:
+        """Act on a control frame; (destination, disco) if it was a ForwardPacket that filled
+        that destination's queue (the reader then yields to its writer, as for SendPacket)."""
+        event = self.conn.receive(ftype, buf, s, e, trio.current_time())
+        if event is None:
+            return None
+        if event is Event.WAKE:
+            self.wake()
+        elif event is Event.FORWARD:
+            return self._forwarded_in(buf, s, e)
+        elif event is Event.WATCH:
+            self.relay.router.add_watcher(self)
+        elif event is Event.CLOSE_PEER:
+            self.relay.router.close_key(bytes(buf[s:e]))
+        return None
 
-    def _require_mesh(self, what: str) -> None:
-        if not self.can_mesh:
-            raise ProtocolError(f"{what} requires the mesh key")
-
-    def _note_preferred(self, preferred: bool) -> None:
-        if preferred == self.preferred:
-            return
-        stats = self.relay.stats
-        self.preferred = preferred
-        stats.current_home_connections += 1 if preferred else -1
-        if trio.current_time() - self.connected_at > HOME_MOVE_GRACE:
-            if preferred:
-                stats.home_moves_in += 1
-            else:
-                stats.home_moves_out += 1
-
-    def _forwarded_in(self, buf: bytes, view: memoryview, s: int, e: int) -> None:
+    def _forwarded_in(self, buf: bytearray, s: int, e: int) -> tuple | None:
         """A mesh peer relays a packet from one of its clients to one of ours (never re-sent)."""
-        stats = self.relay.stats
         src, dst_key = buf[s:s + _KL], buf[s + _KL:s + 2 * _KL]
         ps = s + 2 * _KL
         n = e - ps
         disco = _is_disco(buf, ps, e)
-        stats.packets_forwarded_in += 1
-        dst = self.relay.router.active.get(dst_key)
+        router = self.relay.router
+        dst = router.active.get(dst_key)
         if dst is None:
             self._unknown_dest(dst_key, disco, n, DropReason.UNKNOWN_DEST_ON_FWD)
-            return
-        out = bytearray(view[ps - _KL - 5:e])
+            return None
+        out = bytearray(memoryview(buf)[ps - _KL - 5:e])
         out[0:5] = wire.header(FrameType.RECV_PACKET, _KL + n)
         out[5:5 + _KL] = src
-        dst.deliver(out, disco)
-        self.relay.router.note_sent(src, dst)
+        full = dst.deliver(out, disco)
+        router.note_sent(bytes(src), dst)
+        return (dst, disco) if full else None
 
     # ---- writing ------------------------------------------------------------------------------
-
-    def _pending(self) -> bool:
-        return bool(self.queue.disco or self.queue.other or self._carried is not None
-                    or self._control_pending())
-
-    def _control_pending(self) -> bool:
-        return bool(self._pong is not None or self._peer_gone or self._presence
-                    or self._restarting is not None or self._keepalive_due)
 
     async def _tick_keepalives(self) -> None:
         """Go's ticker: 60 s + jitter, a KeepAlive on every tick whatever else was sent.
@@ -510,103 +421,8 @@ class Session:
         would cost more than the batch it writes. Ticks missed while the writer is blocked
         coalesce into one KeepAlive.
         """
-        relay = self.relay
-        period = relay.keepalive_interval * (1 + random.uniform(0, KEEPALIVE_JITTER))
+        period = self.relay.keepalive_interval * (1 + random.uniform(0, KEEPALIVE_JITTER))
         while True:
             await trio.sleep(period)
-            self._keepalive_due = True
-            self._wake()
-
-    async def _write_loop(self) -> None:
-        relay = self.relay
-        stats = relay.stats
-        stream = self.stream
-        queue = self.queue
-        timeout = relay.mesh_write_timeout if self.can_mesh else relay.write_timeout
-        batch: list = []
-        nd = bd = no = bo = 0
-        frames_per_write = stats.buffered_write_frames
-        fpw, fpw_cap = frames_per_write.by_value, frames_per_write.cap
-        last_take = None  # when this writer last took packets; None until it first did
-        # One scope for every write, its deadline armed per write: cheaper than a new scope.
-        with trio.CancelScope() as deadline:
-            while True:
-                idle = not self._pending()
-                if idle:
-                    self._parked = True
-                    await self._lot.park()
-                if self._keepalive_due:
-                    batch.append(wire.KEEP_ALIVE)
-                    self._keepalive_due = False
-                pong = self._pong
-                if pong is not None:
-                    batch.append(wire.pong(pong))
-                    self._pong = None
-                gone_not_here = gone_disconnected = 0
-                if self._peer_gone:
-                    for frame in self._peer_gone.values():
-                        batch.append(frame)
-                        if frame[-1] == PeerGoneReason.NOT_HERE:
-                            gone_not_here += 1
-                        else:
-                            gone_disconnected += 1
-                    self._peer_gone.clear()
-                nd, bd, no, bo = queue.take(batch)
-                if nd or no:
-                    now = trio.current_time()
-                    if not idle and last_take is not None:
-                        # Packets that found the writer busy waited at most since the last
-                        # take; those that woke an idle (or not yet started) writer are not
-                        # timed: that would be a clock read per packet.
-                        stats.average_queue_duration_ms = (
-                            0.9 * stats.average_queue_duration_ms
-                            + 100.0 * (now - last_take))  # α=0.1, in ms
-                    last_take = now
-                carried = self._carried
-                if carried is not None:  # a reader's write the socket did not take whole
-                    self._carried = None
-                    nd, bd = nd + carried[0], bd + carried[1]
-                    no, bo = no + carried[2], bo + carried[3]
-                if self._presence:
-                    stats.mesh_update_batch_size.observe(len(self._presence))
-                    stats.mesh_update_loop_count.observe(1)
-                    batch.extend(self._presence.values())
-                    self._presence.clear()
-                restarting = self._restarting
-                if restarting is not None:
-                    batch.append(restarting)
-                n = len(batch)
-                if not n:
-                    if carried is None:
-                        continue
-                elif n < fpw_cap:
-                    fpw[n] += 1
-                else:
-                    frames_per_write.observe(n)
-                data = batch[0] if n == 1 else b"".join(batch)  # b"": send what was carried
-                batch.clear()
-                if timeout > 0:
-                    deadline.deadline = trio.current_time() + timeout
-                try:
-                    await stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    self._count_write_error(nd, bd, no, bo)
-                    raise
-                deadline.deadline = math.inf
-                stats.packets_sent += nd + no
-                stats.bytes_sent += bd + bo
-                if pong is not None:
-                    stats.sent_pong += 1
-                stats.peer_gone_not_here_frames += gone_not_here
-                stats.peer_gone_disconnected_frames += gone_disconnected
-                if restarting is not None and self._restarting is restarting:
-                    self._restarting = None
-        # Only the write deadline can end the loop without an exception.
-        stats.sclient_write_timeouts += 1
-        self._count_write_error(nd, bd, no, bo)
-        raise WriteTimeout(f"write timed out after {timeout:g}s (client too slow)")
-
-    def _count_write_error(self, nd: int, bd: int, no: int, bo: int) -> None:
-        stats = self.relay.stats
-        stats.drop(DropReason.WRITE_ERROR, True, bd, packets=nd)
-        stats.drop(DropReason.WRITE_ERROR, False, bo, packets=no)
+            self.conn.keepalive()
+            self.wake()

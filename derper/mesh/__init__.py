@@ -1,0 +1,1 @@
+"""The regional mesh: links to the other relays of a region (spec §4.8)."""
