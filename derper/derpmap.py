@@ -15,6 +15,7 @@ from .certs.bundle import parse_ip
 from .config import Config
 from .errors import ConfigError
 from .net.addr import parse_addr
+from .proto.pin import well_formed
 
 SELF_HOSTED_REGIONS = range(900, 1000)  # reserved by Tailscale for user-run relays
 FORMATS = ("headscale", "tailscale", "json")
@@ -45,6 +46,7 @@ class MapOptions:
     ipv4: str = ""  # "" → -hostname if it is an IPv4 address, else DNS of -hostname
     ipv6: str = ""
     omit_default_regions: bool = False
+    nodes: str = ""  # the region's other relays: comma list of host[@sha256-raw:pin]
 
 
 def build(config: Config, pin: str | None, options: MapOptions) -> dict:
@@ -80,12 +82,35 @@ def build(config: Config, pin: str | None, options: MapOptions) -> dict:
     node["DERPPort"] = port
     if config.http_port == 80:  # the helper answers /generate_204 there
         node["CanPort80"] = True
+    nodes = [node] + [_other_node(node, i, entry) for i, entry in
+                      enumerate(e.strip() for e in options.nodes.split(",") if e.strip())]
     region = {"RegionID": options.region_id, "RegionCode": options.region_code,
-              "RegionName": options.region_name or f"derper {hostname}", "Nodes": [node]}
+              "RegionName": options.region_name or f"derper {hostname}", "Nodes": nodes}
     derp_map: dict = {"Regions": {str(options.region_id): region}}
     if options.omit_default_regions:
         derp_map["omitDefaultRegions"] = True
     return derp_map
+
+
+def _other_node(first: dict, index: int, entry: str) -> dict:
+    """Another relay of the region (``-nodes`` entry ``host[@pin]``), with this one's ports:
+    the nodes of a region run the same flags, each under its own name."""
+    host, _, pin = entry.partition("@")
+    host = host.strip("[]")
+    if not host or (pin and not well_formed(pin)):
+        raise DerpMapError(f"-nodes entry {entry!r}: write host or host@sha256-raw:<64 hex> "
+                           "(that node's CertName)")
+    node: dict = {"Name": f"{first['RegionID']}{chr(ord('b') + index)}",
+                  "RegionID": first["RegionID"], "HostName": host}
+    if pin:
+        node["CertName"] = pin.lower()
+    ip = parse_ip(host)
+    if ip is not None:
+        node["IPv4"], node["IPv6"] = (host, NO_ADDRESS) if ip.version == 4 else (NO_ADDRESS, host)
+    for key in ("STUNPort", "DERPPort", "CanPort80"):
+        if key in first:
+            node[key] = first[key]
+    return node
 
 
 def _addresses(hostname: str, options: MapOptions) -> tuple[str, str]:

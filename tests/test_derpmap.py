@@ -98,6 +98,29 @@ def test_yaml_strings_survive_quotes_colons_and_unicode():
     assert (node["hostname"], node["ipv6"], node["ipv4"]) == ("2001:db8::9", "2001:db8::9", "none")
 
 
+def test_a_region_of_several_nodes(capsys, ip_certdir):
+    """This relay plus two more: an IP node with its own pin, and one with a CA certificate."""
+    certdir, pin = ip_certdir
+    other_pin = "sha256-raw:" + "AB" * 32
+    code, out, err = derpmap(capsys, ["-hostname", IP, "-certmode", "manual",
+                                      "-certdir", str(certdir), "-format", "json",
+                                      "-nodes", f"203.0.113.8@{other_pin}, derp2.example.com"])
+    assert code == 0, err
+    nodes = json.loads(out)["Regions"]["900"]["Nodes"]
+    assert [n["Name"] for n in nodes] == ["900a", "900b", "900c"]
+    assert nodes[0]["CertName"] == pin
+    assert nodes[1] == {"Name": "900b", "RegionID": 900, "HostName": "203.0.113.8",
+                        "CertName": other_pin.lower(), "IPv4": "203.0.113.8", "IPv6": "none",
+                        "STUNPort": 3478, "DERPPort": 443, "CanPort80": True}
+    assert nodes[2] == {"Name": "900c", "RegionID": 900, "HostName": "derp2.example.com",
+                        "STUNPort": 3478, "DERPPort": 443, "CanPort80": True}
+    code, out, err = derpmap(capsys, ["-hostname", IP, "-certmode", "manual", "-certdir",
+                                      str(certdir), "-format", "headscale", "-nodes",
+                                      "derp2.example.com"])
+    assert [n["hostname"] for n in yaml.safe_load(out)["regions"][900]["nodes"]] == [
+        IP, "derp2.example.com"]
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "set -hostname"),
     (["-hostname", IP, "-certmode", "manual"], "start derper once"),
@@ -108,6 +131,7 @@ def test_yaml_strings_survive_quotes_colons_and_unicode():
     (["-hostname", "d.example", "-dev"], "plain HTTP"),
     (["-hostname", "d.example", "-a", ":0"], "fixed port"),
     (["-hostname", "d.example", "-format", "toml"], "-format must be one of"),
+    (["-hostname", "d.example", "-nodes", "d2.example@sha256-raw:12"], "-nodes entry"),
 ])
 def test_wrong_settings_say_what_to_change(capsys, tmp_path, args, message):
     args = args + ["-certdir", str(tmp_path)]

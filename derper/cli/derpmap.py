@@ -35,6 +35,10 @@ MAP_FLAGS = [
          'public IPv6 address clients dial; "none" turns IPv6 off (default: -hostname if it is '
          'an IPv6 address, "none" for an IPv4 -hostname, else its DNS AAAA record)',
          ("DERP_IPV6",)),
+    Flag("nodes", "nodes", "string",
+         "the region's other relays, comma separated: host or host@sha256-raw:<pin> (an IP "
+         "node's CertName); each gets this relay's ports, nodes named 900b, 900c, ...",
+         ("DERP_MAP_NODES",)),
     Flag("omit-default-regions", "omit_default_regions", "bool",
          "tailscale/json formats: use only this map's regions, dropping Tailscale's relays "
          "(Headscale: set derp.urls: [] instead)", ("DERP_OMIT_DEFAULT_REGIONS",)),

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from ..certs.bundle import parse_ip
 from ..errors import ConfigError
 from ..net.addr import host_literal
+from ..proto.pin import well_formed
 
 DEFAULT_PORT = 443
-PIN_PREFIX = "sha256-raw:"
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,7 @@ def parse_mesh_with(text: str) -> list[MeshPeer]:
 def _entry(entry: str) -> MeshPeer:
     rest, _, pin = entry.partition("@")
     if pin:
-        if not pin.startswith(PIN_PREFIX) or len(pin) != len(PIN_PREFIX) + 64 or \
-                not _is_hex(pin[len(PIN_PREFIX):]):
+        if not well_formed(pin):
             raise ConfigError(f"-mesh-with entry {entry!r}: the pin must be sha256-raw: and "
                               "64 hex digits (the peer's CertName from its DERP map node)")
     hostport, _, dial_host = rest.partition("/")
@@ -82,11 +81,3 @@ def _split_host_port(text: str, entry: str) -> tuple[str, int]:
 
 def _is_ip(text: str) -> bool:
     return parse_ip(text) is not None
-
-
-def _is_hex(text: str) -> bool:
-    try:
-        bytes.fromhex(text)
-    except ValueError:
-        return False
-    return True

@@ -22,6 +22,13 @@ def cert_pin(der: bytes) -> str:
     return PREFIX + hashlib.sha256(der).hexdigest()
 
 
+def well_formed(pin: str) -> bool:
+    """``sha256-raw:`` and 64 hex digits (any case), as a DERP map's CertName pins one."""
+    digits = pin[len(PREFIX):]
+    return (pin[:len(PREFIX)].lower() == PREFIX and len(digits) == 64
+            and all(c in "0123456789abcdefABCDEF" for c in digits))
+
+
 def pin_problem(chain: list[bytes], pin: str, now: datetime.datetime | None = None) -> str | None:
     """Why the server's DER ``chain`` does not satisfy ``pin``; None when it does."""
     leaves = [der for der in chain if metacert.parse(der) is None]
