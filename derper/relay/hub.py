@@ -36,6 +36,9 @@ class Relay:
     recv_limit: ReceiveLimit | None = None  # per client (-rate-config); mesh peers exempt
     bandwidth: BandwidthLimiter | None = None  # relay-wide fair budget (-bandwidth-limit)
     pacing: bool = False  # either of the two above is set
+    # Links to the region's other relays, as the status page shows them (metrics.status.MeshLink);
+    # empty until this derper dials mesh peers itself.
+    mesh_links: list = field(default_factory=list)
     router: Router = field(init=False)
     # Sessions whose idle writer a reader just queued packets for; that reader writes or wakes
     # each before it next awaits, so the list is empty whenever another task runs.

@@ -23,6 +23,7 @@ class Peer(Protocol):
     remote_ip: str | None
     remote_port: int
     present_flags: int
+    rx_bytes: int  # bytes read from this connection so far, for the status page's top senders
 
     def deliver(self, frame: bytearray, disco: bool) -> bool:
         """Queue a RecvPacket; True when that filled the queue (the caller may yield once)."""
@@ -58,6 +59,7 @@ class Router:
 
     def register(self, peer: Peer) -> None:
         key = peer.key
+        self.stats.client_connects += 1
         self._last_activity[peer.conn_id] = next(self._activity)
         conns = self.conns.get(key)
         if conns is None:
@@ -83,6 +85,7 @@ class Router:
         conns = self.conns.get(key)
         if conns is None or peer not in conns:
             return
+        self.stats.client_disconnects += 1
         conns.remove(peer)
         if not conns:
             del self.conns[key]

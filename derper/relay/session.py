@@ -185,6 +185,7 @@ class Session:
         self.dup = False
         self.remote_ip = remote_ip
         self.remote_port = remote_port
+        self.rx_bytes = 0  # one add per read (not per packet): the status page's top senders
         self.can_mesh = info.has_mesh_key(relay.mesh_key)
         self.not_ideal = not_ideal
         flags = ((PeerPresentFlags.MESH if self.can_mesh else 0)
@@ -347,6 +348,7 @@ class Session:
                     chunk = await stream.receive_some(RECV_SIZE)
                 if not chunk:
                     return
+                self.rx_bytes += len(chunk)
                 reader.feed(chunk)
             if self.dup:
                 router.note_activity(self)
