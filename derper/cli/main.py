@@ -20,6 +20,7 @@ COMMANDS = {
     "derpmap": ("derper.cli.derpmap", "print this relay's DERP map for Headscale or Tailscale"),
     "bench": ("derper.cli.bench", "load a DERP relay: throughput, latency, connections/s"),
     "nat": ("derper.cli.nat", "why are my devices relayed? measure this network's NAT"),
+    "status": ("derper.cli.status", "is my relay healthy? its status page, in the terminal"),
 }
 
 _COMMAND_LINES = "\n".join(f"       derper {name} [flags]".ljust(35) + summary
