@@ -62,6 +62,9 @@ def test_ring_keeps_the_newest_snapshots_and_turns_them_into_rates():
     assert ring.at_or_before(0.0)[0] == 2.0  # older than the ring: its oldest snapshot
     assert ring.series(rates={"per_s": "total"}, gauges={"g": "gauge"}) == {
         "t": [3.0, 4.0], "g": [1.0, 0.0], "per_s": [10.0, 10.0]}
+    assert ring.series(rates={"per_s": "total"}, gauges={}, after=3.0) == {
+        "t": [4.0], "per_s": [10.0]}
+    assert ring.series(rates={"per_s": "total"}, gauges={}, after=4.0) == {"t": [], "per_s": []}
 
 
 def test_last_change_dates_only_increases():
@@ -128,8 +131,9 @@ def test_health_verdicts():
     fresh["drops"][1]["last_at"] = now - 10
     fresh["limits"][1]["last_at"] = now - 10
     assert health(fresh, now) == {"state": "warning", "notes": [
-        "packets dropped (queue_head) in the last 5 minutes",
-        "max-clients was hit in the last 5 minutes"]}
+        "in the last 5 minutes, a client fell behind and lost its oldest queued packets "
+        "(queue_head drops)",
+        "in the last 5 minutes, -max-clients turned clients away (HTTP 503)"]}
     fresh["certificate"] = {"installed": True, "days_left": -1, "self_signed": False,
                             "last_error": "rate limited"}
     verdict = health(fresh, now)

@@ -8,7 +8,7 @@ exactly as much history as one that started a minute ago.
 from __future__ import annotations
 
 from array import array
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 
 class Ring:
@@ -35,10 +35,10 @@ class Ring:
         self._next = (i + 1) % self.capacity
         self._count = min(self._count + 1, self.capacity)
 
-    def _slots(self) -> Iterable[int]:
+    def _slots(self) -> list[int]:
         """Slot indices, oldest snapshot first."""
         first = (self._next - self._count) % self.capacity
-        return ((first + k) % self.capacity for k in range(self._count))
+        return [(first + k) % self.capacity for k in range(self._count)]
 
     def times(self) -> list[float]:
         return [self._times[i] for i in self._slots()]
@@ -50,30 +50,30 @@ class Ring:
     def at_or_before(self, t: float) -> tuple[float, dict[str, float]] | None:
         """The newest snapshot taken at or before ``t`` (else the oldest one), or None if empty:
         what a counter said about then, to subtract from its value now."""
-        best = None
-        for i in self._slots():
-            if best is None or self._times[i] <= t:
-                best = i
-            else:
-                break
-        if best is None:
+        slots = self._slots()
+        if not slots:
             return None
-        return self._times[best], {name: col[best] for name, col in self._columns.items()}
+        found = next((i for i in reversed(slots) if self._times[i] <= t), slots[0])
+        return self._times[found], {name: col[found] for name, col in self._columns.items()}
 
-    def series(self, *, rates: Mapping[str, str],
-               gauges: Mapping[str, str]) -> dict[str, list[float]]:
+    def series(self, *, rates: Mapping[str, str], gauges: Mapping[str, str],
+               after: float = float("-inf")) -> dict[str, list[float]]:
         """Chart columns: ``t`` (the later snapshot of each neighbouring pair), each gauge as
-        sampled, and each counter as its per-second rate between the two snapshots. Keys are
-        the mappings' keys; values name the ring's columns."""
-        times = self.times()
-        keep = range(1, len(times))
-        out: dict[str, list[float]] = {"t": [times[k] for k in keep]}
+        sampled, and each counter as its per-second rate between the two snapshots; only the
+        points later than ``after``, and only those are computed (a refresh asks for a few).
+        Keys are the mappings' keys; values name the ring's columns."""
+        slots, t = self._slots(), self._times
+        start = len(slots)
+        while start > 1 and t[slots[start - 1]] > after:
+            start -= 1
+        pairs = list(zip(slots[start - 1:], slots[start:]))  # (previous, this) snapshot
+        out: dict[str, list[float]] = {"t": [t[i] for _, i in pairs]}
         for key, name in gauges.items():
-            values = self.column(name)
-            out[key] = [values[k] for k in keep]
+            column = self._columns[name]
+            out[key] = [column[i] for _, i in pairs]
         for key, name in rates.items():
-            values = self.column(name)
-            out[key] = [(values[k] - values[k - 1]) / (times[k] - times[k - 1]) for k in keep]
+            column = self._columns[name]
+            out[key] = [(column[i] - column[p]) / (t[i] - t[p]) for p, i in pairs]
         return out
 
 

@@ -48,9 +48,21 @@ GAUGES = {"clients": "clients", "connections": "connections"}
 TRAFFIC = {"bytes_in_per_second": "bytes_in", "bytes_out_per_second": "bytes_out",
            "packets_in_per_second": "packets_in", "packets_out_per_second": "packets_out"}
 RATES = {**TRAFFIC, "drops_per_second": "drops", "stun_per_second": "stun"}
-# Drops that mean something is wrong here, not just that a peer left.
-BAD_DROPS = {r.name.lower() for r in (DropReason.QUEUE_HEAD, DropReason.QUEUE_TAIL,
-                                       DropReason.WRITE_ERROR)}
+# Drops and limit hits that make the relay "warning" when recent, and what they mean. Drops for
+# peers that left are normal; so is a per-client -rate-config slowing one heavy sender.
+BAD_DROPS = {
+    "queue_head": "a client fell behind and lost its oldest queued packets",
+    "queue_tail": "a client fell behind and lost queued packets",
+    "write_error": "writes to a client failed",
+}
+LIMIT_HITS = {
+    "max_handshakes": "-max-handshakes closed connections still in their handshake",
+    "max_clients": "-max-clients turned clients away (HTTP 503)",
+    "accept_connection_limit": "-accept-connection-limit closed new connections",
+    "bandwidth_limit": "-bandwidth-limit held senders back: the relay's budget is used up",
+    "tcp_write_timeout": "clients too slow to take their packets were cut off "
+                         "(-tcp-write-timeout)",
+}
 
 
 class MeshLink(Protocol):
@@ -155,6 +167,19 @@ class StatusBoard:
         now, wall = trio.current_time(), time.time()
         live = dict(zip(COLUMNS, self._values(), strict=True))
         to_wall = wall - now
+        minute_ago = self.fine.at_or_before(now - 60.0)
+        recently = self.fine.at_or_before(now - RATE_WINDOW)
+
+        def change(name: str) -> float:
+            """How much counter ``name`` went up in the last minute (or since the oldest
+            sample, if younger)."""
+            return live[name] - minute_ago[1][name] if minute_ago else 0
+
+        def rate(name: str) -> float:
+            """Counter ``name``'s rate over the last RATE_WINDOW seconds."""
+            if recently is None or now - recently[0] <= 0:
+                return 0.0
+            return (live[name] - recently[1][name]) / (now - recently[0])
         relay, config = self.relay, self.config
         data = {
             "schema": SCHEMA,
@@ -174,13 +199,13 @@ class StatusBoard:
                 "connections": live["connections"],
                 "connects_total": live["connects"],
                 "disconnects_total": live["disconnects"],
-                "connects_per_minute": self._change(live, "connects", 60.0, now),
-                "disconnects_per_minute": self._change(live, "disconnects", 60.0, now),
+                "connects_per_minute": change("connects"),
+                "disconnects_per_minute": change("disconnects"),
             },
             "traffic": {
                 "packets_in_total": live["packets_in"], "packets_out_total": live["packets_out"],
                 "bytes_in_total": live["bytes_in"], "bytes_out_total": live["bytes_out"],
-                **{key: round(self._rate(live, name, now)) for key, name in TRAFFIC.items()},
+                **{key: round(rate(name)) for key, name in TRAFFIC.items()},
             },
             "drops": self._drops(to_wall),
             "admission": self._admission(to_wall),
@@ -189,9 +214,9 @@ class StatusBoard:
             "stun": {
                 "enabled": config.stun,
                 "requests_total": live["stun"],
-                "per_second": round(self._rate(live, "stun", now), 2),
+                "per_second": round(rate("stun"), 2),
                 "by_kind": {k: {"total": live["stun_" + k],
-                                "per_second": round(self._rate(live, "stun_" + k, now), 2)}
+                                "per_second": round(rate("stun_" + k), 2)}
                             for k in STUN_KINDS},
             },
             "heaviest_senders": self.senders,
@@ -211,19 +236,6 @@ class StatusBoard:
         if self.tls is None:
             return "off"
         return "letsencrypt" if self.acme is not None else "manual"
-
-    def _change(self, live: dict, name: str, seconds: float, now: float) -> float:
-        """How much counter ``name`` went up in the last ``seconds`` (or since the oldest
-        sample, if younger)."""
-        then = self.fine.at_or_before(now - seconds)
-        return live[name] - then[1][name] if then else 0
-
-    def _rate(self, live: dict, name: str, now: float) -> float:
-        """Counter ``name``'s rate over the last RATE_WINDOW seconds."""
-        then = self.fine.at_or_before(now - RATE_WINDOW)
-        if then is None or now - then[0] <= 0:
-            return 0.0
-        return (live[name] - then[1][name]) / (now - then[0])
 
     def _last(self, event: str, to_wall: float) -> float | None:
         at = self.last.at.get(event)
@@ -290,16 +302,20 @@ class StatusBoard:
         return out
 
     def _series(self, ring: Ring, to_wall: float, since: float | None) -> dict:
-        """A ring's chart columns, times as the JSON shows them (compared after rounding, so a
-        page asking ``since`` its newest point never gets that point again)."""
-        raw = ring.series(rates=RATES, gauges=GAUGES)
-        times = [round(t + to_wall, 2) for t in raw.pop("t")]
+        """A ring's chart columns: times to 0.01 s, byte rates and gauges as integers, other
+        rates to 0.01 (int arithmetic, not ``round``: a page's first load rounds thousands of
+        values while the relay waits). Times are compared after rounding, so a page asking
+        ``since`` its newest point never gets that point again."""
+        after = float("-inf") if since is None else since - to_wall - 0.01  # rounding's margin
+        raw = ring.series(rates=RATES, gauges=GAUGES, after=after)
+        times = [int((t + to_wall) * 100 + 0.5) / 100 for t in raw.pop("t")]
         first = 0 if since is None else next(
             (k for k, t in enumerate(times) if t > since), len(times))
         out: dict = {"step": ring.step, "points": ring.capacity, "t": times[first:]}
-        for key, values in raw.items():
-            out[key] = ([round(v) for v in values[first:]] if key.startswith("bytes")
-                        else [round(v, 2) for v in values[first:]])
+        for key, values in raw.items():  # all ≥ 0: counters only go up
+            values = values[first:]
+            out[key] = ([int(v + 0.5) for v in values] if key in GAUGES or key.startswith("bytes")
+                        else [int(v * 100 + 0.5) / 100 for v in values])
         return out
 
 
@@ -327,11 +343,11 @@ def health(data: dict, wall: float) -> dict:
     recent = wall - RECENT
     for drop in data["drops"]:
         if drop["reason"] in BAD_DROPS and drop["last_at"] and drop["last_at"] >= recent:
-            warnings.append(f"packets dropped ({drop['reason']}) in the last 5 minutes")
+            warnings.append(f"in the last 5 minutes, {BAD_DROPS[drop['reason']]} "
+                            f"({drop['reason']} drops)")
     for hit in data["limits"]:
-        # A per-client -rate-config limit slowing a heavy sender is that sender's business.
-        if hit["last_at"] and hit["last_at"] >= recent and hit["limit"] != "rate_config":
-            warnings.append(f"{hit['limit'].replace('_', '-')} was hit in the last 5 minutes")
+        if hit["limit"] in LIMIT_HITS and hit["last_at"] and hit["last_at"] >= recent:
+            warnings.append(f"in the last 5 minutes, {LIMIT_HITS[hit['limit']]}")
     for link in data["mesh"]["links"]:
         if link["state"] != "connected":
             warnings.append(f"mesh link to {link['peer']} is {link['state']}")
