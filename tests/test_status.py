@@ -272,3 +272,23 @@ async def test_client_addresses_only_with_the_flag_or_variable(tmp_path):
     assert sender["key"] == key and set(sender) == {"key", "bytes_per_second"}
     # The client's address is nowhere; only the server's own listen addresses are shown.
     assert "127.0.0.1" not in json.dumps({k: v for k, v in data.items() if k != "server"})
+
+
+async def test_acme_schedule_and_last_error(start_server, tmp_path):
+    """A CA that cannot be reached: no certificate, the error, and when the next order is due."""
+    closed = free_port()
+    server = await start_server(
+        dev=False, certmode="letsencrypt", hostname="derp.example.com",
+        certdir=str(tmp_path / "certs"), http_port=0, metrics_addr="127.0.0.1:0",
+        acme_directory=f"https://127.0.0.1:{closed}/dir", acme_retry_min=30, acme_retry_max=60)
+    await wait_until(lambda: server.acme.failures >= 1)
+    data = await get_json(server)
+    cert, now = data["certificate"], data["generated_at"]
+    assert data["server"]["tls"] == "letsencrypt"
+    assert cert["installed"] is False and cert["renewal"] == "acme"
+    assert "cannot reach the ACME server" in cert["last_error"]
+    assert now - 10 < cert["last_error_at"] <= now
+    assert now + 20 < cert["next_renewal_at"] <= now + 30
+    assert data["health"]["state"] == "error"
+    assert data["health"]["notes"][0] == "no TLS certificate yet: clients cannot connect"
+    assert data["health"]["notes"][1].startswith("the last certificate order failed: cannot reach")
