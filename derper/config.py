@@ -79,6 +79,7 @@ class Config:
     log_level: str = "info"
     metrics_addr: str = "127.0.0.1:9437"  # /metrics; "" or "off" disables. Not Prometheus's 9090
     debug_allow_cidrs: str = ""  # /debug/varz beyond loopback
+    status_show_addrs: bool = False  # client IP addresses on /status (off: keys only)
     # Not flags: protocol timers and sizes that tests (and the Go debug env knob
     # TS_DEBUG_DERP_PER_CLIENT_SEND_QUEUE_DEPTH) may change.
     keepalive_interval: float = 60.0

@@ -42,6 +42,7 @@ from .mesh.region import Region
 from .metrics import prometheus as prom, varz
 from .metrics.counters import tls_version_index
 from .metrics.exposition import Exposition
+from .metrics.status import StatusBoard
 from .net.addr import host_literal, parse_addr
 from .net.listener import accept_loop, bound_port, open_listener, peer_address, tune
 from .net.tls_stream import TLSStream
@@ -87,6 +88,8 @@ class Server:
         self.tls = self._build_tls() if config.tls else None
         self.stun_counters = StunCounters()
         self.exposition = Exposition(self.relay, self.stun_counters, __version__)
+        self.status = StatusBoard(self.relay, self.stun_counters, config, version=__version__,
+                                  tls=self.tls, acme=self.acme)
         self.endpoints.varz = varz.handler(self.exposition.metrics,
                                            varz.parse_cidrs(config.debug_allow_cidrs))
         self.metrics_port: int | None = None
@@ -250,15 +253,23 @@ class Server:
                 if handle_signals:
                     nursery.start_soon(self._signal_loop)
                 metrics = self._open_metrics()
-                if metrics is not None:
-                    nursery.start_soon(metrics.serve, prom.registry(self.exposition.metrics))
                 where = host_literal(self.listen_host)
+                http_addr = f"{where}:{self.http_port}" if helper else None
+                stun_addr = f"{where}:{self.stun_port}/udp" if stun else None
+                if metrics is not None:
+                    self.status.listen = {
+                        "derp": f"{where}:{self.main_port}" if config.derp else None,
+                        "http": http_addr, "stun": stun_addr,
+                        "metrics": f"{metrics.host}:{metrics.port}"}
+                    nursery.start_soon(self.status.sample_forever)
+                    nursery.start_soon(metrics.serve, prom.registry(self.exposition.metrics),
+                                       self.status)
                 log.info("derper listening", addr=f"{where}:{self.main_port}",
                          scheme="https" if self.tls else "http",
-                         http_helper=f"{where}:{self.http_port}" if helper else None,
-                         stun=f"{where}:{self.stun_port}/udp" if stun else None,
+                         http_helper=http_addr, stun=stun_addr,
                          derp="on" if config.derp else "off",
                          metrics=metrics.url if metrics else None,
+                         status=metrics.status_url if metrics else None,
                          server_key=public_text(self.relay.public_key))
                 task_status.started(self)
         finally:

@@ -56,6 +56,10 @@ async def test_two_nodes_forward_both_ways(nursery, tmp_path, ca, trust_ca):
         assert (f'derper_mesh_link_up{{address="127.0.0.1",peer="{b.entry}"}} 1.0'
                 in exposed)
         assert "derp_packets_forwarded_out_total 1.0" in exposed
+        mesh = a.server.status.snapshot()["mesh"]  # the status page shows the same link
+        assert mesh["configured"] and [(link["peer"], link["state"]) for link in mesh["links"]] \
+            == [(b.entry, "connected")]
+        assert mesh["links"][0]["remote_clients"] == 2  # B's client and A's own watcher
     sa, sb = a.server.relay.stats, b.server.relay.stats
     assert (sa.packets_forwarded_out, sb.packets_forwarded_in) == (1, 1)
     assert (sb.packets_forwarded_out, sa.packets_forwarded_in) == (1, 1)

@@ -22,6 +22,7 @@ class FakePeer:
     remote_ip: str | None = "192.0.2.1"
     remote_port: int = 41641
     present_flags: int = 1
+    rx_bytes: int = 0
     calls: list = field(default_factory=list)
 
     def deliver(self, frame, disco):

@@ -54,6 +54,8 @@ class AcmeCerts:
         self.crt_path, self.key_path = manual_paths(certdir, hostname)
         self.account_key: jose.JWKEC | None = None  # prepare() loads or creates it
         self.failures = 0
+        self.last_error: str | None = None  # why the last order failed; None once one works
+        self.last_error_at: float | None = None  # when (Unix time)
         self._retry_at = 0.0
         self._force = False
         self._wake = trio.Event()
@@ -102,6 +104,10 @@ class AcmeCerts:
             return 0.0
         return renewal_time(bundle).timestamp() - now
 
+    def next_attempt_at(self) -> float:
+        """When (Unix time) the next order is due: now if one is (or is under way)."""
+        return time.time() + max(0.0, self._next_attempt_in())
+
     async def run(self) -> None:
         while True:
             wait = self._next_attempt_in()
@@ -127,6 +133,7 @@ class AcmeCerts:
             self.tls.install(bundle)
         except (AcmeError, CertError) as e:
             self.failures += 1
+            self.last_error, self.last_error_at = str(e), time.time()
             delay = retry_delay(self.failures, self.retry_min, self.retry_max)
             self._retry_at = time.time() + delay
             serving = (f"the current certificate (valid until {current.not_after.isoformat()})"
@@ -135,6 +142,7 @@ class AcmeCerts:
                       attempt=self.failures, retry_in=f"{delay:.0f}s", serving=serving)
             return
         self.failures = 0
+        self.last_error = self.last_error_at = None
         log.info("certificate installed", hostname=self.hostname,
                  not_after=bundle.not_after.isoformat(),
                  renew_at=renewal_time(bundle).isoformat())

@@ -147,13 +147,17 @@ SERVE_FLAGS = [
          "relay-wide budget shared fairly by the senders, e.g. 4mbit, 500kbit (bits/s) or "
          "1MB, 2MiB (bytes/s); empty = none", ("DERP_BANDWIDTH_LIMIT",)),
     Flag("metrics-addr", "metrics_addr", "string",
-         'where Prometheus scrapes /metrics, "ip:port" (loopback by default); "off" disables. '
-         "A port that cannot be bound is logged and the relay runs on without metrics",
+         'where Prometheus scrapes /metrics and the status page /status is served, "ip:port" '
+         '(loopback by default: reach it over an SSH tunnel); "off" disables. A port that '
+         "cannot be bound is logged and the relay runs on without them",
          ("DERP_METRICS_ADDR",)),
     Flag("debug-allow-cidrs", "debug_allow_cidrs", "string",
          "comma-separated IP prefixes (e.g. 10.0.0.0/8) that may read /debug/varz on the main "
          "port besides loopback; requests carrying X-Forwarded-For are always refused",
          ("DERP_DEBUG_ALLOW_CIDRS",)),
+    Flag("status-show-addrs", "status_show_addrs", "bool",
+         "show the heaviest senders' IP addresses on /status and in `derper status` (default: "
+         "shortened node keys only)", ("DERP_STATUS_SHOW_ADDRS",)),
     Flag("log-level", "log_level", "string", "debug, info, warning or error",
          ("DERP_LOG_LEVEL",)),
     Flag("version", "version", "bool", "print the version and exit"),

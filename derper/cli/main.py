@@ -21,6 +21,7 @@ COMMANDS = {
     "bench": ("derper.cli.bench", "load a DERP relay: throughput, latency, connections/s"),
     "nat": ("derper.cli.nat", "why are my devices relayed? measure this network's NAT"),
     "check": ("derper.cli.check", "is my relay working? every check, with the fix for each"),
+    "status": ("derper.cli.status", "is my relay healthy? its status page, in the terminal"),
 }
 
 _COMMAND_LINES = "\n".join(f"       derper {name} [flags]".ljust(35) + summary

@@ -11,7 +11,8 @@ growing delay; a link that turns out to reach ourselves is abandoned.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import trio
 
@@ -37,18 +38,30 @@ LOG_BURST, LOG_EVERY = 50, 10.0  # link up/down lines: a flapping peer cannot fl
 
 @dataclass
 class LinkHealth:
-    """What the logs and the link gauge say about one link."""
+    """What the logs, the link gauge and the status page say about one link."""
     peer: str
     address: str
     up: bool = False
     reconnects: int = 0
     last_error: str = ""
+    since: float = field(default_factory=time.time)  # Unix time of the last up/down change
+    remote_clients: int = 0  # keys the peer has announced over this link
+
+    def mark(self, up: bool) -> None:
+        if up != self.up:
+            self.up, self.since = up, time.time()
+        if not up:
+            self.remote_clients = 0
+
+    @property
+    def state(self) -> str:
+        return "connected" if self.up else "failed" if self.last_error else "connecting"
 
 
 class MeshLink(Outbox):
     """A connected, watching link: the router's ``Peer`` for the keys the peer has."""
 
-    def __init__(self, relay: Relay, client: dc.DerpClient, on_up) -> None:
+    def __init__(self, relay: Relay, client: dc.DerpClient, on_up, health: LinkHealth) -> None:
         super().__init__(client.stream, relay.stats, relay.ready, depth=LINK_QUEUE_DEPTH,
                          write_timeout=FORWARD_WRITE_TIMEOUT, overhead=FORWARD_OVERHEAD,
                          counts_sent=False, back_pressure=True)
@@ -58,6 +71,7 @@ class MeshLink(Outbox):
         self.keys: set[bytes] = set()
         self.heard = False  # a watched node announces at least its watcher: the key was right
         self._on_up = on_up
+        self._health = health
 
     async def run(self) -> str:
         """Watch and forward until the link breaks; the reason it did."""
@@ -93,10 +107,12 @@ class MeshLink(Outbox):
                     self._on_up()
                 self.keys.add(m.key)
                 router.add_forwarder(m.key, self)
+                self._health.remote_clients = len(self.keys)
             elif isinstance(m, PeerGoneMessage):
                 if m.peer in self.keys:
                     self.keys.discard(m.peer)
                     router.remove_forwarder(m.peer, self)
+                    self._health.remote_clients = len(self.keys)
 
     def forget(self) -> None:
         """The link is gone: so is every key learned over it, and what waits to be sent."""
@@ -117,7 +133,7 @@ async def run_link(relay: Relay, peer: MeshPeer, address: str, health: LinkHealt
             throttle.log(log, "info", "mesh peer is this node (or has this node's server key); not linking to it",
                          kind="mesh self", **where)
             return
-        health.up = False
+        health.mark(False)
         health.reconnects += 1
         health.last_error = reason
         if heard:
@@ -142,17 +158,17 @@ async def _connect_once(relay: Relay, peer: MeshPeer, address: str,
                 return None, False
 
             def up() -> None:
-                health.up = True
+                health.mark(True)
                 relay.log_throttle.log(log, "info", "mesh link up", kind="mesh link up",
                                        burst=LOG_BURST, every=LOG_EVERY, peer=peer.entry,
                                        address=address, reconnects=health.reconnects,
                                        server_key=public_text(client.server_key))
 
-            link = MeshLink(relay, client, up)
+            link = MeshLink(relay, client, up, health)
             try:
                 reason = await link.run()
             finally:
-                health.up = False
+                health.mark(False)
             if not link.heard:
                 reason = (f"{reason}; the peer closed the link without announcing anyone: it "
                           "does not accept our mesh key (every node's -mesh-psk-file must hold "

@@ -86,6 +86,7 @@ class Stats:
         "current_home_connections", "current_notideal_connections",
         "accepted_connections", "rejected_connections",
         "handshake_failures",
+        "client_connects", "client_disconnects",  # registered with the router, and gone again
         # Admission and limits (not in the Go derper's set; names say what they count).
         "admission_allowed", "admission_rejected", "admission_fail_open",
         "admission_cache_hits", "admission_mesh_bypass",

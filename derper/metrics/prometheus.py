@@ -1,5 +1,7 @@
 """``/metrics`` on ``-metrics-addr``: the exposition as a prometheus-client registry, served by
-hypercorn's trio worker on its own listener so scrapes never queue behind DERP traffic.
+hypercorn's trio worker on its own listener so scrapes never queue behind DERP traffic; the
+status page (``/status``, ``/status.json``) shares that listener, so it is never on the public
+DERP port.
 
 The collector converts ``exposition.Metric`` at scrape time; names follow Prometheus
 conventions (``promtool check metrics`` passes): Go's base name, ``_total`` on counters,
@@ -8,8 +10,10 @@ seconds instead of milliseconds.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Callable, Iterable
+from urllib.parse import parse_qs
 
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio.run import worker_serve
@@ -21,9 +25,11 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from ..net.addr import host_literal, parse_addr
-from . import exposition
+from . import exposition, statuspage
+from .status import StatusBoard
 
 DEFAULT_ADDR = "127.0.0.1:9437"  # loopback; not Prometheus's own 9090
+_TEXT = "text/plain; charset=utf-8"
 
 _FAMILIES = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily}
 
@@ -71,7 +77,22 @@ def registry(metrics: Callable[[], list[exposition.Metric]]) -> CollectorRegistr
     return reg
 
 
-def _asgi(reg: CollectorRegistry):
+async def _respond(send, status: int, body: bytes, content_type: str,
+                   extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", content_type.encode()),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"x-content-type-options", b"nosniff"), *extra]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _since(query: bytes) -> float | None:
+    """``?since=UNIX``; ValueError if it is there but not a number."""
+    values = parse_qs(query.decode("latin-1")).get("since")
+    return float(values[0]) if values else None
+
+
+def _asgi(reg: CollectorRegistry, status: StatusBoard):
     metrics_app = make_asgi_app(reg)
 
     async def app(scope, receive, send):
@@ -79,14 +100,25 @@ def _asgi(reg: CollectorRegistry):
             while (await receive())["type"] != "lifespan.shutdown":
                 await send({"type": "lifespan.startup.complete"})
             await send({"type": "lifespan.shutdown.complete"})
-        elif scope["path"] == "/metrics":
+            return
+        path = scope["path"]
+        if path == "/metrics":
             await metrics_app(scope, receive, send)
+        elif path == "/status.json":
+            try:
+                since = _since(scope.get("query_string", b""))
+            except ValueError:
+                await _respond(send, 400, b"since= wants Unix seconds\n", _TEXT)
+                return
+            body = json.dumps(status.snapshot(since), separators=(",", ":")).encode()
+            await _respond(send, 200, body, "application/json", ((b"cache-control", b"no-store"),))
+        elif (found := statuspage.asset(path.rstrip("/") or "/")):
+            body, content_type = found
+            await _respond(send, 200, body, content_type,
+                           ((b"content-security-policy", statuspage.CSP),
+                            (b"cache-control", b"no-cache")))
         else:
-            body = b"derper metrics are at /metrics\n"
-            await send({"type": "http.response.start", "status": 404,
-                        "headers": [(b"content-type", b"text/plain; charset=utf-8"),
-                                    (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
+            await _respond(send, 404, b"derper serves /metrics and /status here\n", _TEXT)
 
     return app
 
@@ -112,7 +144,11 @@ class MetricsListener:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}/metrics"
 
-    async def serve(self, reg: CollectorRegistry) -> None:
-        """Serve until cancelled."""
-        await worker_serve(wrap_app(_asgi(reg), self.config.wsgi_max_body_size, "asgi"),
+    @property
+    def status_url(self) -> str:
+        return f"http://{self.host}:{self.port}/status"
+
+    async def serve(self, reg: CollectorRegistry, status: StatusBoard) -> None:
+        """Serve /metrics and the status page until cancelled."""
+        await worker_serve(wrap_app(_asgi(reg, status), self.config.wsgi_max_body_size, "asgi"),
                            self.config, sockets=self.sockets)

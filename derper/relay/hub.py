@@ -42,7 +42,8 @@ class Relay:
     # Sessions whose idle writer a reader just queued packets for; that reader writes or wakes
     # each before it next awaits, so the list is empty whenever another task runs.
     ready: list = field(default_factory=list, repr=False)
-    # Regional mesh links (-mesh-with): (entry, address) → mesh.link.LinkHealth, for the metrics.
+    # Regional mesh links (-mesh-with): (entry, address) → mesh.link.LinkHealth, for the metrics
+    # and the status page.
     mesh_links: dict = field(default_factory=dict, repr=False)
     _conn_ids: itertools.count = field(default_factory=lambda: itertools.count(1), repr=False)
 

@@ -39,6 +39,7 @@ class Client(Peer, Protocol):
     remote_ip: str | None
     remote_port: int
     present_flags: int
+    rx_bytes: int  # bytes read from this connection so far, for the status page's top senders
 
     def send_peer_gone(self, key: bytes, reason: int) -> None: ...
     def send_peer_present(self, peer: "Client") -> None: ...
@@ -79,6 +80,7 @@ class Router:
 
     def register(self, peer: Client) -> None:
         key = peer.key
+        self.stats.client_connects += 1
         self._last_activity[peer.conn_id] = next(self._activity)
         conns = self.conns.get(key)
         if conns is None:
@@ -104,6 +106,7 @@ class Router:
         conns = self.conns.get(key)
         if conns is None or peer not in conns:
             return
+        self.stats.client_disconnects += 1
         conns.remove(peer)
         if not conns:
             del self.conns[key]

@@ -186,6 +186,7 @@ class Session(Outbox):
         self.dup = False
         self.remote_ip = remote_ip
         self.remote_port = remote_port
+        self.rx_bytes = 0  # one add per read (not per packet): the status page's top senders
         self.can_mesh = can_mesh
         self.not_ideal = not_ideal
         self.present_flags = self.conn.present_flags
@@ -280,6 +281,7 @@ class Session(Outbox):
                     chunk = await stream.receive_some(RECV_SIZE)
                 if not chunk:
                     return
+                self.rx_bytes += len(chunk)
                 reader.feed(chunk)
             if self.dup:
                 router.note_activity(self)
