@@ -38,9 +38,9 @@ from derper import client as dc  # noqa: E402
 from derper.cli.bench import StartedServer  # noqa: E402
 from derper.metrics.procstat import rss_bytes  # noqa: E402
 from derper.net.dial import pinned_context  # noqa: E402
-from derper.proto.messages import ReceivedPacket  # noqa: E402
 from derper.proto import wire  # noqa: E402
 from derper.proto.keys import KeyPair, public_text  # noqa: E402
+from derper.proto.messages import ReceivedPacket  # noqa: E402
 from stun.message import tailscale_request  # noqa: E402
 
 CANARY_PERIOD = 0.01

@@ -183,6 +183,8 @@ class _Options:
     can_ack_pings: bool
     ideal_node: str | None
     timeout: float
+    source_ip: str | None
+    extra_headers: tuple[tuple[str, str], ...]
 
 
 class _Progress:
@@ -197,12 +199,15 @@ async def connect(url: str, keypair: KeyPair | None = None, *,
                   fast_start: bool = True, websocket: bool = False,
                   mesh_key: bytes | None = None, is_prober: bool = False,
                   can_ack_pings: bool = False, ideal_node: str | None = None,
-                  timeout: float = 10.0) -> AsyncIterator[DerpClient]:
+                  timeout: float = 10.0, source_ip: str | None = None,
+                  extra_headers=()) -> AsyncIterator[DerpClient]:
     """Connect to ``http(s)://host[:port]/derp`` and complete the DERP handshake.
 
     ``dial`` overrides where the TCP connection goes (a DERP map's IPv4/IPv6); ``cert_pin`` is
-    a ``sha256-raw:`` CertName; ``ideal_node`` sends the ``Ideal-Node`` header. Every failure
-    to connect is a ``DerpClientError`` whose ``step`` says where it happened.
+    a ``sha256-raw:`` CertName; ``ideal_node`` sends the ``Ideal-Node`` header;
+    ``source_ip`` binds the local end; ``extra_headers`` go into the upgrade request (tests:
+    a forged ``X-Forwarded-For``). Every failure to connect is a ``DerpClientError`` whose
+    ``step`` says where it happened.
     """
     parsed = urlsplit(url)
     if parsed.scheme not in ("http", "https"):
@@ -212,7 +217,8 @@ async def connect(url: str, keypair: KeyPair | None = None, *,
     dial_host, dial_port = dial or (host, port)
     opts = _Options(parsed, keypair or KeyPair.generate(), ssl_context, cert_pin,
                     server_hostname or host, dial_host, dial_port, fast_start, websocket,
-                    mesh_key, is_prober, can_ack_pings, ideal_node, timeout)
+                    mesh_key, is_prober, can_ack_pings, ideal_node, timeout, source_ip,
+                    tuple(extra_headers))
     if not websocket:
         async with _closing(await _establish(opts, None)) as client:
             yield client
@@ -274,7 +280,8 @@ async def _connect(opts: _Options, nursery: trio.Nursery | None,
                    progress: _Progress) -> DerpClient:
     """Dial, TLS, upgrade, handshake, in that order, each announced in ``progress``."""
     keypair = opts.keypair
-    stream: trio.abc.Stream = await dial.open_tcp(opts.dial_host, opts.dial_port)
+    stream: trio.abc.Stream = await dial.open_tcp(opts.dial_host, opts.dial_port,
+                                                  opts.source_ip)
     tls = dial.TLSFacts(None, [], None)
     try:
         if opts.url.scheme == "https":
@@ -291,10 +298,12 @@ async def _connect(opts: _Options, nursery: trio.Nursery | None,
         host = http_client.host_header(opts.url)
         fast_key = tls.fast_start_key if opts.fast_start and not opts.websocket else None
         if opts.websocket:
-            stream = await open_websocket(nursery, stream, host)
+            stream = await open_websocket(nursery, stream, host,
+                                          extra_headers=opts.extra_headers)
         else:
             upgrade = http_client.derp_upgrade(host, fast_start=fast_key is not None,
-                                               ideal_node=opts.ideal_node)
+                                               ideal_node=opts.ideal_node,
+                                               extra_headers=opts.extra_headers)
             if fast_key is not None:  # request and ClientInfo in one write; no HTTP answer
                 await stream.send_all(upgrade.request + handshake.client_info_frame(
                     keypair.private, keypair.public, fast_key, info_json))

@@ -33,11 +33,12 @@ from .config_check import ConfigProblems, check
 from .errors import ConfigError
 from .http.bootstrap_dns import BootstrapDNS, parse_names
 from .http.endpoints import Endpoints, Request, Response, https_redirect
+from .http.forwarded import TrustedProxies
 from .http.server import serve_http
 from .metrics import prometheus as prom, varz
 from .metrics.counters import tls_version_index
 from .metrics.exposition import Exposition
-from .net.addr import host_literal, parse_addr
+from .net.addr import host_literal, parse_addr, parse_cidrs
 from .net.listener import accept_loop, bound_port, open_listener, peer_address, tune
 from .net.tls_stream import TLSStream
 from .proto import metacert, wire
@@ -65,6 +66,8 @@ class Server:
         self.config = config
         self.bootstrap = BootstrapDNS(parse_names(config.bootstrap_dns_names))
         self.listen_host, self.listen_port = parse_addr(config.addr)
+        nets = parse_cidrs(config.trusted_proxies, "-trusted-proxies")
+        self.proxies = TrustedProxies(nets) if nets else None
         self.endpoints = Endpoints(home=config.home, derp_enabled=config.derp,
                                    bootstrap_body=lambda: self.bootstrap.body)
         self.relay = Relay(keypair, mesh_key, keepalive_interval=config.keepalive_interval,
@@ -247,6 +250,11 @@ class Server:
                          derp="on" if config.derp else "off",
                          metrics=metrics.url if metrics else None,
                          server_key=public_text(self.relay.public_key))
+                if config.certmode == "none":
+                    log.info("-certmode none: plain HTTP, TLS is expected at the reverse proxy "
+                             "in front; STUN is served directly",
+                             trusted_proxies=config.trusted_proxies or None,
+                             proxy_protocol=config.proxy_protocol or None)
                 task_status.started(self)
         finally:
             # A bind error, or a cancel from outside (tests, an embedding program): free the
@@ -340,7 +348,7 @@ class Server:
             await serve_http(conn, ip, port, head_timeout=config.handshake_timeout,
                              handle=self.endpoints.handle, log_throttle=throttle,
                              on_established=slot.release,
-                             relay=self.relay if config.derp else None)
+                             relay=self.relay if config.derp else None, proxies=self.proxies)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the peer went away mid-request; nothing to report
         except Exception:

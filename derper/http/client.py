@@ -96,8 +96,10 @@ def host_header(url: SplitResult) -> str:
     return host if url.port in (None, default) else f"{host}:{url.port}"
 
 
-def derp_upgrade(host: str, *, fast_start: bool, ideal_node: str | None) -> Exchange:
-    """``GET /derp`` with ``Upgrade: DERP``, headers in the Go client's order (spec §1.2)."""
+def derp_upgrade(host: str, *, fast_start: bool, ideal_node: str | None,
+                 extra_headers=()) -> Exchange:
+    """``GET /derp`` with ``Upgrade: DERP``, headers in the Go client's order (spec §1.2),
+    then ``extra_headers``."""
     headers = [("Host", host), ("User-Agent", f"derper-client/{__version__}"),
                ("Connection", "Upgrade")]
     if fast_start:
@@ -105,6 +107,7 @@ def derp_upgrade(host: str, *, fast_start: bool, ideal_node: str | None) -> Exch
     if ideal_node:
         headers.append(("Ideal-Node", ideal_node))
     headers.append(("Upgrade", "DERP"))
+    headers.extend(extra_headers)
     return Exchange("GET", "/derp", headers)
 
 

@@ -68,10 +68,10 @@ class WebSocketStream(trio.abc.Stream):
 
 
 async def open_client(nursery: trio.Nursery, stream: trio.abc.Stream, host: str,
-                      path: str = "/derp") -> WebSocketStream:
+                      path: str = "/derp", extra_headers=()) -> WebSocketStream:
     """The client's WebSocket upgrade on ``stream``. A refusal (``ConnectionRejected``) is
     raised in ``nursery``, where trio-websocket's reader task runs."""
-    ws = await trio_websocket.wrap_client_stream(nursery, stream, host, path,
-                                                 subprotocols=[SUBPROTOCOL],
-                                                 max_message_size=MAX_MESSAGE)
+    ws = await trio_websocket.wrap_client_stream(
+        nursery, stream, host, path, subprotocols=[SUBPROTOCOL], max_message_size=MAX_MESSAGE,
+        extra_headers=[(k.encode(), v.encode()) for k, v in extra_headers])
     return WebSocketStream(ws)
