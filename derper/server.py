@@ -30,7 +30,7 @@ from .certs.http01 import Http01Responder
 from .certs.manual import ManualCerts
 from .config import Config
 from .config_check import ConfigProblems, check
-from .errors import ConfigError
+from .errors import ConfigError, ProtocolError
 from .http.bootstrap_dns import BootstrapDNS, parse_names
 from .http.endpoints import Endpoints, Request, Response, https_redirect
 from .http.forwarded import TrustedProxies
@@ -39,7 +39,8 @@ from .metrics import prometheus as prom, varz
 from .metrics.counters import tls_version_index
 from .metrics.exposition import Exposition
 from .net.addr import host_literal, parse_addr, parse_cidrs
-from .net.listener import accept_loop, bound_port, open_listener, peer_address, tune
+from .net.listener import (accept_loop, bound_port, open_listener, peer_address, read_proxy_header,
+                           tune)
 from .net.tls_stream import TLSStream
 from .proto import metacert, wire
 from .proto.keys import KeyPair, public_text
@@ -249,12 +250,12 @@ class Server:
                          stun=f"{where}:{self.stun_port}/udp" if stun else None,
                          derp="on" if config.derp else "off",
                          metrics=metrics.url if metrics else None,
+                         proxy_protocol="on" if config.proxy_protocol else None,
+                         trusted_proxies=config.trusted_proxies or None,
                          server_key=public_text(self.relay.public_key))
                 if config.certmode == "none":
                     log.info("-certmode none: plain HTTP, TLS is expected at the reverse proxy "
-                             "in front; STUN is served directly",
-                             trusted_proxies=config.trusted_proxies or None,
-                             proxy_protocol=config.proxy_protocol or None)
+                             "in front; STUN is served directly")
                 task_status.started(self)
         finally:
             # A bind error, or a cancel from outside (tests, an embedding program): free the
@@ -325,14 +326,31 @@ class Server:
         conn: trio.abc.Stream = stream
         stats, throttle = self.relay.stats, self.relay.log_throttle
         tls_version = None
+        initial = b""
+        deadline = trio.current_time() + config.handshake_timeout  # PROXY header and TLS
         try:
+            if config.proxy_protocol:
+                try:
+                    with trio.fail_at(deadline):
+                        source, initial = await read_proxy_header(stream)
+                except trio.TooSlowError:
+                    throttle.log(log, "info", "closing connection: no PROXY protocol header "
+                                 "in time", remote=f"{ip}:{port}")
+                    return
+                except (ProtocolError, EOFError) as e:
+                    throttle.log(log, "info", "closing connection: no valid PROXY protocol "
+                                 "header", remote=f"{ip}:{port}", error=str(e))
+                    return
+                if source is not None:
+                    ip, port = source
             if self.tls is not None:
                 if self.tls.context is None:
                     log.debug("closing connection: no certificate yet", remote=f"{ip}:{port}")
                     return
-                conn = TLSStream(stream, self.tls.context, server_side=True)
+                conn = TLSStream(stream, self.tls.context, server_side=True, initial=initial)
+                initial = b""
                 try:
-                    with trio.fail_after(config.handshake_timeout):
+                    with trio.fail_at(deadline):
                         await conn.do_handshake()
                 except trio.TooSlowError:
                     throttle.log(log, "info", "closing connection: TLS handshake timed out",
@@ -348,7 +366,8 @@ class Server:
             await serve_http(conn, ip, port, head_timeout=config.handshake_timeout,
                              handle=self.endpoints.handle, log_throttle=throttle,
                              on_established=slot.release,
-                             relay=self.relay if config.derp else None, proxies=self.proxies)
+                             relay=self.relay if config.derp else None, proxies=self.proxies,
+                             initial=initial)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the peer went away mid-request; nothing to report
         except Exception:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from ..net.addr import IPNetwork, ip_in
+from ..net.addr import IPNetwork, ip_in, ip_text
 
 Node = tuple[str, int]  # (ip, port); port 0 when the proxy named none
 
@@ -42,8 +42,7 @@ def parse_node(text: str) -> Node | None:
             return None
         if port > 65535 or (m[3] is not None and ip.version != 4):
             return None
-    mapped = getattr(ip, "ipv4_mapped", None)  # IPv4 seen through IPv6: the IPv4 address
-    return str(mapped or ip), port
+    return ip_text(ip), port
 
 
 def forwarded_for(value: str) -> list[Node | None]:

@@ -36,11 +36,14 @@ class HttpConnection:
     """
 
     def __init__(self, stream: trio.abc.Stream, remote_ip: str | None = None,
-                 remote_port: int = 0, proxies: TrustedProxies | None = None) -> None:
+                 remote_port: int = 0, proxies: TrustedProxies | None = None,
+                 initial: bytes = b"") -> None:
         self.stream = stream
         self.peer = (remote_ip, remote_port)
         self.proxies = proxies if proxies is not None and proxies.trusts(remote_ip) else None
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        if initial:  # read past a PROXY protocol header
+            self.conn.receive_data(initial)
 
     async def _next_event(self):
         while True:
@@ -128,15 +131,17 @@ def derp_upgrade_response(server_public: bytes) -> bytes:
 async def serve_http(stream: trio.abc.Stream, remote_ip: str | None, remote_port: int, *,
                      head_timeout: float, handle: Callable[[Request], Response],
                      log_throttle: Throttle, on_established: Callable[[], None],
-                     relay: Relay | None = None, proxies: TrustedProxies | None = None) -> None:
+                     relay: Relay | None = None, proxies: TrustedProxies | None = None,
+                     initial: bytes = b"") -> None:
     """Serve requests on one connection until it closes or turns into a DERP session.
 
     ``relay`` enables ``/derp`` upgrades (the main listener with ``-derp`` on); ``handle``
     answers every other request. ``on_established`` goes to the DERP session, which calls it
     once its client is registered (the connection's handshake slot is then free again).
-    ``proxies`` are the ``-trusted-proxies`` whose headers name the client.
+    ``proxies`` are the ``-trusted-proxies`` whose headers name the client; ``initial`` holds
+    bytes already read (past a PROXY protocol header).
     """
-    http = HttpConnection(stream, remote_ip, remote_port, proxies)
+    http = HttpConnection(stream, remote_ip, remote_port, proxies, initial)
     remote = f"{remote_ip}:{remote_port}"
     for _ in range(MAX_REQUESTS):
         try:

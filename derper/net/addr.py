@@ -60,6 +60,12 @@ def unmap_ip(ip: str) -> str:
     return ip
 
 
+def ip_text(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """``ip`` as text, IPv4 seen through IPv6 (``::ffff:a.b.c.d``) as plain IPv4."""
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return str(mapped or ip)
+
+
 def parse_cidrs(text: str, flag: str) -> list[IPNetwork]:
     """Comma-separated prefixes such as ``10.0.0.0/8,fd00::/8`` (a bare address is a /32 or
     /128); ``flag`` names the option in the error."""
