@@ -42,6 +42,9 @@ BENCH_FLAGS = [
     _flag("clients", "clients", "int", "relay: clients, in pairs (8 = 8 senders, 8 receivers)"),
     _flag("size", "size", "int", "relay: packet bytes"),
     _flag("rate", "rate", "int", "relay: packets/s per sender; 0 = flood"),
+    _flag("websocket", "websocket", "bool",
+          "DERP over WebSocket (subprotocol derp), one WebSocket message per packet as "
+          "Tailscale's WebSocket client writes them; default: Upgrade: DERP"),
     _flag("coalesce", "coalesce", "bool",
           "relay: one TLS record per batch instead of one per packet"),
     _flag("seconds", "seconds", "float", "relay: measured seconds"),
@@ -56,7 +59,8 @@ BENCH_FLAGS = [
     _flag("smoke", "smoke", "bool", "a seconds-long correctness run"),
 ]
 DEFAULTS = {"url": "", "cert_pin": "", "ca_file": "", "server_pid": 0, "server_args": "",
-            "clients": 8, "size": 1280, "rate": 10000, "coalesce": False, "seconds": 5.0,
+            "clients": 8, "size": 1280, "rate": 10000, "websocket": False, "coalesce": False,
+            "seconds": 5.0,
             "warmup": 1.0, "drain": 1.0, "procs": 4, "repeat": 1, "suite": False,
             "conns": 1000, "concurrency": 64, "json": "derp_bench.json", "smoke": False}
 
@@ -77,6 +81,8 @@ server on this machine, its memory and CPU per connection.
 Examples:
   derper bench -suite -repeat 3
       a fresh local derper: 8 x 5k pkt/s, 8 x 10k pkt/s and a flood, 1280-byte packets
+  derper bench -websocket -rate 5000 -repeat 3
+      the same 8 x 5k pkt/s with DERP over WebSocket (TLS)
   derper bench conns -conns 10000
       10,000 idle connections to a fresh local derper
   derper bench -url https://derp.example.com/derp -clients 2 -rate 100 -seconds 10
@@ -159,7 +165,8 @@ def run(argv: list[str], environ: Mapping[str, str]) -> int:
         return 1
     Path(opts["json"]).write_text(json.dumps(report, indent=2) + "\n")
     _print_table(mode, report["rows"])
-    print(f"({opts['repeat']} run(s), medians; target {report['target']};"
+    print(f"({opts['repeat']} run(s), medians; target {report['target']} over "
+          f"{report['transport']};"
           f" JSON in {opts['json']})")
     return 0
 
@@ -203,7 +210,7 @@ def _bench(mode: str, opts: dict) -> dict:
     try:
         target = {"url": opts["url"] or server.url,
                   "cert_pin": (opts["cert_pin"] or None) if opts["url"] else server.pin,
-                  "ca_file": opts["ca_file"] or None}
+                  "ca_file": opts["ca_file"] or None, "websocket": opts["websocket"]}
         pid = server.proc.pid if server else opts["server_pid"] or None
         if mode == "conns":
             rss = rss_bytes(pid) if pid else None
@@ -228,7 +235,9 @@ def _bench(mode: str, opts: dict) -> dict:
     finally:
         if server:
             server.close()
-    return {"mode": mode, "target": target["url"], "started_server": server is not None,
+    return {"mode": mode, "target": target["url"],
+            "transport": "websocket" if opts["websocket"] else "derp",
+            "started_server": server is not None,
             "cpus": len(os.sched_getaffinity(0)), "python": sys.version.split()[0],
             "rows": rows, "runs": runs}
 

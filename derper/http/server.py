@@ -19,7 +19,7 @@ from ..relay.hub import Relay
 from ..relay.session import serve_derp
 from .endpoints import Request, Response, error
 from .forwarded import TrustedProxies
-from .websocket import serve_websocket
+from .websocket import handshake_problem, serve_websocket
 
 log = logs.get("derper.http")
 
@@ -184,19 +184,23 @@ async def _upgrade(http: HttpConnection, req: Request, relay: Relay, head_timeou
         return error(503, "DERP server is full (-max-clients)")
     relay.derp_conns += 1
     try:
-        await _serve_upgraded(http, req, upgrade, relay, head_timeout, on_established)
+        return await _serve_upgraded(http, req, upgrade, relay, head_timeout, on_established)
     finally:
         relay.derp_conns -= 1
-    return None
 
 
 async def _serve_upgraded(http: HttpConnection, req: Request, upgrade: bytes, relay: Relay,
-                          head_timeout: float, on_established: Callable[[], None]) -> None:
+                          head_timeout: float,
+                          on_established: Callable[[], None]) -> Response | None:
+    """The session; or the response to a WebSocket upgrade that cannot be accepted."""
     remote_ip, remote_port = req.remote_ip, req.remote_port
     protocols = req.header(b"sec-websocket-protocol") or b""
     not_ideal = req.header(b"ideal-node") is not None
     if upgrade == b"websocket" and b"derp" in protocols:
-        await serve_websocket(relay, http.stream, req, http.trailing(), remote_ip, remote_port,
+        problem = handshake_problem(req)
+        if problem is not None:
+            return problem
+        await serve_websocket(relay, http.stream, req, http.trailing(),
                               head_timeout=head_timeout, not_ideal=not_ideal,
                               on_established=on_established)
     else:
