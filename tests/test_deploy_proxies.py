@@ -9,7 +9,11 @@ address comes in a PROXY header, TLS is derper's own and fast start still works.
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,10 +22,12 @@ from tests.client_address import addresses_seen, allow_all_backend
 from tests.conftest import client_context
 from tests.proxies import HOSTNAME, SETUPS, running
 from tests.relay_helpers import assert_relays
+from tests.system import require_binary
 
 CLIENT_IP = "127.0.0.2"
 FORGED = [("X-Forwarded-For", "203.0.113.66")]
 HTTP_SETUPS = [name for name, (_, kind) in SETUPS.items() if kind == "http"]
+BEHIND_NGINX = Path(__file__).resolve().parent.parent / "benchmarks" / "behind_nginx.py"
 L4_SETUPS = [name for name, (_, kind) in SETUPS.items() if kind == "l4"]
 
 
@@ -70,3 +76,15 @@ async def test_tls_passthrough_with_proxy_protocol(start_server, ca, nursery, tm
         async with dc.connect(f"https://{HOSTNAME}:{server.main_port}/derp",
                               **through(server.main_port, ca, False)):
             pass
+
+
+def test_behind_nginx_benchmark_smoke(tmp_path):
+    require_binary("nginx", "nginx")  # here, so a machine without it skips rather than fails
+    out = tmp_path / "nginx.json"
+    proc = subprocess.run([sys.executable, str(BEHIND_NGINX), "--smoke", "--websocket",
+                           "--json", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["websocket"] and report["ratio"] > 0
+    assert all(row["received"] > 0 for row in report["rows"].values())
+    assert "nginx / direct throughput" in proc.stdout

@@ -106,7 +106,7 @@ class StartedServer:
     def __init__(self, extra: list[str], wrapper: list[str] = (), cwd: str | None = None) -> None:
         self._dir = tempfile.TemporaryDirectory()
         self.dir = Path(self._dir.name)
-        port = _free_tcp_port()
+        port = free_tcp_port()
         args = [*wrapper, sys.executable, "-m", "derper", "-hostname", HOST,
                 "-certmode", "manual", "-certdir", self._dir.name, "-a", f"{HOST}:{port}",
                 "-http-port", "-1", "-stun=false", "-metrics-addr", "off", *extra]
@@ -114,7 +114,7 @@ class StartedServer:
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=self._log, cwd=cwd)
         self.url = f"https://{HOST}:{port}/derp"
         try:
-            _wait_listening(port, self.proc, 60 if wrapper else 10)
+            wait_listening(port, self.proc, 60 if wrapper else 10)
             self.pin = load_manual(self.dir, HOST).pin
         except (LoadError, CertError) as e:
             self.close()
@@ -130,13 +130,13 @@ class StartedServer:
         self._dir.cleanup()
 
 
-def _free_tcp_port() -> int:
+def free_tcp_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _wait_listening(port: int, proc: subprocess.Popen, seconds: float) -> None:
+def wait_listening(port: int, proc: subprocess.Popen, seconds: float) -> None:
     for _ in range(int(seconds / 0.05)):
         if proc.poll() is not None:
             raise LoadError(f"derper exited with {proc.returncode}")
