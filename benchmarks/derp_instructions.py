@@ -9,6 +9,7 @@ and dumped after the exchange: the figure covers the relay path only.
     python benchmarks/derp_instructions.py                  # this checkout
     python benchmarks/derp_instructions.py --tree /tmp/old  # a checkout to compare with
     python benchmarks/derp_instructions.py --conns 200      # per new TLS + DERP connection
+    python benchmarks/derp_instructions.py --websocket      # DERP over WebSocket (TLS)
 
 ``--conns N`` counts instead what N new connections cost (TLS handshake, HTTP upgrade, DERP
 handshake, registration), opened one after another and all held open until the dump.
@@ -78,6 +79,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1280)
     parser.add_argument("--conns", type=int, default=0,
                         help="count N new connections instead of relayed packets")
+    parser.add_argument("--websocket", action="store_true",
+                        help="DERP over WebSocket, one message per packet")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--keep", action="store_true", help="keep the callgrind dump")
     args = parser.parse_args()
@@ -91,7 +94,8 @@ def main() -> None:
             subprocess.run(["callgrind_control", option, str(pid)], check=True,
                            capture_output=True)
 
-        target = {"url": server.url, "cert_pin": server.pin, "ca_file": None}
+        target = {"url": server.url, "cert_pin": server.pin, "ca_file": None,
+                  "websocket": args.websocket}
         dumps: list[Path] = []
         if args.conns:
             trio.run(connect_many, target, args.conns, control)
@@ -115,12 +119,13 @@ def main() -> None:
         return
     packets = 2 * args.rounds * args.batch
     result = {"tree": args.tree or ".", "packets": packets, "batch": args.batch,
-              "size": args.size, "instructions": instructions,
+              "size": args.size, "websocket": args.websocket, "instructions": instructions,
               "instructions_per_packet": round(instructions / packets)}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{result['instructions_per_packet']:,} server instructions per relayed packet "
-          f"({packets:,} packets of {args.size} B, {args.batch} per write; {result['tree']})")
+          f"({packets:,} packets of {args.size} B, {args.batch} per write"
+          f"{', WebSocket' if args.websocket else ''}; {result['tree']})")
 
 
 if __name__ == "__main__":

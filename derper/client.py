@@ -15,15 +15,14 @@ from typing import AsyncIterator, Literal
 from urllib.parse import SplitResult, urlsplit
 
 import trio
-import trio_websocket
 
 from .errors import IOFailure, ProtocolError
 from .http import client as http_client
-from .http.client import MAX_ERROR_BODY
 from .net import dial
-from .net.reading import next_frame, read_more
+from .net.reading import ReplayStream, next_frame, read_more
+from .net.sending import send_alone
 from .net.tls_stream import TLSStream
-from .net.websocket import ReplayStream, open_client as open_websocket
+from .net.websocket import WebSocketStream
 from .proto import handshake, messages, wire
 from .proto.handshake import ServerInfo
 from .proto.keys import KeyPair
@@ -74,16 +73,7 @@ class DerpClient:
         await self._locked(self.stream.send_all, data)
 
     async def _locked(self, send, data) -> None:
-        """``send(data)`` alone on the stream; no scheduler trip when nobody else is sending."""
-        lock = self._send_lock
-        if lock.locked():
-            await lock.acquire()
-        else:
-            lock.acquire_nowait()
-        try:
-            await send(data)
-        finally:
-            lock.release()
+        await send_alone(self._send_lock, send, data)
 
     async def send(self, dst: bytes, packet: bytes) -> None:
         await self._send(wire.send_packet(dst, packet))
@@ -95,7 +85,7 @@ class DerpClient:
     async def send_frames(self, frames) -> None:
         """Encoded frames in one socket write; over TLS one record per item, as a Tailscale
         client writes one per packet (pass one joined item to pack them into fewer records)."""
-        if isinstance(self.stream, TLSStream):
+        if isinstance(self.stream, (TLSStream, WebSocketStream)):
             await self._locked(self.stream.send_records, frames)
         else:
             await self._locked(self.stream.send_all, b"".join(frames))
@@ -183,6 +173,8 @@ class _Options:
     can_ack_pings: bool
     ideal_node: str | None
     timeout: float
+    source_ip: str | None
+    extra_headers: tuple[tuple[str, str], ...]
 
 
 class _Progress:
@@ -197,12 +189,15 @@ async def connect(url: str, keypair: KeyPair | None = None, *,
                   fast_start: bool = True, websocket: bool = False,
                   mesh_key: bytes | None = None, is_prober: bool = False,
                   can_ack_pings: bool = False, ideal_node: str | None = None,
-                  timeout: float = 10.0) -> AsyncIterator[DerpClient]:
+                  timeout: float = 10.0, source_ip: str | None = None,
+                  extra_headers=()) -> AsyncIterator[DerpClient]:
     """Connect to ``http(s)://host[:port]/derp`` and complete the DERP handshake.
 
     ``dial`` overrides where the TCP connection goes (a DERP map's IPv4/IPv6); ``cert_pin`` is
-    a ``sha256-raw:`` CertName; ``ideal_node`` sends the ``Ideal-Node`` header. Every failure
-    to connect is a ``DerpClientError`` whose ``step`` says where it happened.
+    a ``sha256-raw:`` CertName; ``ideal_node`` sends the ``Ideal-Node`` header;
+    ``source_ip`` binds the local end; ``extra_headers`` go into the upgrade request (tests:
+    a forged ``X-Forwarded-For``). Every failure to connect is a ``DerpClientError`` whose
+    ``step`` says where it happened.
     """
     parsed = urlsplit(url)
     if parsed.scheme not in ("http", "https"):
@@ -212,29 +207,10 @@ async def connect(url: str, keypair: KeyPair | None = None, *,
     dial_host, dial_port = dial or (host, port)
     opts = _Options(parsed, keypair or KeyPair.generate(), ssl_context, cert_pin,
                     server_hostname or host, dial_host, dial_port, fast_start, websocket,
-                    mesh_key, is_prober, can_ack_pings, ideal_node, timeout)
-    if not websocket:
-        async with _closing(await _establish(opts, None)) as client:
-            yield client
-        return
-    # trio-websocket needs a nursery for its reader task. Errors leaving a nursery come
-    # wrapped in an ExceptionGroup; callers get the one exception, as with the other transports.
-    try:
-        async with trio.open_nursery() as nursery:
-            try:
-                async with _closing(await _establish(opts, nursery)) as client:
-                    yield client
-            finally:
-                nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) != 1:
-            raise
-        e = group.exceptions[0]
-        if isinstance(e, trio_websocket.ConnectionRejected):  # raised in the reader task
-            body = (e.body or b"")[:MAX_ERROR_BODY].decode("utf-8", "replace").strip()
-            raise DerpClientError("upgrade", f"server answered the WebSocket upgrade with "
-                                             f"HTTP {e.status_code}: {body}") from e
-        raise e from None
+                    mesh_key, is_prober, can_ack_pings, ideal_node, timeout, source_ip,
+                    tuple(extra_headers))
+    async with _closing(await _establish(opts)) as client:
+        yield client
 
 
 @asynccontextmanager
@@ -247,18 +223,17 @@ async def _closing(client: DerpClient) -> AsyncIterator[DerpClient]:
 
 
 # Failures that mean "this step did not work"; a DerpClientError already names its step.
-_FAILURES = (OSError, trio.BrokenResourceError, EOFError, IOFailure, ProtocolError,
-             trio_websocket.HandshakeError)
+_FAILURES = (OSError, trio.BrokenResourceError, EOFError, IOFailure, ProtocolError)
 _DOING = {"dial": "cannot connect to", "tls": "TLS failed with",
           "upgrade": "HTTP upgrade failed with", "handshake": "DERP handshake failed with"}
 
 
-async def _establish(opts: _Options, nursery: trio.Nursery | None) -> DerpClient:
+async def _establish(opts: _Options) -> DerpClient:
     where = opts.url.geturl()
     progress = _Progress()
     try:
         with trio.fail_after(opts.timeout):
-            return await _connect(opts, nursery, progress)
+            return await _connect(opts, progress)
     except trio.TooSlowError as e:
         raise DerpClientError(progress.step, f"timed out after {opts.timeout:g}s "
                                              f"connecting to {where}") from e
@@ -270,11 +245,11 @@ async def _establish(opts: _Options, nursery: trio.Nursery | None) -> DerpClient
         raise DerpClientError(progress.step, f"{_DOING[progress.step]} {where}: {why}") from e
 
 
-async def _connect(opts: _Options, nursery: trio.Nursery | None,
-                   progress: _Progress) -> DerpClient:
+async def _connect(opts: _Options, progress: _Progress) -> DerpClient:
     """Dial, TLS, upgrade, handshake, in that order, each announced in ``progress``."""
     keypair = opts.keypair
-    stream: trio.abc.Stream = await dial.open_tcp(opts.dial_host, opts.dial_port)
+    stream: trio.abc.Stream = await dial.open_tcp(opts.dial_host, opts.dial_port,
+                                                  opts.source_ip)
     tls = dial.TLSFacts(None, [], None)
     try:
         if opts.url.scheme == "https":
@@ -291,10 +266,12 @@ async def _connect(opts: _Options, nursery: trio.Nursery | None,
         host = http_client.host_header(opts.url)
         fast_key = tls.fast_start_key if opts.fast_start and not opts.websocket else None
         if opts.websocket:
-            stream = await open_websocket(nursery, stream, host)
+            stream = await http_client.open_websocket(stream, host,
+                                                      extra_headers=opts.extra_headers)
         else:
             upgrade = http_client.derp_upgrade(host, fast_start=fast_key is not None,
-                                               ideal_node=opts.ideal_node)
+                                               ideal_node=opts.ideal_node,
+                                               extra_headers=opts.extra_headers)
             if fast_key is not None:  # request and ClientInfo in one write; no HTTP answer
                 await stream.send_all(upgrade.request + handshake.client_info_frame(
                     keypair.private, keypair.public, fast_key, info_json))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEV_ADDR = "127.0.0.1:3340"  # Go's -dev binds every interface; a dev server should not
-CERT_MODES = ("letsencrypt", "manual")
+CERT_MODES = ("letsencrypt", "manual", "none")  # none: TLS is terminated by a proxy in front
 LETSENCRYPT_DIRECTORY = "https://acme-v02.api.letsencrypt.org/directory"
 GO_DEFAULT_HOSTNAME = "derp.tailscale.com"  # Go's -hostname default: Tailscale's own name
 
@@ -76,6 +76,9 @@ class Config:
     max_clients: int = 0  # 0 = no cap
     max_handshakes: int = 1024  # connections not yet through TLS+HTTP+DERP handshake; 0 = no cap
     max_handshakes_per_source: int = 64  # of those, from one address (IPv6: one /64); 0 = no cap
+    # Behind a reverse proxy or CDN; see README "Behind a reverse proxy or CDN".
+    trusted_proxies: str = ""  # peers whose Forwarded/X-Forwarded-For/X-Real-IP are believed
+    proxy_protocol: bool = False  # a PROXY v1/v2 header opens every main-listener connection
     log_level: str = "info"
     metrics_addr: str = "127.0.0.1:9437"  # /metrics; "" or "off" disables. Not Prometheus's 9090
     debug_allow_cidrs: str = ""  # /debug/varz beyond loopback
@@ -97,8 +100,9 @@ class Config:
 
     @property
     def tls(self) -> bool:
-        """TLS always, except -dev (plain HTTP) unless -certmode manual was asked for."""
-        return not self.dev or self.certmode == "manual"
+        """TLS always, except -certmode none (a proxy terminates it) and -dev (plain HTTP)
+        unless -certmode manual was asked for."""
+        return self.certmode != "none" and (not self.dev or self.certmode == "manual")
 
     @property
     def certdir_path(self) -> Path:

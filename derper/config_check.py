@@ -25,7 +25,7 @@ from .errors import ConfigError
 from .http.endpoints import validate_home
 from .mesh.peers import parse_mesh_with
 from .metrics.varz import parse_cidrs
-from .net.addr import parse_addr
+from .net.addr import parse_addr, parse_cidrs as parse_prefixes
 
 
 class ConfigProblems(ConfigError):
@@ -84,6 +84,7 @@ def _listening(config: Config) -> Iterator[ConfigError | None]:
 def _endpoints(config: Config) -> Iterator[ConfigError | None]:
     yield _failure(validate_home, config.home)
     yield _failure(parse_cidrs, config.debug_allow_cidrs)
+    yield _failure(parse_prefixes, config.trusted_proxies, "-trusted-proxies")
 
 
 def _admission(config: Config) -> Iterator[ConfigError | None]:
@@ -124,11 +125,14 @@ def _webroot(config: Config) -> Iterator[ConfigError | None]:
                           "directory certbot's --webroot -w writes to")
     if not config.tls or config.http_port < 0:
         yield ConfigError("-acme-webroot is served by the HTTP helper, which runs only with "
-                          "TLS and -http-port ≥ 0: drop -dev (or add -certmode manual) and "
-                          "set -http-port, or drop -acme-webroot")
+                          "TLS and -http-port ≥ 0: drop -dev and -certmode none (or use "
+                          "-certmode manual) and set -http-port, or drop -acme-webroot")
 
 
 def _certificates(config: Config) -> Iterator[ConfigError | None]:
+    if config.certmode == "none" and config.acme_ip_certs:
+        yield ConfigError("-acme-ip-certs orders a certificate, and -certmode none serves "
+                          "none (TLS is terminated by the proxy in front): drop one of them")
     if not config.tls or config.certmode not in CERT_MODES:
         return
     if config.certmode == "letsencrypt":
@@ -145,7 +149,8 @@ def _acme(config: Config) -> Iterator[ConfigError | None]:
             "-certmode letsencrypt (the default) needs -hostname set to this relay's DNS "
             f"name ({GO_DEFAULT_HOSTNAME} is Tailscale's own). No domain? Use "
             "-hostname <public IP> with -acme-ip-certs, or with -certmode manual for a "
-            f"self-signed certificate; or -dev for plain HTTP on {DEV_ADDR}")
+            "self-signed certificate; -certmode none behind a reverse proxy that terminates "
+            f"TLS; or -dev for plain HTTP on {DEV_ADDR}")
     if is_ip and not config.acme_ip_certs:
         yield ConfigError(
             f"-hostname {hostname} is an IP address: add -acme-ip-certs for a "

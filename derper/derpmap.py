@@ -51,7 +51,8 @@ class MapOptions:
 
 def build(config: Config, pin: str | None, options: MapOptions) -> dict:
     """The DERPMap (Go JSON field names and order) with this relay as its one region and node."""
-    if not config.tls:
+    behind_proxy = config.certmode == "none"
+    if not config.tls and not behind_proxy:
         raise DerpMapError("-dev serves plain HTTP, which Tailscale clients only use in debug "
                            "mode; describe a TLS server (-hostname, -certmode)")
     if options.region_id not in SELF_HOSTED_REGIONS:
@@ -64,6 +65,8 @@ def build(config: Config, pin: str | None, options: MapOptions) -> dict:
         _, port = parse_addr(config.addr)
     except ValueError as e:
         raise DerpMapError(str(e)) from e
+    if behind_proxy:  # clients dial the proxy's TLS port, not -a (edit it if not 443)
+        port = 443
     if port == 0:
         raise DerpMapError("-a must name a fixed port for clients to dial, not port 0")
     hostname = config.hostname.strip("[]")
@@ -80,7 +83,7 @@ def build(config: Config, pin: str | None, options: MapOptions) -> dict:
     if node["STUNPort"] == 0:
         raise DerpMapError("-stun-port must be a fixed port for clients, not 0 (or -1 for none)")
     node["DERPPort"] = port
-    if config.http_port == 80:  # the helper answers /generate_204 there
+    if config.http_port == 80 and not behind_proxy:  # the helper answers /generate_204
         node["CanPort80"] = True
     nodes = [node] + [_other_node(node, i, entry) for i, entry in
                       enumerate(e.strip() for e in options.nodes.split(",") if e.strip())]

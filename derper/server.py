@@ -12,7 +12,6 @@ import signal
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import trio
 
@@ -22,7 +21,8 @@ from stun.server import open_alternates, open_stun_socket, serve_socket
 from . import __version__, logs, memory, signals
 from .admission.fairshare import BandwidthLimiter
 from .admission.gate import DEFAULT_SOCKET, Admission, AllowList
-from .admission.limits import PRESSURE_DEADLINE, HandshakeSlots, TokenBucket, source_key
+from .admission.limits import (PRESSURE_DEADLINE, HandshakeSlot, HandshakeSlots, TokenBucket,
+                               source_key)
 from .admission.rate_config import load_rate_config, parse_rate
 from .certs.acme import AcmeCerts
 from .certs.acme_order import AcmeSettings, resolve_directory
@@ -32,9 +32,10 @@ from .certs.http01 import Http01Responder
 from .certs.manual import ManualCerts
 from .config import Config
 from .config_check import ConfigProblems, check
-from .errors import ConfigError
+from .errors import ConfigError, ProtocolError
 from .http.bootstrap_dns import BootstrapDNS, parse_names
 from .http.endpoints import Endpoints, Request, Response, https_redirect
+from .http.forwarded import TrustedProxies
 from .http.server import serve_http
 from .mesh.dns import Resolver
 from .mesh.peers import parse_mesh_with
@@ -43,8 +44,9 @@ from .metrics import prometheus as prom, varz
 from .metrics.counters import tls_version_index
 from .metrics.exposition import Exposition
 from .metrics.status import StatusBoard
-from .net.addr import host_literal, parse_addr
-from .net.listener import accept_loop, bound_port, open_listener, peer_address, tune
+from .net.addr import host_literal, parse_addr, parse_cidrs
+from .net.listener import (accept_loop, bound_port, open_listener, peer_address, read_proxy_header,
+                           tune)
 from .net.tls_stream import TLSStream
 from .proto import metacert, wire
 from .proto.keys import KeyPair, public_text
@@ -59,6 +61,22 @@ RESTART_RECONNECT_MS = 1000
 RESTART_TRY_FOR_MS = 30000
 
 
+class HalfOpen:
+    """A connection's place in a half-open pool, as its handshake code uses it."""
+
+    def __init__(self, slot: HandshakeSlot, scope: trio.CancelScope) -> None:
+        self._slot, self._scope = slot, scope
+
+    def established(self) -> None:
+        """Handshakes done: the place is free, and no budget runs any more."""
+        if self._slot.release():
+            self._scope.deadline = math.inf
+
+    def rekey(self, source: str) -> bool:
+        """The client is really ``source`` (a PROXY header said so): count it there."""
+        return self._slot.rekey(source)
+
+
 class Server:
     """One relay: ``Server(...)`` checks and builds, ``run()`` prepares the disk and serves."""
 
@@ -71,6 +89,8 @@ class Server:
         self.config = config
         self.bootstrap = BootstrapDNS(parse_names(config.bootstrap_dns_names))
         self.listen_host, self.listen_port = parse_addr(config.addr)
+        nets = parse_cidrs(config.trusted_proxies, "-trusted-proxies")
+        self.proxies = TrustedProxies(nets) if nets else None
         self.endpoints = Endpoints(home=config.home, derp_enabled=config.derp,
                                    bootstrap_body=lambda: self.bootstrap.body)
         self.relay = Relay(keypair, mesh_key, keepalive_interval=config.keepalive_interval,
@@ -270,7 +290,12 @@ class Server:
                          derp="on" if config.derp else "off",
                          metrics=metrics.url if metrics else None,
                          status=metrics.status_url if metrics else None,
+                         proxy_protocol="on" if config.proxy_protocol else None,
+                         trusted_proxies=config.trusted_proxies or None,
                          server_key=public_text(self.relay.public_key))
+                if config.certmode == "none":
+                    log.info("-certmode none: plain HTTP, TLS is expected at the reverse proxy "
+                             "in front; STUN is served directly")
                 task_status.started(self)
         finally:
             # A bind error, or a cancel from outside (tests, an embedding program): free the
@@ -326,11 +351,12 @@ class Server:
     # ---- connections --------------------------------------------------------------------------
 
     @contextmanager
-    def _half_open(self, slots: HandshakeSlots, stream: trio.SocketStream, ip: str | None):
+    def _half_open(self, slots: HandshakeSlots, stream: trio.SocketStream, ip: str | None,
+                   capped: bool = True):
         """Hold the connection's place among ``slots``' half-open ones while it is half-open.
 
-        Yields the callback that ends that (the DERP session calls it on registration), or None
-        with the socket closed when the place is refused. The handshakes (TLS, HTTP head, DERP)
+        Yields a ``HalfOpen`` (its ``established`` ends that; the DERP session calls it on
+        registration), or None with the socket closed when the place is refused. The handshakes (TLS, HTTP head, DERP)
         run under one budget, a short one once the pool is half full, and the connection is
         closed early if a newcomer takes its place.
         """
@@ -341,20 +367,15 @@ class Server:
         budget = 2 * self.config.handshake_timeout
         if slots.under_pressure():
             budget = min(budget, PRESSURE_DEADLINE)
-        slot = slots.try_enter(source_key(ip), scope.cancel)
+        slot = slots.try_enter(source_key(ip), scope.cancel, capped)
         if slot is None:
             stream.socket.close()
             yield None
             return
         scope.deadline = now + budget
-
-        def established() -> None:
-            if slot.release():
-                scope.deadline = math.inf
-
         try:
             with scope:
-                yield established
+                yield HalfOpen(slot, scope)
         finally:
             slot.release()
         if scope.cancelled_caught and scope.deadline != math.inf:
@@ -364,24 +385,46 @@ class Server:
 
     async def _serve_main(self, stream: trio.SocketStream) -> None:
         ip, port = peer_address(stream)
-        with self._half_open(self.handshakes, stream, ip) as established:
-            if established is not None:
-                await self._serve_connection(stream, ip, port, established)
+        # A proxy's connections carry many clients: not capped as one address.
+        from_proxy = self.config.proxy_protocol or (
+            self.proxies is not None and self.proxies.trusts(ip))
+        with self._half_open(self.handshakes, stream, ip, capped=not from_proxy) as half_open:
+            if half_open is not None:
+                await self._serve_connection(stream, ip, port, half_open)
 
     async def _serve_connection(self, stream: trio.SocketStream, ip: str | None, port: int,
-                                established: Callable[[], None]) -> None:
+                                half_open: HalfOpen) -> None:
         config = self.config
         conn: trio.abc.Stream = stream
         stats, throttle = self.relay.stats, self.relay.log_throttle
         tls_version = None
+        initial = b""
+        deadline = trio.current_time() + config.handshake_timeout  # PROXY header and TLS
         try:
+            if config.proxy_protocol:
+                try:
+                    with trio.fail_at(deadline):
+                        source, initial = await read_proxy_header(stream)
+                except trio.TooSlowError:
+                    throttle.log(log, "info", "closing connection: no PROXY protocol header "
+                                 "in time", remote=f"{ip}:{port}")
+                    return
+                except (ProtocolError, EOFError) as e:
+                    throttle.log(log, "info", "closing connection: no valid PROXY protocol "
+                                 "header", remote=f"{ip}:{port}", error=str(e))
+                    return
+                if source is not None:
+                    ip, port = source
+                    if not half_open.rekey(source_key(ip)):
+                        return  # the real client already holds its share of half-open places
             if self.tls is not None:
                 if self.tls.context is None:
                     log.debug("closing connection: no certificate yet", remote=f"{ip}:{port}")
                     return
-                conn = TLSStream(stream, self.tls.context, server_side=True)
+                conn = TLSStream(stream, self.tls.context, server_side=True, initial=initial)
+                initial = b""
                 try:
-                    with trio.fail_after(config.handshake_timeout):
+                    with trio.fail_at(deadline):
                         await conn.do_handshake()
                 except trio.TooSlowError:
                     throttle.log(log, "info", "closing connection: TLS handshake timed out",
@@ -396,8 +439,9 @@ class Server:
                 stats.tls_active[tls_version] += 1
             await serve_http(conn, ip, port, head_timeout=config.handshake_timeout,
                              handle=self.endpoints.handle, log_throttle=throttle,
-                             on_established=established,
-                             relay=self.relay if config.derp else None)
+                             on_established=half_open.established,
+                             relay=self.relay if config.derp else None, proxies=self.proxies,
+                             initial=initial)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the peer went away mid-request; nothing to report
         except Exception:
@@ -411,13 +455,14 @@ class Server:
 
     async def _serve_helper(self, stream: trio.SocketStream) -> None:
         ip, port = peer_address(stream)
-        with self._half_open(self.helper_connections, stream, ip) as established:
-            if established is None:
+        with self._half_open(self.helper_connections, stream, ip) as half_open:
+            if half_open is None:
                 return
             try:
                 await serve_http(stream, ip, port, head_timeout=self.config.handshake_timeout,
                                  handle=self._serve_helper_request,
-                                 log_throttle=self.relay.log_throttle, on_established=established)
+                                 log_throttle=self.relay.log_throttle,
+                                 on_established=half_open.established)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             except Exception:

@@ -1,9 +1,10 @@
 """One budget for every fuzz target: short in the suite, as long as you like on demand.
 
 The targets are the parsers a remote peer feeds: the DERP frame reader and the handshake
-(test_wire.py, test_handshake.py, test_fuzz_session.py), STUN (test_stun_message.py) and the
-HTTP request head (test_fuzz_http.py). Each is marked ``fuzz``; a long run multiplies every
-budget::
+(test_wire.py, test_handshake.py, test_fuzz_session.py), STUN (test_stun_message.py), the HTTP
+request head (test_fuzz_http.py), a trusted proxy's address headers (test_forwarded.py) and
+PROXY protocol headers (test_proxy_protocol.py). Each is marked ``fuzz``; a long run multiplies
+every budget::
 
     DERPER_FUZZ_FACTOR=100 .venv/bin/pytest -m fuzz -q
 

@@ -30,6 +30,13 @@ def test_relay_smoke_delivers_timestamped_packets_over_tls(tmp_path):
     assert "delivered pkt/s" in stdout
 
 
+def test_relay_smoke_over_websocket(tmp_path):
+    report, stdout = run_smoke(tmp_path, "-websocket")
+    [run] = report["runs"]
+    assert report["transport"] == "websocket" and "over websocket" in stdout
+    assert run["sent"] > 0 and 0 < run["received"] <= run["sent"]
+
+
 def test_conns_smoke_holds_idle_clients_and_reads_server_memory(tmp_path):
     report, stdout = run_smoke(tmp_path, "conns")
     [run] = report["runs"]

@@ -155,3 +155,12 @@ def test_command_dispatch_keeps_plain_derper_meaning_serve():
     assert json.loads(made.stdout)["Regions"]["900"]["Nodes"][0]["HostName"] == \
         "derp.example.com"
     assert run_derper(["derpmap", "serve"]).returncode == 2  # no stray arguments
+
+
+def test_behind_a_proxy_the_map_names_the_proxys_tls_port(capsys):
+    code, out, err = derpmap(capsys, ["-hostname", "derp.example.com", "-certmode", "none",
+                                      "-a", "127.0.0.1:3340", "-format", "tailscale"])
+    assert code == 0, err
+    [node] = json.loads(out)["derpMap"]["Regions"]["900"]["Nodes"]
+    assert (node["DERPPort"], node["STUNPort"]) == (443, 3478)
+    assert "CertName" not in node and "CanPort80" not in node

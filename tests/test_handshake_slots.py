@@ -9,9 +9,9 @@ from derper.metrics.counters import Stats
 class Conn:
     """A connection task as the pool sees it: its evict callback records the eviction."""
 
-    def __init__(self, slots: HandshakeSlots, source: str) -> None:
+    def __init__(self, slots: HandshakeSlots, source: str, capped: bool = True) -> None:
         self.evicted = False
-        self.slot = slots.try_enter(source, self._evict)
+        self.slot = slots.try_enter(source, self._evict, capped)
 
     def _evict(self) -> None:
         self.evicted = True
@@ -91,3 +91,15 @@ def test_source_key_groups_ipv6_by_64():
     assert source_key("2001:db8:1:2:aaaa::1") == source_key("2001:db8:1:2:bbbb::2")
     assert source_key("2001:db8:1:2::1") != source_key("2001:db8:1:3::1")
     assert source_key(None) == ""
+
+
+def test_behind_a_proxy_each_client_is_counted_under_its_own_address():
+    """All connections arrive from the proxy; the PROXY header's address re-keys each one, so
+    the per-source cap falls on the client, not on the proxy."""
+    slots = pool(100, per_source=2)
+    conns = [Conn(slots, "10.0.0.1", capped=False) for _ in range(5)]  # the proxy's address
+    assert all(c.slot is not None for c in conns)  # 5 > 2: not capped as one source
+    moved = [c.slot.rekey(addr) for c, addr in zip(conns, ["a", "b", "a", "a", "c"])]
+    assert moved == [True, True, True, False, True]  # "a" is at its share at the fourth
+    assert slots.count == 4 and slots.stats.rejected_half_open == 1
+    assert conns[3].slot.release() is False  # already released by the refusal

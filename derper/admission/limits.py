@@ -88,6 +88,17 @@ class HandshakeSlot:
         self._slots = None
         return True
 
+    def rekey(self, source: str) -> bool:
+        """Count this place under ``source`` from now on (the real client behind a PROXY
+        header); False, with the place released, if ``source`` already holds its share."""
+        slots = self._slots
+        if slots is None:
+            return False
+        if not slots._move(self, source):
+            self.release()
+            return False
+        return True
+
     def evict(self) -> None:
         """Give the place up to a newcomer: released now, its connection told to close."""
         self.release()
@@ -115,13 +126,16 @@ class HandshakeSlots:
         """Half full or more: new connections get ``PRESSURE_DEADLINE``."""
         return self.limit > 0 and 2 * self.count >= self.limit
 
-    def try_enter(self, source: str, evict: Callable[[], None]) -> HandshakeSlot | None:
+    def try_enter(self, source: str, evict: Callable[[], None],
+                  capped: bool = True) -> HandshakeSlot | None:
         """A place for a connection from ``source``, or None (refused: close it at once).
 
-        ``evict`` is called if the place is later given to a newcomer.
+        ``evict`` is called if the place is later given to a newcomer. ``capped=False`` skips
+        the per-source cap: a reverse proxy's connections carry many clients (a PROXY header
+        re-keys each to its client with ``HandshakeSlot.rekey``).
         """
         mine = self._by_source.get(source)
-        if self.per_source and mine is not None and len(mine) >= self.per_source:
+        if capped and self.per_source and mine is not None and len(mine) >= self.per_source:
             self.stats.rejected_half_open += 1
             return None
         if self.limit > 0 and self.count >= self.limit:
@@ -145,6 +159,17 @@ class HandshakeSlots:
         its share is refused, so attackers cannot churn each other (or a real client) out."""
         biggest = max(self._by_source.values(), key=len)
         return biggest[0] if len(biggest) > holding + 1 else None
+
+    def _move(self, slot: HandshakeSlot, source: str) -> bool:
+        theirs = self._by_source.get(source)
+        if self.per_source and theirs is not None and len(theirs) >= self.per_source:
+            self.stats.rejected_half_open += 1
+            return False
+        self._remove(slot)
+        slot.source = source
+        self._by_source.setdefault(source, deque()).append(slot)
+        self.count += 1
+        return True
 
     def _remove(self, slot: HandshakeSlot) -> None:
         slots = self._by_source[slot.source]

@@ -58,7 +58,7 @@ def connect_target(target: dict):
                           if target["cert_pin"] else ssl.create_default_context())
     ctx = _contexts[key] if target["url"].startswith("https:") else None
     return derp_client.connect(target["url"], cert_pin=target["cert_pin"], ssl_context=ctx,
-                               timeout=30)
+                               websocket=target.get("websocket", False), timeout=30)
 
 
 class _Flow:

@@ -49,6 +49,9 @@ BENCH_FLAGS = [
     _flag("clients", "clients", "int", "relay: clients, in pairs (8 = 8 senders, 8 receivers)"),
     _flag("size", "size", "int", "relay: packet bytes"),
     _flag("rate", "rate", "int", "relay: packets/s per sender; 0 = flood"),
+    _flag("websocket", "websocket", "bool",
+          "DERP over WebSocket (subprotocol derp), one WebSocket message per packet as "
+          "Tailscale's WebSocket client writes them; default: Upgrade: DERP"),
     _flag("coalesce", "coalesce", "bool",
           "relay: one TLS record per batch instead of one per packet"),
     _flag("seconds", "seconds", "float", "relay: measured seconds"),
@@ -64,7 +67,7 @@ BENCH_FLAGS = [
 ]
 DEFAULTS = {"url": "", "cert_pin": "", "ca_file": "", "server_pid": 0, "server_args": "",
             "recv_url": "", "recv_cert_pin": "", "mesh": False,
-            "clients": 8, "size": 1280, "rate": 10000, "coalesce": False, "seconds": 5.0,
+            "clients": 8, "size": 1280, "rate": 10000, "websocket": False, "coalesce": False, "seconds": 5.0,
             "warmup": 1.0, "drain": 1.0, "procs": 4, "repeat": 1, "suite": False,
             "conns": 1000, "concurrency": 64, "json": "derp_bench.json", "smoke": False}
 
@@ -87,6 +90,8 @@ Examples:
       a fresh local derper: 8 x 5k pkt/s, 8 x 10k pkt/s and a flood, 1280-byte packets
   derper bench -mesh -clients 8 -rate 5000
       two fresh meshed derpers: every packet crosses the mesh, in both directions
+  derper bench -websocket -rate 5000 -repeat 3
+      the same 8 x 5k pkt/s with DERP over WebSocket (TLS)
   derper bench conns -conns 10000
       10,000 idle connections to a fresh local derper
   derper bench -url https://derp.example.com/derp -clients 2 -rate 100 -seconds 10
@@ -109,7 +114,7 @@ class StartedServer:
 
     def __init__(self, extra: list[str], wrapper: list[str] = (), cwd: str | None = None,
                  prepared: "tuple[tempfile.TemporaryDirectory, int] | None" = None) -> None:
-        self._dir, port = prepared or (tempfile.TemporaryDirectory(), _free_tcp_port())
+        self._dir, port = prepared or (tempfile.TemporaryDirectory(), free_tcp_port())
         self.dir = Path(self._dir.name)
         args = [*wrapper, sys.executable, "-m", "derper", "-hostname", HOST,
                 "-certmode", "manual", "-certdir", self._dir.name, "-a", f"{HOST}:{port}",
@@ -118,7 +123,7 @@ class StartedServer:
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=self._log, cwd=cwd)
         self.url = f"https://{HOST}:{port}/derp"
         try:
-            _wait_listening(port, self.proc, 60 if wrapper else 10)
+            wait_listening(port, self.proc, 60 if wrapper else 10)
             self.pin = load_manual(self.dir, HOST).pin
         except (LoadError, CertError) as e:
             self.close()
@@ -137,7 +142,7 @@ class StartedServer:
 def started_region(extra: list[str]) -> list[StartedServer]:
     """Two derpers meshed with each other: their certificates made first, so that each can
     pin the other's in -mesh-with."""
-    dirs = [(tempfile.TemporaryDirectory(), _free_tcp_port()) for _ in range(2)]
+    dirs = [(tempfile.TemporaryDirectory(), free_tcp_port()) for _ in range(2)]
     pins = []
     for d, _ in dirs:
         ensure_ip_cert(Path(d.name), HOST)
@@ -163,13 +168,13 @@ def started_region(extra: list[str]) -> list[StartedServer]:
     return servers
 
 
-def _free_tcp_port() -> int:
+def free_tcp_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _wait_listening(port: int, proc: subprocess.Popen, seconds: float) -> None:
+def wait_listening(port: int, proc: subprocess.Popen, seconds: float) -> None:
     for _ in range(int(seconds / 0.05)):
         if proc.poll() is not None:
             raise LoadError(f"derper exited with {proc.returncode}")
@@ -198,7 +203,8 @@ def run(argv: list[str], environ: Mapping[str, str]) -> int:
         return 1
     Path(opts["json"]).write_text(json.dumps(report, indent=2) + "\n")
     _print_table(mode, report["rows"])
-    print(f"({opts['repeat']} run(s), medians; target {report['target']};"
+    print(f"({opts['repeat']} run(s), medians; target {report['target']} over "
+          f"{report['transport']};"
           f" JSON in {opts['json']})")
     return 0
 
@@ -247,11 +253,13 @@ def _bench(mode: str, opts: dict) -> dict:
     try:
         target = {"url": opts["url"] or server.url,
                   "cert_pin": (opts["cert_pin"] or None) if opts["url"] else server.pin,
-                  "ca_file": opts["ca_file"] or None, "recv": None}
+                  "ca_file": opts["ca_file"] or None, "websocket": opts["websocket"],
+                  "recv": None}
         if opts["recv_url"] or len(started) == 2:
             target["recv"] = {"url": opts["recv_url"] or started[1].url,
                               "cert_pin": (opts["recv_cert_pin"] or None) if opts["recv_url"]
-                              else started[1].pin, "ca_file": opts["ca_file"] or None}
+                              else started[1].pin, "ca_file": opts["ca_file"] or None,
+                              "websocket": opts["websocket"]}
         pid = server.proc.pid if server else opts["server_pid"] or None
         if mode == "conns":
             rss = rss_bytes(pid) if pid else None
@@ -278,6 +286,7 @@ def _bench(mode: str, opts: dict) -> dict:
             started_server.close()
     recv = target["recv"]
     return {"mode": mode, "target": target["url"] + (f" -> {recv['url']}" if recv else ""),
+            "transport": "websocket" if opts["websocket"] else "derp",
             "started_server": server is not None,
             "cpus": len(os.sched_getaffinity(0)), "python": sys.version.split()[0],
             "rows": rows, "runs": runs}

@@ -23,8 +23,9 @@ SERVE_FLAGS = [
          ("DERP_DOMAIN", "DERP_HOSTNAME")),
     Flag("certmode", "certmode", "string",
          'where the TLS certificate comes from: "letsencrypt" (ACME, obtained and renewed '
-         'in-process, see -acme-*) or "manual" (<certdir>/<hostname>.crt and .key; an IP '
-         "-hostname gets a self-signed one)",
+         'in-process, see -acme-*), "manual" (<certdir>/<hostname>.crt and .key; an IP '
+         '-hostname gets a self-signed one) or "none" (plain HTTP on -a with the key from -c, '
+         "for a reverse proxy that terminates TLS; no HTTP helper, STUN still direct)",
          ("DERP_CERT_MODE", "DERP_CERTMODE")),
     Flag("certdir", "certdir", "string",
          "directory of certificates (default $XDG_CACHE_HOME/tailscale/derper-certs)",
@@ -158,6 +159,14 @@ SERVE_FLAGS = [
     Flag("status-show-addrs", "status_show_addrs", "bool",
          "show the heaviest senders' IP addresses on /status and in `derper status` (default: "
          "shortened node keys only)", ("DERP_STATUS_SHOW_ADDRS",)),
+    Flag("trusted-proxies", "trusted_proxies", "string",
+         "comma-separated IP prefixes of reverse proxies (e.g. 127.0.0.1/32,10.0.0.0/8) whose "
+         "X-Forwarded-For, Forwarded or X-Real-IP header names the client; others' are ignored",
+         ("DERP_TRUSTED_PROXIES",)),
+    Flag("proxy-protocol", "proxy_protocol", "bool",
+         "every connection to -a starts with a PROXY protocol v1 or v2 header (nginx stream "
+         "proxy_protocol on, HAProxy send-proxy-v2) naming the client; connections without "
+         "a valid one are closed", ("DERP_PROXY_PROTOCOL",)),
     Flag("log-level", "log_level", "string", "debug, info, warning or error",
          ("DERP_LOG_LEVEL",)),
     Flag("version", "version", "bool", "print the version and exit"),

@@ -2,13 +2,15 @@
 
 Enough for an admission controller (``-verify-client-url``, plain HTTP or HTTPS with the system
 CA roots), tailscaled's LocalAPI over its unix socket, and the DERP client's ``Upgrade: DERP``
-request (spec §1.2). No redirects, no keep-alive, and only the first ``max_body`` bytes of a
-response are read, so a hostile or broken server costs at most one small buffer and the
-caller's timeout.
+request (spec §1.2) and its WebSocket variant (§1.6). No redirects, no keep-alive, and only the
+first ``max_body`` bytes of a response are read, so a hostile or broken server costs at most one
+small buffer and the caller's timeout.
 """
 
 from __future__ import annotations
 
+import base64
+import os
 import ssl
 from dataclasses import dataclass
 from urllib.parse import SplitResult, urlsplit
@@ -20,6 +22,8 @@ from .. import __version__
 from ..errors import IOFailure
 from ..net.addr import host_literal
 from ..net.reading import RECV_SIZE
+from ..net.websocket import WebSocketStream
+from ..proto import websocket as ws
 
 MAX_ERROR_BODY = 4096  # what an upgrade error shows of the server's answer
 
@@ -96,8 +100,10 @@ def host_header(url: SplitResult) -> str:
     return host if url.port in (None, default) else f"{host}:{url.port}"
 
 
-def derp_upgrade(host: str, *, fast_start: bool, ideal_node: str | None) -> Exchange:
-    """``GET /derp`` with ``Upgrade: DERP``, headers in the Go client's order (spec §1.2)."""
+def derp_upgrade(host: str, *, fast_start: bool, ideal_node: str | None,
+                 extra_headers=()) -> Exchange:
+    """``GET /derp`` with ``Upgrade: DERP``, headers in the Go client's order (spec §1.2),
+    then ``extra_headers``."""
     headers = [("Host", host), ("User-Agent", f"derper-client/{__version__}"),
                ("Connection", "Upgrade")]
     if fast_start:
@@ -105,7 +111,31 @@ def derp_upgrade(host: str, *, fast_start: bool, ideal_node: str | None) -> Exch
     if ideal_node:
         headers.append(("Ideal-Node", ideal_node))
     headers.append(("Upgrade", "DERP"))
+    headers.extend(extra_headers)
     return Exchange("GET", "/derp", headers)
+
+
+async def open_websocket(stream: trio.abc.Stream, host: str, path: str = "/derp",
+                         extra_headers=()) -> WebSocketStream:
+    """The client's WebSocket upgrade on ``stream``; HTTPClientError if it is refused."""
+    key = base64.b64encode(os.urandom(16))
+    exchange = Exchange("GET", path, [
+        ("Host", host), ("User-Agent", f"derper-client/{__version__}"),
+        ("Upgrade", "websocket"), ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Key", key), ("Sec-WebSocket-Version", "13"),
+        ("Sec-WebSocket-Protocol", ws.SUBPROTOCOL), *extra_headers])
+    await stream.send_all(exchange.request)
+    resp = await exchange.read_response(stream, MAX_ERROR_BODY)
+    if resp.status != 101:
+        raise HTTPClientError(f"server answered the WebSocket upgrade with HTTP {resp.status}: "
+                              f"{resp.body.decode('utf-8', 'replace').strip()}")
+    headers = dict(resp.headers)
+    if headers.get(b"sec-websocket-accept", b"").strip() != ws.accept_token(key):
+        raise HTTPClientError("server answered the WebSocket upgrade with a wrong "
+                              "Sec-WebSocket-Accept")
+    if headers.get(b"sec-websocket-protocol", b"").strip() != ws.SUBPROTOCOL.encode():
+        raise HTTPClientError("server did not agree to the WebSocket subprotocol derp")
+    return WebSocketStream(stream, client=True, initial=resp.after)
 
 
 def _ssl_context() -> ssl.SSLContext:

@@ -30,7 +30,9 @@ class Request:
     method: str
     target: str  # as sent: path plus query
     headers: list[tuple[bytes, bytes]]  # names lower-cased (h11)
-    remote_ip: str | None = None
+    remote_ip: str | None = None  # the client's: a -trusted-proxies peer's headers applied
+    remote_port: int = 0  # 0 when a proxy named the client without a port
+    proxied: bool = False  # the address came from a trusted proxy's headers
 
     @property
     def path(self) -> str:

@@ -18,7 +18,8 @@ from ..net.reading import RECV_SIZE
 from ..relay.hub import Relay
 from ..relay.session import serve_derp
 from .endpoints import Request, Response, error
-from .websocket import serve_websocket
+from .forwarded import TrustedProxies
+from .websocket import handshake_problem, serve_websocket
 
 log = logs.get("derper.http")
 
@@ -28,12 +29,21 @@ MAX_REQUESTS = 100  # per keep-alive connection
 
 
 class HttpConnection:
-    """h11 server state over one stream (plain or TLS)."""
+    """h11 server state over one stream (plain or TLS).
 
-    def __init__(self, stream: trio.abc.Stream, remote_ip: str | None = None) -> None:
+    ``proxies``: when the peer is one of them, each request's client address is the one its
+    headers name (``http.forwarded``); everyone else's headers mean nothing.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, remote_ip: str | None = None,
+                 remote_port: int = 0, proxies: TrustedProxies | None = None,
+                 initial: bytes = b"") -> None:
         self.stream = stream
-        self.remote_ip = remote_ip
+        self.peer = (remote_ip, remote_port)
+        self.proxies = proxies if proxies is not None and proxies.trusts(remote_ip) else None
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        if initial:  # read past a PROXY protocol header
+            self.conn.receive_data(initial)
 
     async def _next_event(self):
         while True:
@@ -51,9 +61,14 @@ class HttpConnection:
                 return None
             if not isinstance(event, h11.Request):
                 raise ProtocolError(f"unexpected {type(event).__name__}")
+            headers = list(event.headers)
+            (ip, port), proxied = self.peer, False
+            if self.proxies is not None:
+                client = self.proxies.client(headers, self.peer)
+                if client is not None:
+                    (ip, port), proxied = client, True
             req = Request(event.method.decode("ascii", "replace"),
-                          event.target.decode("ascii", "replace"), list(event.headers),
-                          self.remote_ip)
+                          event.target.decode("ascii", "replace"), headers, ip, port, proxied)
             seen = 0
             while True:
                 ev = await self._next_event()
@@ -116,14 +131,17 @@ def derp_upgrade_response(server_public: bytes) -> bytes:
 async def serve_http(stream: trio.abc.Stream, remote_ip: str | None, remote_port: int, *,
                      head_timeout: float, handle: Callable[[Request], Response],
                      log_throttle: Throttle, on_established: Callable[[], None],
-                     relay: Relay | None = None) -> None:
+                     relay: Relay | None = None, proxies: TrustedProxies | None = None,
+                     initial: bytes = b"") -> None:
     """Serve requests on one connection until it closes or turns into a DERP session.
 
     ``relay`` enables ``/derp`` upgrades (the main listener with ``-derp`` on); ``handle``
     answers every other request. ``on_established`` goes to the DERP session, which calls it
     once its client is registered (the connection's handshake slot is then free again).
+    ``proxies`` are the ``-trusted-proxies`` whose headers name the client; ``initial`` holds
+    bytes already read (past a PROXY protocol header).
     """
-    http = HttpConnection(stream, remote_ip)
+    http = HttpConnection(stream, remote_ip, remote_port, proxies, initial)
     remote = f"{remote_ip}:{remote_port}"
     for _ in range(MAX_REQUESTS):
         try:
@@ -143,8 +161,7 @@ async def serve_http(stream: trio.abc.Stream, remote_ip: str | None, remote_port
             # written), so the answer must be an error, and the connection ends with it.
             resp = replace(error(405, "CONNECT is not supported"), close=True)
         elif relay is not None and req.path == "/derp":
-            resp = await _upgrade(http, req, relay, remote_ip, remote_port, head_timeout,
-                                  on_established)
+            resp = await _upgrade(http, req, relay, head_timeout, on_established)
             if resp is None:
                 return  # the connection was a DERP session and is over now
         else:
@@ -154,8 +171,7 @@ async def serve_http(stream: trio.abc.Stream, remote_ip: str | None, remote_port
             return
 
 
-async def _upgrade(http: HttpConnection, req: Request, relay: Relay, remote_ip: str | None,
-                   remote_port: int, head_timeout: float,
+async def _upgrade(http: HttpConnection, req: Request, relay: Relay, head_timeout: float,
                    on_established: Callable[[], None]) -> Response | None:
     """Serve the DERP session ``req`` asks for; or the response if it asks for none."""
     upgrade = (req.header(b"upgrade") or b"").strip().lower()
@@ -172,20 +188,23 @@ async def _upgrade(http: HttpConnection, req: Request, relay: Relay, remote_ip: 
         return error(503, "DERP server is full (-max-clients)")
     relay.derp_conns += 1
     try:
-        await _serve_upgraded(http, req, upgrade, relay, remote_ip, remote_port, head_timeout,
-                              on_established)
+        return await _serve_upgraded(http, req, upgrade, relay, head_timeout, on_established)
     finally:
         relay.derp_conns -= 1
-    return None
 
 
 async def _serve_upgraded(http: HttpConnection, req: Request, upgrade: bytes, relay: Relay,
-                          remote_ip: str | None, remote_port: int, head_timeout: float,
-                          on_established: Callable[[], None]) -> None:
+                          head_timeout: float,
+                          on_established: Callable[[], None]) -> Response | None:
+    """The session; or the response to a WebSocket upgrade that cannot be accepted."""
+    remote_ip, remote_port = req.remote_ip, req.remote_port
     protocols = req.header(b"sec-websocket-protocol") or b""
     not_ideal = req.header(b"ideal-node") is not None
     if upgrade == b"websocket" and b"derp" in protocols:
-        await serve_websocket(relay, http.stream, req, http.trailing(), remote_ip, remote_port,
+        problem = handshake_problem(req)
+        if problem is not None:
+            return problem
+        await serve_websocket(relay, http.stream, req, http.trailing(),
                               head_timeout=head_timeout, not_ideal=not_ideal,
                               on_established=on_established)
     else:

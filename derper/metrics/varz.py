@@ -11,10 +11,11 @@ import ipaddress
 from typing import Callable, Iterable
 
 from ..http.endpoints import Request, Response, error
-from ..net.addr import unmap_ip
+from ..net import addr
+from ..net.addr import IPNetwork
 from .exposition import Metric
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+LOOPBACK = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")]
 CONTENT_TYPE = "text/plain;version=0.0.4;charset=utf-8"
 
 
@@ -63,29 +64,16 @@ def render(metrics: Iterable[Metric]) -> str:
 
 def parse_cidrs(text: str) -> list[IPNetwork]:
     """``-debug-allow-cidrs``: comma-separated prefixes such as ``10.0.0.0/8,fd00::/8``."""
-    nets = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            nets.append(ipaddress.ip_network(part, strict=False))
-        except ValueError:
-            raise ValueError(f"-debug-allow-cidrs: {part!r} is not an IP prefix like "
-                             "10.0.0.0/8 or fd00::/8") from None
-    return nets
+    return addr.parse_cidrs(text, "-debug-allow-cidrs")
 
 
 def debug_allowed(remote_ip: str | None, forwarded: bool, allow: list[IPNetwork]) -> bool:
-    """Loopback or an allowed prefix, and never through a proxy (``X-Forwarded-For``): behind
-    a reverse proxy every request would come from loopback."""
+    """Loopback or an allowed prefix, and never through a proxy we do not trust
+    (``X-Forwarded-For``): behind a reverse proxy every request would come from loopback.
+    ``remote_ip`` is the client's own address (a trusted proxy's headers already applied)."""
     if forwarded or not remote_ip:
         return False
-    try:
-        ip = ipaddress.ip_address(unmap_ip(remote_ip).split("%", 1)[0])
-    except ValueError:
-        return False
-    return ip.is_loopback or any(ip in net for net in allow)
+    return addr.ip_in(remote_ip, LOOPBACK) or addr.ip_in(remote_ip, allow)
 
 
 def handler(metrics: Callable[[], list[Metric]],
@@ -93,7 +81,8 @@ def handler(metrics: Callable[[], list[Metric]],
     """The ``/debug/varz`` endpoint: Go's text to allowed callers, Go's 403 to others."""
 
     def varz(req: Request) -> Response:
-        if not debug_allowed(req.remote_ip, req.header(b"x-forwarded-for") is not None, allow):
+        forwarded = not req.proxied and req.header(b"x-forwarded-for") is not None
+        if not debug_allowed(req.remote_ip, forwarded, allow):
             return error(403, "debug access denied")
         return Response(200, [("Content-Type", CONTENT_TYPE)], render(metrics()).encode())
 

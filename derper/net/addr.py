@@ -5,9 +5,12 @@ Pure functions, shared by the listeners, the HTTP redirect, the clients and the 
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 
 from ..errors import ConfigError
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class AddressError(ConfigError):
@@ -55,3 +58,36 @@ def unmap_ip(ip: str) -> str:
     if ip[:7].lower() == "::ffff:" and "." in ip:
         return ip[7:]
     return ip
+
+
+def ip_text(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """``ip`` as text, IPv4 seen through IPv6 (``::ffff:a.b.c.d``) as plain IPv4."""
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return str(mapped or ip)
+
+
+def parse_cidrs(text: str, flag: str) -> list[IPNetwork]:
+    """Comma-separated prefixes such as ``10.0.0.0/8,fd00::/8`` (a bare address is a /32 or
+    /128); ``flag`` names the option in the error."""
+    nets = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            nets.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise ValueError(f"{flag}: {part!r} is not an IP prefix like 10.0.0.0/8 or "
+                             "fd00::/8") from None
+    return nets
+
+
+def ip_in(ip: str | None, nets: list[IPNetwork]) -> bool:
+    """Whether ``ip`` (text, IPv4 possibly seen through IPv6) lies in one of ``nets``."""
+    if not ip or not nets:
+        return False
+    try:
+        addr = ipaddress.ip_address(unmap_ip(ip).split("%", 1)[0])
+    except ValueError:
+        return False
+    return any(addr in net for net in nets)

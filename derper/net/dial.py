@@ -31,14 +31,17 @@ class TLSFacts:
     fast_start_key: bytes | None  # the meta certificate's server key, if fast start may be used
 
 
-async def open_tcp(host: str, port: int) -> trio.SocketStream:
-    """``trio.open_tcp_stream``, less its happy-eyeballs tasks when there is one address."""
+async def open_tcp(host: str, port: int, source_ip: str | None = None) -> trio.SocketStream:
+    """``trio.open_tcp_stream``, less its happy-eyeballs tasks when there is one address;
+    ``source_ip`` binds the local end (a test's "other" client, 127.0.0.2)."""
     try:
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     except ValueError:
-        return await trio.open_tcp_stream(host, port)
+        return await trio.open_tcp_stream(host, port, local_address=source_ip)
     sock = trio.socket.socket(family, socket.SOCK_STREAM)
     try:
+        if source_ip is not None:
+            await sock.bind((source_ip, 0))
         await sock.connect((host, port))
     except BaseException:
         sock.close()

@@ -1,7 +1,8 @@
 """TCP listeners: address parsing, binding, socket options and an accept loop that never dies.
 
 Over-limit or failed accepts close that one socket and the loop goes on (the Go derper's accept
-limiter can make the whole server exit; spec §4.11).
+limiter can make the whole server exit; spec §4.11). With -proxy-protocol, each connection's
+PROXY header is read here too, before TLS (the codec is ``net.proxy_protocol``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from .. import logs
 from ..admission.limits import TokenBucket
 from ..logs import Throttle
 from ..metrics.counters import Stats
+from . import proxy_protocol
 from .addr import unmap_ip
+from .reading import RECV_SIZE
 
 log = logs.get("derper.net.listener")
 
@@ -82,6 +85,22 @@ def peer_address(stream: trio.SocketStream) -> tuple[str | None, int]:
     except OSError:
         return None, 0
     return unmap_ip(addr[0]), addr[1]
+
+
+async def read_proxy_header(stream: trio.SocketStream) -> tuple[tuple[str, int] | None, bytes]:
+    """The PROXY protocol header opening ``stream`` (-proxy-protocol): the client it names (None:
+    the peer itself) and the bytes read past it, the start of TLS or HTTP.
+
+    Raises ProtocolError for a missing or malformed header, EOFError if the peer closes first;
+    the caller bounds the time.
+    """
+    data = b""
+    while (header := proxy_protocol.parse(data)) is None:
+        chunk = await stream.receive_some(RECV_SIZE)
+        if not chunk:
+            raise EOFError("peer closed the connection before its PROXY protocol header")
+        data += chunk
+    return header.source, data[header.length:]
 
 
 async def accept_loop(listener: trio.SocketListener, nursery: trio.Nursery,

@@ -26,3 +26,26 @@ async def next_frame(stream: trio.abc.Stream, reader: FrameReader) -> tuple[int,
     while (f := reader.next()) is None:
         await read_more(stream, reader)
     return f
+
+
+class ReplayStream(trio.abc.Stream):
+    """``prefix`` first, then ``stream``: bytes already read, offered to a reader again."""
+
+    def __init__(self, prefix: bytes, stream: trio.abc.Stream) -> None:
+        self._prefix = prefix
+        self._stream = stream
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            data, self._prefix = self._prefix, b""
+            return data
+        return await self._stream.receive_some(max_bytes)
+
+    async def send_all(self, data) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()

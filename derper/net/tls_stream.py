@@ -31,9 +31,13 @@ class TLSStream(trio.abc.Stream):
     """TLS over ``transport``. Call ``do_handshake`` first (under the caller's deadline)."""
 
     def __init__(self, transport: trio.SocketStream, context: ssl.SSLContext, *,
-                 server_side: bool, server_hostname: str | None = None) -> None:
+                 server_side: bool, server_hostname: str | None = None,
+                 initial: bytes = b"") -> None:
+        """``initial``: ciphertext already read from ``transport`` (past a PROXY header)."""
         self.transport = transport
         self._incoming = ssl.MemoryBIO()
+        if initial:
+            self._incoming.write(initial)
         self._outgoing = ssl.MemoryBIO()
         self.ssl_object = context.wrap_bio(self._incoming, self._outgoing,
                                            server_side=server_side,
