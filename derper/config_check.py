@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Callable, Iterator
 
-from stun.server import check_alternates
+from stun.message import check_alternates
 
 from .admission.gate import read_allow_keys
 from .admission.rate_config import load_rate_config, parse_rate

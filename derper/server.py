@@ -295,7 +295,7 @@ class Server:
                          server_key=public_text(self.relay.public_key))
                 if config.certmode == "none":
                     log.info("-certmode none: plain HTTP, TLS is expected at the reverse proxy "
-                             "in front; STUN is served directly")
+                             "in front" + ("; STUN is served directly" if stun else ""))
                 task_status.started(self)
         finally:
             # A bind error, or a cancel from outside (tests, an embedding program): free the

@@ -33,12 +33,14 @@ Tailscale requests still get Go's reply, from the socket they reached.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import struct
 import zlib
 from dataclasses import dataclass
 from enum import IntEnum
 
+from derper.errors import ConfigError
 from derper.net.addr import unmap_ip
 
 COOKIE = b"\x21\x12\xa4\x42"
@@ -334,3 +336,30 @@ def _respond_classic(data: bytes, ip: str, port: int, strict: bool, layout: Layo
     if layout is not None:
         body += _where(layout, at, via, ATTR_SOURCE_ADDRESS, ATTR_CHANGED_ADDRESS)
     return encode(b"\x01\x01", head, body), Disposition.SUCCESS, via
+
+
+def check_alternates(host: str | None, port: int, alt_port: int, alt_ip: str,
+                     strict: bool) -> None:
+    """Refuse -stun-alt-port/-stun-alt-ip settings that cannot give a working RFC 5780 server."""
+    if not -1 <= alt_port <= 65535:
+        raise ConfigError(f"-stun-alt-port must be a port number (or -1 to disable), not "
+                          f"{alt_port}")
+    if alt_port < 0:
+        if alt_ip:
+            raise ConfigError("-stun-alt-ip needs -stun-alt-port too")
+        return
+    if alt_port == port != 0:
+        raise ConfigError("-stun-alt-port must differ from -stun-port")
+    if strict:
+        raise ConfigError("-stun-strict answers only Tailscale, which never asks for the "
+                          "alternate address: drop -stun-strict or -stun-alt-port")
+    if alt_ip:
+        try:
+            primary, alternate = ipaddress.ip_address(host or ""), ipaddress.ip_address(alt_ip)
+        except ValueError:
+            raise ConfigError("-stun-alt-ip needs IP addresses: -a IP:port for the primary one "
+                              "and -stun-alt-ip IP, both of this machine (e.g. -a "
+                              "203.0.113.7:443 -stun-alt-ip 203.0.113.8)") from None
+        if primary.version != alternate.version or primary == alternate:
+            raise ConfigError(f"-stun-alt-ip {alt_ip} must be another address of the same "
+                              f"family as {host}")

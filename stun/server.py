@@ -15,7 +15,6 @@ address, so RESPONSE-ORIGIN is where the reply really comes from.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
 import socket
 import struct
@@ -23,7 +22,6 @@ from typing import Callable
 
 import trio
 
-from derper.errors import ConfigError
 from stun.counters import IPV4, IPV6, StunCounters
 from stun.message import MAX_REQUEST_SIZE, Disposition, Layout, answer, respond
 
@@ -91,33 +89,6 @@ class Rfc5780Sockets:
     def close(self) -> None:
         for sock in self.sockets:
             sock.close()
-
-
-def check_alternates(host: str | None, port: int, alt_port: int, alt_ip: str,
-                     strict: bool) -> None:
-    """Refuse -stun-alt-port/-stun-alt-ip settings that cannot give a working RFC 5780 server."""
-    if not -1 <= alt_port <= 65535:
-        raise ConfigError(f"-stun-alt-port must be a port number (or -1 to disable), not "
-                          f"{alt_port}")
-    if alt_port < 0:
-        if alt_ip:
-            raise ConfigError("-stun-alt-ip needs -stun-alt-port too")
-        return
-    if alt_port == port != 0:
-        raise ConfigError("-stun-alt-port must differ from -stun-port")
-    if strict:
-        raise ConfigError("-stun-strict answers only Tailscale, which never asks for the "
-                          "alternate address: drop -stun-strict or -stun-alt-port")
-    if alt_ip:
-        try:
-            primary, alternate = ipaddress.ip_address(host or ""), ipaddress.ip_address(alt_ip)
-        except ValueError:
-            raise ConfigError("-stun-alt-ip needs IP addresses: -a IP:port for the primary one "
-                              "and -stun-alt-ip IP, both of this machine (e.g. -a "
-                              "203.0.113.7:443 -stun-alt-ip 203.0.113.8)") from None
-        if primary.version != alternate.version or primary == alternate:
-            raise ConfigError(f"-stun-alt-ip {alt_ip} must be another address of the same "
-                              f"family as {host}")
 
 
 async def open_alternates(primary: socket.socket, host: str | None, alt_port: int,

@@ -12,8 +12,7 @@ from hypothesis import given, settings, strategies as st
 from derper.errors import ConfigError
 from stun.client import Binding, binding_request, is_request, parse_response
 from stun.message import (CHANGE_IP, CHANGE_PORT, MAX_GROWTH, MAX_GROWTH_RFC5780, Disposition,
-                          Layout, answer, respond, tailscale_request)
-from stun.server import check_alternates
+                          Layout, answer, check_alternates, respond, tailscale_request)
 from tests.test_stun_message import CLASSIC_ID, TXID, fingerprinted, request
 
 FOUR = Layout(("203.0.113.1", "203.0.113.2"), (3478, 3479))
