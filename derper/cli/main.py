@@ -48,6 +48,10 @@ Examples:
       the files change)
   derper -hostname derp.example.com -home blank -verify-clients -bandwidth-limit 4mbit
       a public relay only your tailnet's nodes may use, fair to interactive traffic
+  derper -certmode none -a 127.0.0.1:8080 -trusted-proxies 127.0.0.1/32
+      behind nginx/Caddy/HAProxy terminating TLS (configs in deploy/); STUN stays direct
+  derper -hostname derp1.example.com -mesh-psk-file mesh.key -mesh-with derp2.example.com
+      one node of a region of relays: clients on either node reach each other
 
 Flags (Go syntax: -x v, -x=v, --x, -flag=false; each may also come from the variable shown):
 """
