@@ -36,7 +36,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a bare checkout too
 
 from derper import client as dc  # noqa: E402
-from derper.cli.bench import StartedServer  # noqa: E402
+from derper.cli.bench import StartedServer, free_port  # noqa: E402
 from derper.metrics.procstat import rss_bytes  # noqa: E402
 from derper.net.dial import pinned_context  # noqa: E402
 from derper.proto import wire  # noqa: E402
@@ -430,9 +430,7 @@ def start(needs: list[str], canary_keys, workdir: Path) -> Target:
         extra += ["-allow-keys", str(path)]
     stun_port = None
     if "stun" in needs:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.bind(("127.0.0.1", 0))
-            stun_port = s.getsockname()[1]
+        stun_port = free_port(socket.SOCK_DGRAM)
         extra += ["-stun=true", "-stun-port", str(stun_port)]
     server = StartedServer(extra)
     return Target(server, int(server.url.rsplit(":", 1)[1].split("/")[0]), stun_port)

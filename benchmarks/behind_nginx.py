@@ -25,7 +25,7 @@ import trustme
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a bare checkout too
 
 from derper.bench.loadgen import median_row, run_relay  # noqa: E402
-from derper.cli.bench import StartedServer, free_tcp_port, wait_listening  # noqa: E402
+from derper.cli.bench import StartedServer, free_port, wait_listening  # noqa: E402
 from tests.proxies import nginx_config  # noqa: E402
 
 
@@ -47,12 +47,12 @@ def main() -> None:
         tmp = Path(tmp_name)
         ca = trustme.CA()
         ca.cert_pem.write_to_path(str(tmp / "ca.pem"))
-        port = free_tcp_port()
+        port = free_port()
         derper = subprocess.Popen([sys.executable, "-m", "derper", "-certmode", "none",
                                    "-a", f"127.0.0.1:{port}", "-c", str(tmp / "derper.key"),
                                    "-stun=false", "-metrics-addr", "off"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        nginx_port = free_tcp_port()
+        nginx_port = free_port()
         nginx = subprocess.Popen(nginx_config("http", tmp, ca, nginx_port, port),
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         direct = StartedServer([])

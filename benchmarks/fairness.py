@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import struct
 import subprocess
@@ -33,17 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a b
 
 from derper import client as dc  # noqa: E402
 from derper.admission.rate_config import parse_rate  # noqa: E402
+from derper.cli.bench import free_port  # noqa: E402
 from derper.proto.messages import ReceivedPacket  # noqa: E402
 
 BULK_SIZE, SMALL_SIZE, SMALL_PERIOD = 1200, 100, 0.02
 SHARE_FLOOR, SHARE_CEILING = 0.85, 1.10  # of the configured limit
 OVERHEAD = 5 + 32  # frame header + key, what the relay's budget counts besides the payload
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def start_relay(*limit_flags: str) -> tuple[subprocess.Popen, str]:

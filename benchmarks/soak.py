@@ -28,7 +28,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a bare checkout too
 
 from derper import client as dc  # noqa: E402
-from derper.cli.bench import StartedServer  # noqa: E402
+from derper.cli.bench import StartedServer, free_port  # noqa: E402
 from derper.http.client import request  # noqa: E402
 from derper.metrics.procstat import rss_bytes  # noqa: E402
 from derper.proto.messages import ReceivedPacket  # noqa: E402
@@ -38,12 +38,6 @@ RSS_BAND = 0.10
 MIN_SECONDS_FOR_DRIFT = 300  # shorter runs are still warming up: only the other checks apply
 FD_SLACK = 2  # a connection being torn down as the sample is taken
 TASK_SLACK = 6  # the churning client's two tasks, and a scrape in flight
-
-
-def free_port(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Soak:

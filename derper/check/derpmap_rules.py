@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..derpmap import NO_ADDRESS, SELF_HOSTED_REGIONS
-from ..proto.pin import PREFIX as PIN_PREFIX
+from ..proto.pin import PREFIX as PIN_PREFIX, well_formed
 from . import yaml_subset
 from .results import FAIL, OK, WARN, Check, is_ip, worst
 
@@ -32,7 +32,6 @@ _SPELLING = {k.lower(): k for k in (
     "RegionID", "RegionCode", "RegionName", "Latitude", "Longitude", "Avoid", "NoMeasureNoHome",
     "Nodes", "Name", "HostName", "CertName", "IPv4", "IPv6", "STUNPort", "STUNOnly", "DERPPort",
     "InsecureForTests", "STUNTestIP", "CanPort80")}
-_PIN = re.compile(r"sha256-raw:[0-9a-fA-F]{64}")
 _DNS_NAME = re.compile(r"(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.)*"
                        r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?")
 
@@ -288,7 +287,7 @@ def _node_rules(node: MapNode, answers: Answers) -> list[Problem]:
                            "give the STUN-only node its STUNPort, or drop STUNOnly"))
     cert_name = n.get("certname", "")
     if cert_name.lower().startswith(PIN_PREFIX):
-        if not _PIN.fullmatch(cert_name):
+        if not well_formed(cert_name):
             out.append(Problem(FAIL, f"CertName {cert_name!r} is not sha256-raw: and 64 hex "
                                      "digits",
                                "copy the pin exactly as `derper derpmap` (or derper's start-up "

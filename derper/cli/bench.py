@@ -114,7 +114,7 @@ class StartedServer:
 
     def __init__(self, extra: list[str], wrapper: list[str] = (), cwd: str | None = None,
                  prepared: "tuple[tempfile.TemporaryDirectory, int] | None" = None) -> None:
-        self._dir, port = prepared or (tempfile.TemporaryDirectory(), free_tcp_port())
+        self._dir, port = prepared or (tempfile.TemporaryDirectory(), free_port())
         self.dir = Path(self._dir.name)
         args = [*wrapper, sys.executable, "-m", "derper", "-hostname", HOST,
                 "-certmode", "manual", "-certdir", self._dir.name, "-a", f"{HOST}:{port}",
@@ -142,7 +142,7 @@ class StartedServer:
 def started_region(extra: list[str]) -> list[StartedServer]:
     """Two derpers meshed with each other: their certificates made first, so that each can
     pin the other's in -mesh-with."""
-    dirs = [(tempfile.TemporaryDirectory(), free_tcp_port()) for _ in range(2)]
+    dirs = [(tempfile.TemporaryDirectory(), free_port()) for _ in range(2)]
     pins = []
     for d, _ in dirs:
         ensure_ip_cert(Path(d.name), HOST)
@@ -168,8 +168,9 @@ def started_region(extra: list[str]) -> list[StartedServer]:
     return servers
 
 
-def free_tcp_port() -> int:
-    with socket.socket() as s:
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A loopback port nothing holds now (TCP, or UDP with ``socket.SOCK_DGRAM``)."""
+    with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
