@@ -92,7 +92,8 @@ class Rfc5780Sockets:
 
 
 async def open_alternates(primary: socket.socket, host: str | None, alt_port: int,
-                          alt_ip: str = "") -> Rfc5780Sockets | None:
+                          alt_ip: str = "", *, reuse_port: bool = False
+                          ) -> Rfc5780Sockets | None:
     """The sockets RFC 5780 needs besides ``primary`` (bound to ``host``); None without
     ``alt_port``. With ``alt_ip`` there are four, ``host`` must be an address, and each socket is
     bound to its own address so that a reply leaves from the address it names."""
@@ -103,7 +104,7 @@ async def open_alternates(primary: socket.socket, host: str | None, alt_port: in
     sockets = [primary]
     try:
         for where in wanted:
-            sockets.append(await open_stun_socket(*where))
+            sockets.append(await open_stun_socket(*where, reuse_port=reuse_port))
         return Rfc5780Sockets(sockets)
     except BaseException:
         for sock in sockets[1:]:
@@ -151,24 +152,39 @@ async def serve_socket(sock: socket.socket, *, strict: bool = False,
             alternates.close()
 
 
-async def open_stun_socket(host: str | None, port: int) -> socket.socket:
-    """The responder's UDP socket: ``host`` exactly, or dual-stack ``::`` when it is None."""
+async def open_stun_socket(host: str | None, port: int, *,
+                           reuse_port: bool = False) -> socket.socket:
+    """The responder's UDP socket: ``host`` exactly, or dual-stack ``::`` when it is None.
+
+    ``reuse_port``: SO_REUSEPORT, one socket per worker process on the same port (the kernel
+    spreads clients over them by address).
+    """
     if host is None:
         try:
-            return _udp_socket(socket.AF_INET6, ("::", port), dual_stack=True)
+            return _udp_socket(socket.AF_INET6, ("::", port), reuse_port, dual_stack=True)
         except OSError as exc:
             if exc.errno not in _NO_IPV6:
                 raise
             log.info("no IPv6 here (%s): STUN on 0.0.0.0 only", exc)
-            return _udp_socket(socket.AF_INET, ("0.0.0.0", port))
+            return _udp_socket(socket.AF_INET, ("0.0.0.0", port), reuse_port)
     family, _, _, _, sockaddr = (await trio.socket.getaddrinfo(
         host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE))[0]
-    return _udp_socket(family, sockaddr)
+    return _udp_socket(family, sockaddr, reuse_port)
 
 
-def _udp_socket(family: int, sockaddr: tuple, dual_stack: bool = False) -> socket.socket:
+def adopt_udp_socket(fd: int) -> socket.socket:
+    """A UDP socket made by another process (the worker supervisor) and inherited."""
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+    return sock
+
+
+def _udp_socket(family: int, sockaddr: tuple, reuse_port: bool,
+                dual_stack: bool = False) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if dual_stack:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind(sockaddr)

@@ -9,7 +9,7 @@ import pytest
 
 from derper.metrics.counters import Stats
 from derper.proto.wire import PeerGoneReason
-from derper.relay.router import Router
+from derper.relay.router import Presence, Router
 
 _conn_ids = itertools.count(1)
 
@@ -23,6 +23,7 @@ class FakePeer:
     remote_port: int = 41641
     present_flags: int = 1
     rx_bytes: int = 0
+    sibling: bool = False
     calls: list = field(default_factory=list)
 
     def deliver(self, frame, disco):
@@ -32,7 +33,7 @@ class FakePeer:
         self.calls.append(("peer_gone", key, reason))
 
     def send_peer_present(self, peer):
-        self.calls.append(("present", peer.key, peer.conn_id))
+        self.calls.append(("present", peer.key, getattr(peer, "conn_id", None)))
 
     def notify_presence_gone(self, key):
         self.calls.append(("presence_gone", key))
@@ -270,8 +271,9 @@ def test_unregistered_watcher_is_forgotten(router):
 class FakeLink:
     """A mesh link as the router sees it: a Peer, never a local client."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, sibling: bool = False) -> None:
         self.key = name.encode().ljust(32, b"\0")
+        self.sibling = sibling
 
 
 def forwarder_counters(router: Router) -> tuple[int, int, int]:
@@ -334,3 +336,75 @@ def test_watchers_hear_of_local_keys_only(router):
     router.add_forwarder(A, link)  # never re-announced: one hop at most
     router.remove_forwarder(A, link)
     assert w.calls == []
+
+
+# ---- sibling workers (-workers): the host is one node to the region ----------------------------
+
+def presence(k: bytes) -> Presence:
+    return Presence(k, "192.0.2.9", 41641, 1)
+
+
+def watcher(router: Router, k: bytes, sibling: bool = False) -> FakePeer:
+    w = FakePeer(k, sibling=sibling)
+    router.register(w)
+    router.add_watcher(w)
+    w.calls.clear()
+    return w
+
+
+def presents(w: FakePeer) -> list:
+    return [c[:2] for c in w.calls if c[0] in ("present", "presence_gone")]
+
+
+def test_region_watchers_hear_of_sibling_keys_and_siblings_do_not(router):
+    region, sib_w = watcher(router, R), watcher(router, S, sibling=True)
+    region.calls.clear()
+    sib = FakeLink("w1", sibling=True)
+    router.add_forwarder(A, sib, presence(A))
+    assert presents(region) == [("present", A)] and presents(sib_w) == []
+    late = FakePeer(C)
+    router.register(late)
+    router.add_watcher(late)  # a node that starts watching later hears of A too
+    assert ("present", A) in presents(late)
+    assert router.clients_remote == 0  # the sibling's key is this host's, not another node's
+    router.remove_forwarder(A, sib)
+    assert presents(region)[-1] == ("presence_gone", A)
+    assert [c for c in presents(sib_w) if c[1] == A] == []  # siblings hear of local keys only
+
+
+def test_a_local_departure_is_not_gone_for_the_region_while_a_sibling_has_the_key(router):
+    region, sib_w = watcher(router, R), watcher(router, S, sibling=True)
+    a = connect(router, A)
+    router.add_forwarder(A, FakeLink("w1", sibling=True), presence(A))
+    region.calls.clear()
+    sib_w.calls.clear()
+    router.unregister(a)
+    assert presents(region) == []  # still reachable through this host
+    assert presents(sib_w) == [("presence_gone", A)]  # the sibling's copy is the host's now
+
+
+def test_duplicates_across_workers_last_writer_wins(router):
+    sib_w = watcher(router, S, sibling=True)
+    sib = FakeLink("w1", sibling=True)
+    a = connect(router, A)
+    assert router.active[A] is a and not a.dup
+    router.add_forwarder(A, sib, presence(A))  # the sibling's connection of A is newer
+    assert router.active.get(A) is None and router.forwarder(A) is sib and a.dup
+    assert router.local(A) is a  # a packet the sibling forwards here still reaches a
+    sib_w.calls.clear()
+    router.note_activity(a)  # a writes: it is the newest again, and the siblings hear so
+    assert router.active[A] is a and presents(sib_w) == [("present", A)]
+    sib_w.calls.clear()
+    router.note_activity(a)  # only a change is announced
+    assert presents(sib_w) == []
+    router.add_forwarder(A, sib, presence(A))
+    router.remove_forwarder(A, sib)  # the sibling's connection left: ours takes over
+    assert router.active[A] is a and not a.dup
+
+
+def test_a_sibling_forwarder_is_where_a_packet_from_the_region_may_go_next(router):
+    region_link, sib = FakeLink("r"), FakeLink("w1", sibling=True)
+    router.add_forwarder(A, region_link)
+    assert router.sibling_forwarder(A) is None  # never from one node on to another
+    router.add_forwarder(A, sib, presence(A))
+    assert router.sibling_forwarder(A) is sib and router.forwarder(A) is region_link

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ..disk.files import ensure_private_dir, write_atomic_group
+from ..disk.files import ensure_private_dir, locked, write_atomic_group
 from ..errors import ConfigError
 from ..proto.pin import cert_pin
 
@@ -160,6 +160,15 @@ def ensure_ip_cert(certdir: Path, ip_text: str) -> bool:
     """
     if pair_on_disk(certdir, ip_text):
         return False
+    try:
+        ensure_private_dir(certdir)
+        with locked(certdir):
+            return not pair_on_disk(certdir, ip_text) and _create_ip_cert(certdir, ip_text)
+    except OSError as e:
+        raise unwritable_ip_certdir(certdir, e.strerror) from e
+
+
+def _create_ip_cert(certdir: Path, ip_text: str) -> bool:
     ip = parse_ip(ip_text)
     assert ip is not None
     key = ec.generate_private_key(ec.SECP256R1())
@@ -186,13 +195,9 @@ def ensure_ip_cert(certdir: Path, ip_text: str) -> bool:
                                 serialization.PrivateFormat.TraditionalOpenSSL,
                                 serialization.NoEncryption())
     crt_path, key_path = manual_paths(certdir, ip_text)
-    try:
-        ensure_private_dir(certdir)
-        write_atomic_group([(key_path, key_pem, 0o600),
-                            (crt_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)],
-                           replace=False)
-    except OSError as e:
-        raise unwritable_ip_certdir(certdir, e.strerror) from e
+    write_atomic_group([(key_path, key_pem, 0o600),
+                        (crt_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)],
+                       replace=False)
     return True
 
 

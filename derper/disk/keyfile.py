@@ -27,7 +27,11 @@ def load_or_create_key_file(path: Path) -> tuple[KeyPair, bool]:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return _create_key_file(path), True
+        try:
+            return _create_key_file(path), True
+        except FileExistsError:
+            # Another process (a second derper, a worker) created it first: its key is ours.
+            return load_or_create_key_file(path)[0], False
     except OSError as e:
         raise KeyFileError(f"cannot read server key file {path}: {e.strerror}") from e
     return KeyPair(_parse_key_file(path, data)), False
@@ -55,6 +59,8 @@ def _create_key_file(path: Path) -> KeyPair:
         # link() publishes the complete file atomically and fails if someone created it meanwhile,
         # so a crash can never leave a half-written key that we would then refuse to load.
         write_atomic(path, body, 0o600, replace=False)
+    except FileExistsError:
+        raise
     except OSError as e:
         raise KeyFileError(f"cannot create server key file {path}: {e.strerror}") from e
     return pair

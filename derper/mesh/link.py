@@ -21,6 +21,7 @@ from ..proto.keys import public_text
 from ..proto.messages import PeerGoneMessage, PeerPresentMessage
 from ..relay.hub import Relay
 from ..relay.outbox import Outbox, WriteTimeout, lost
+from ..relay.router import Presence
 from ..relay.sendqueue import FORWARD_OVERHEAD
 from .peers import MeshPeer
 
@@ -32,6 +33,7 @@ FORWARD_WRITE_TIMEOUT = 5.0  # Go: mesh ForwardPacket writes; the link closes on
 # dropping; the write deadline bounds that wait.
 LINK_QUEUE_DEPTH = 1024
 RETRY_MIN, RETRY_MAX = 1.0, 30.0  # reconnect delay, doubled per failure, reset once up
+SIBLING_RETRY_MIN, SIBLING_RETRY_MAX = 0.1, 2.0  # a restarted worker is back within a second
 CONNECT_TIMEOUT = 10.0
 LOG_BURST, LOG_EVERY = 50, 10.0  # link up/down lines: a flapping peer cannot flood the log
 
@@ -61,7 +63,8 @@ class LinkHealth:
 class MeshLink(Outbox):
     """A connected, watching link: the router's ``Peer`` for the keys the peer has."""
 
-    def __init__(self, relay: Relay, client: dc.DerpClient, on_up, health: LinkHealth) -> None:
+    def __init__(self, relay: Relay, client: dc.DerpClient, on_up, health: LinkHealth,
+                 sibling: bool = False) -> None:
         super().__init__(client.stream, relay.stats, relay.ready, depth=LINK_QUEUE_DEPTH,
                          write_timeout=FORWARD_WRITE_TIMEOUT, overhead=FORWARD_OVERHEAD,
                          counts_sent=False, back_pressure=True)
@@ -70,6 +73,7 @@ class MeshLink(Outbox):
         self.client = client
         self.keys: set[bytes] = set()
         self.heard = False  # a watched node announces at least its watcher: the key was right
+        self.sibling = sibling
         self._on_up = on_up
         self._health = health
 
@@ -106,7 +110,8 @@ class MeshLink(Outbox):
                     self.heard = True
                     self._on_up()
                 self.keys.add(m.key)
-                router.add_forwarder(m.key, self)
+                router.add_forwarder(m.key, self, Presence(m.key, m.ip, m.port, m.flags)
+                                     if self.sibling else None)
                 self._health.remote_clients = len(self.keys)
             elif isinstance(m, PeerGoneMessage):
                 if m.peer in self.keys:
@@ -125,7 +130,9 @@ class MeshLink(Outbox):
 async def run_link(relay: Relay, peer: MeshPeer, address: str, health: LinkHealth) -> None:
     """Keep one link to ``peer`` at ``address`` up until cancelled (or it reaches ourselves)."""
     throttle = relay.log_throttle
-    delay = RETRY_MIN
+    low, high = ((SIBLING_RETRY_MIN, SIBLING_RETRY_MAX) if peer.sibling
+                 else (RETRY_MIN, RETRY_MAX))
+    delay = low
     where = {"peer": peer.entry, "address": address}
     while True:
         reason, heard = await _connect_once(relay, peer, address, health)
@@ -137,24 +144,25 @@ async def run_link(relay: Relay, peer: MeshPeer, address: str, health: LinkHealt
         health.reconnects += 1
         health.last_error = reason
         if heard:
-            delay = RETRY_MIN
+            delay = low
         wait = delay * random.uniform(0.5, 1.0)
         throttle.log(log, "warning", "mesh link down", kind="mesh link down", burst=LOG_BURST,
                      every=LOG_EVERY, reason=reason, retry_in=f"{wait:.1f}s",
                      reconnects=health.reconnects, **where)
         await trio.sleep(wait)
-        delay = min(delay * 2, RETRY_MAX)
+        delay = min(delay * 2, high)
 
 
 async def _connect_once(relay: Relay, peer: MeshPeer, address: str,
                         health: LinkHealth) -> tuple[str | None, bool]:
     """One connection's life: (why it ended, or None if it reached ourselves; whether the
     peer accepted us as a watcher)."""
+    mesh_key = relay.sibling_key if peer.sibling else relay.mesh_key
     try:
-        async with dc.connect(peer.url, relay.keypair, mesh_key=relay.mesh_key,
+        async with dc.connect(peer.url, relay.link_keypair, mesh_key=mesh_key,
                               dial=(address, peer.port), cert_pin=peer.pin,
                               server_hostname=peer.host, timeout=CONNECT_TIMEOUT) as client:
-            if client.server_key == relay.public_key:
+            if client.server_key == relay.public_key and not peer.sibling:
                 return None, False
 
             def up() -> None:
@@ -164,7 +172,7 @@ async def _connect_once(relay: Relay, peer: MeshPeer, address: str,
                                        address=address, reconnects=health.reconnects,
                                        server_key=public_text(client.server_key))
 
-            link = MeshLink(relay, client, up, health)
+            link = MeshLink(relay, client, up, health, peer.sibling)
             try:
                 reason = await link.run()
             finally:

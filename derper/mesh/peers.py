@@ -25,9 +25,12 @@ class MeshPeer:
     port: int
     dial_host: str  # what is resolved and dialled; each of its addresses gets a link
     pin: str | None
+    sibling: bool = False  # another worker of this host: plain DERP on a Unix socket
 
     @property
     def url(self) -> str:
+        if self.sibling:
+            return f"http://{self.host}/derp"
         port = "" if self.port == DEFAULT_PORT else f":{self.port}"
         return f"https://{host_literal(self.host)}{port}/derp"
 

@@ -79,6 +79,7 @@ class Stats:
         "packets_received", "bytes_received", "packets_received_disco",
         "packets_sent", "bytes_sent",
         "packets_forwarded_in", "packets_forwarded_out",
+        "packets_to_siblings", "packets_from_siblings",  # between -workers of one host
         "got_ping", "sent_pong",
         "peer_gone_disconnected_frames", "peer_gone_not_here_frames",
         "home_moves_in", "home_moves_out",

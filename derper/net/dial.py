@@ -33,7 +33,10 @@ class TLSFacts:
 
 async def open_tcp(host: str, port: int, source_ip: str | None = None) -> trio.SocketStream:
     """``trio.open_tcp_stream``, less its happy-eyeballs tasks when there is one address;
-    ``source_ip`` binds the local end (a test's "other" client, 127.0.0.2)."""
+    ``source_ip`` binds the local end (a test's "other" client, 127.0.0.2). A ``host`` that is
+    a path (starts with ``/``) is a Unix socket: how -workers reach each other."""
+    if host.startswith("/"):
+        return await trio.open_unix_socket(host)
     try:
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     except ValueError:

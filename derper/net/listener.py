@@ -28,25 +28,38 @@ _CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 15, 9  # Go runtime defaults
 
 
-async def open_listener(host: str | None, port: int) -> trio.SocketListener:
-    """Bind ``host:port``; no host means every interface, IPv6 and IPv4 on one socket."""
+async def open_listener(host: str | None, port: int, *,
+                        reuse_port: bool = False) -> trio.SocketListener:
+    """Bind ``host:port``; no host means every interface, IPv6 and IPv4 on one socket.
+
+    ``reuse_port``: SO_REUSEPORT, so worker processes each have a listener on the same port
+    and the kernel spreads new connections over them.
+    """
     if host is None:
         try:
-            return await _bind(socket.AF_INET6, "::", port, dual_stack=True)
+            return await _bind(socket.AF_INET6, "::", port, reuse_port, dual_stack=True)
         except OSError as e:
             if e.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
                 raise
-            return await _bind(socket.AF_INET, "0.0.0.0", port)
+            return await _bind(socket.AF_INET, "0.0.0.0", port, reuse_port)
     infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                           flags=socket.AI_PASSIVE)
     family, _, _, _, sockaddr = infos[0]
-    return await _bind(family, sockaddr[0], port)
+    return await _bind(family, sockaddr[0], port, reuse_port)
 
 
-async def _bind(family: int, host: str, port: int, dual_stack: bool = False) -> trio.SocketListener:
+def adopt_listener(fd: int) -> trio.SocketListener:
+    """A listening socket made by another process (the worker supervisor) and inherited."""
+    return trio.SocketListener(trio.socket.from_stdlib_socket(socket.socket(fileno=fd)))
+
+
+async def _bind(family: int, host: str, port: int, reuse_port: bool,
+                dual_stack: bool = False) -> trio.SocketListener:
     sock = trio.socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
         await sock.bind((host, port))

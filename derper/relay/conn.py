@@ -72,7 +72,6 @@ class ClientConn:
             self._require_mesh("ForwardPacket")
             if e - s < 2 * _KL:
                 raise ProtocolError("ForwardPacket shorter than two keys")
-            self.stats.packets_forwarded_in += 1
             return Event.FORWARD
         elif ftype == FrameType.WATCH_CONNS:
             self._require_mesh("WatchConns")

@@ -20,6 +20,11 @@ from .sendqueue import DEFAULT_DEPTH
 class Relay:
     keypair: KeyPair
     mesh_key: bytes | None = None
+    # -workers: the secret of the links between this host's workers, and the key their links
+    # (to siblings and to the region) present, one per worker so that no node sees the host's
+    # workers as duplicates of one key. Without workers: none, and the server's own key.
+    sibling_key: bytes | None = None
+    link_keypair: KeyPair | None = None
     # Timers (seconds). Keepalive: Go sends one every 60 s plus a per-connection jitter in
     # [0, 5) s (a twelfth of the period), and clients give up after 120 s of silence.
     keepalive_interval: float = 60.0
@@ -49,6 +54,8 @@ class Relay:
 
     def __post_init__(self) -> None:
         self.router = Router(self.stats)
+        if self.link_keypair is None:
+            self.link_keypair = self.keypair
 
     @property
     def public_key(self) -> bytes:

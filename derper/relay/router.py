@@ -10,7 +10,7 @@ mesh link); ``Client`` is a local connection, which the router also tells about 
 from __future__ import annotations
 
 import itertools
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from ..metrics.counters import Stats
 from ..proto.wire import PeerGoneReason
@@ -21,6 +21,7 @@ class Peer(Protocol):
 
     key: bytes
     back_pressure: bool  # a reader that fills it awaits ``wait_room`` instead of dropping
+    sibling: bool  # another worker process of this host (-workers), not another node
 
     def deliver(self, frame: bytearray, disco: bool) -> bool:
         """Queue a frame; True when that filled the queue (the caller may yield once)."""
@@ -47,6 +48,16 @@ class Client(Peer, Protocol):
     def close_by_peer_request(self) -> None: ...
 
 
+class Presence(NamedTuple):
+    """What a PeerPresent says of a key a sibling worker has: enough to announce it again to
+    the region's watchers, for whom the whole host is one node."""
+
+    key: bytes
+    remote_ip: str | None
+    remote_port: int
+    present_flags: int
+
+
 class Router:
     """Key → connections, with last-writer-wins duplicates, mesh forwarders and PeerGone
     bookkeeping.
@@ -56,6 +67,11 @@ class Router:
     duplicates: a cloned VM or a reconnect racing the old connection). ``forwarders`` holds,
     per key, the mesh links whose node has it, in the order they claimed it: the first is the
     one used, and only while the key has no local connection (Go's rules).
+
+    With ``-workers``, the other worker processes of the host are forwarders too (``sibling``),
+    and the region's watchers hear of their keys as of ours. A duplicate key across workers
+    follows last-writer-wins like a local one: a sibling announcing a key we also have means
+    its connection is the newer one, and we route to it (``_yielded``) until ours sends again.
     """
 
     def __init__(self, stats: Stats) -> None:
@@ -72,6 +88,8 @@ class Router:
         self._last_activity: dict[int, int] = {}
         self.dup_keys = 0
         self.dup_conns = 0
+        self._sibling_presence: dict[bytes, Presence] = {}
+        self._yielded: set[bytes] = set()  # local keys whose newest connection is a sibling's
         self.multiforwarder_created = 0
         self.multiforwarder_deleted = 0
         self.forwarder_delete_other = 0  # Go: packet_forwarder_delete_other_value
@@ -96,6 +114,9 @@ class Router:
             self.dup_conns += 1
             self.stats.total_dup_client_conns += 1
         self.active[key] = peer  # the newest connection wins
+        self._yielded.discard(key)
+        if key in self._sibling_presence:
+            peer.dup = True  # a sibling has it too: track who writes last
         for w in self.watchers:
             w.send_peer_present(peer)
 
@@ -108,28 +129,51 @@ class Router:
             return
         self.stats.client_disconnects += 1
         conns.remove(peer)
+        yielded = key in self._yielded
         if not conns:
             del self.conns[key]
-            del self.active[key]
-            for w in self.watchers:  # watchers hear of local departures only
-                w.notify_presence_gone(key)
+            self.active.pop(key, None)
+            self._yielded.discard(key)
+            on_sibling = key in self._sibling_presence
+            for w in self.watchers:  # watchers hear of local departures only; the region's
+                if not (on_sibling and not w.sibling):  # still reach it through us
+                    w.notify_presence_gone(key)
             if key not in self.forwarders:
                 self._left_region(key)
         elif len(conns) == 1:  # a pair of duplicates is back to one ordinary connection
             self.dup_keys -= 1
             self.dup_conns -= 2
             survivor = conns[0]
-            survivor.dup = False
-            self.active[key] = survivor
+            survivor.dup = key in self._sibling_presence
+            if not yielded:
+                self.active[key] = survivor
         else:
             self.dup_conns -= 1
             if self.active.get(key) is peer:  # the most recent writer (or registrant) takes over
                 self.active[key] = max(conns, key=lambda c: self._last_activity[c.conn_id])
 
     def note_activity(self, peer: Client) -> None:
-        """A frame arrived from a duplicate: it becomes the receiving one (last writer wins)."""
+        """A frame arrived from a duplicate: it becomes the receiving one (last writer wins).
+
+        If a sibling worker had the newest connection of the key, this one takes over, and the
+        siblings hear so (a PeerPresent from us means: ours is the newer)."""
         self._last_activity[peer.conn_id] = next(self._activity)
-        self.active[peer.key] = peer
+        key = peer.key
+        self.active[key] = peer
+        if key in self._yielded:
+            self._yielded.discard(key)
+            for w in self.watchers:
+                if w.sibling:
+                    w.send_peer_present(peer)
+
+    def local(self, key: bytes) -> Client | None:
+        """The local connection for ``key`` even while a sibling's is the newer: where a packet
+        a sibling forwarded goes (it never goes back)."""
+        dst = self.active.get(key)
+        if dst is None and key in self._yielded:
+            conns = self.conns[key]
+            dst = max(conns, key=lambda c: self._last_activity[c.conn_id])
+        return dst
 
     def _left_region(self, key: bytes) -> None:
         """``key`` has neither a local connection nor a forwarder any more."""
@@ -156,8 +200,19 @@ class Router:
         fwds = self.forwarders.get(key)
         return fwds[0] if fwds else None
 
-    def add_forwarder(self, key: bytes, fwd: Peer) -> None:
-        """A mesh link's node has ``key`` (PeerPresent). A second claimant only queues up."""
+    def sibling_forwarder(self, key: bytes) -> Peer | None:
+        """The sibling worker that has ``key``: where a packet from another node of the region
+        may go one hop further (never to a third node: the region's rule of one hop)."""
+        for fwd in self.forwarders.get(key, ()):
+            if fwd.sibling:
+                return fwd
+        return None
+
+    def add_forwarder(self, key: bytes, fwd: Peer, presence: Presence | None = None) -> None:
+        """A mesh link's node has ``key`` (PeerPresent). A second claimant only queues up.
+
+        A sibling worker's claim (``presence`` given) is passed on to the region's watchers,
+        and when we have the key too, the sibling's connection is the newer: we route to it."""
         fwds = self.forwarders.get(key)
         if fwds is None:
             self.forwarders[key] = [fwd]
@@ -165,6 +220,20 @@ class Router:
             if len(fwds) == 1:
                 self.multiforwarder_created += 1
             fwds.append(fwd)
+        if presence is None:
+            return
+        announce = key not in self._sibling_presence and key not in self.conns
+        self._sibling_presence[key] = presence
+        conns = self.conns.get(key)
+        if conns is not None:
+            for c in conns:
+                c.dup = True
+            if self.active.pop(key, None) is not None:
+                self._yielded.add(key)
+        elif announce:
+            for w in self.watchers:
+                if not w.sibling:
+                    w.send_peer_present(presence)
 
     def remove_forwarder(self, key: bytes, fwd: Peer) -> None:
         """``fwd``'s node no longer has ``key`` (PeerGone, or the link dropped); the oldest
@@ -174,12 +243,29 @@ class Router:
             self.forwarder_delete_other += 1
             return
         fwds.remove(fwd)
+        if fwd.sibling and not any(f.sibling for f in fwds):
+            self._sibling_gone(key)
         if len(fwds) == 1:
             self.multiforwarder_deleted += 1
         elif not fwds:
             del self.forwarders[key]
             if key not in self.conns:
                 self._left_region(key)
+
+    def _sibling_gone(self, key: bytes) -> None:
+        """No sibling worker has ``key`` any more: ours (if any) is the host's connection."""
+        del self._sibling_presence[key]
+        conns = self.conns.get(key)
+        if conns is None:
+            for w in self.watchers:
+                if not w.sibling:
+                    w.notify_presence_gone(key)
+            return
+        if len(conns) == 1:
+            conns[0].dup = False
+        if key in self._yielded:
+            self._yielded.discard(key)
+            self.active[key] = max(conns, key=lambda c: self._last_activity[c.conn_id])
 
     # ---- routing ------------------------------------------------------------------------------
 
@@ -201,10 +287,16 @@ class Router:
     # ---- mesh privileges ----------------------------------------------------------------------
 
     def add_watcher(self, watcher: Client) -> None:
-        """Enrol a mesh watcher and tell it every key that has a routable connection now."""
+        """Enrol a mesh watcher and tell it every key that has a routable connection now (to
+        another node: the sibling workers' keys too)."""
         self.watchers.add(watcher)
         for peer in self.active.values():
             watcher.send_peer_present(peer)
+        if not watcher.sibling:
+            conns = self.conns
+            for key, presence in self._sibling_presence.items():
+                if key not in conns:
+                    watcher.send_peer_present(presence)
 
     def close_key(self, key: bytes) -> int:
         """ClosePeer: disconnect every local connection of ``key``; returns how many."""
@@ -225,6 +317,11 @@ class Router:
 
     @property
     def clients_remote(self) -> int:
-        """Keys only mesh peers have."""
-        conns = self.conns
-        return sum(1 for k in self.forwarders if k not in conns)
+        """Keys only other nodes of the region have (a sibling worker's are this host's)."""
+        conns, siblings = self.conns, self._sibling_presence
+        return sum(1 for k in self.forwarders if k not in conns and k not in siblings)
+
+    @property
+    def region_watchers(self) -> int:
+        """Mesh watchers from other nodes (sibling workers watch each other too)."""
+        return sum(1 for w in self.watchers if not w.sibling)

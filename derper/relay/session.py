@@ -106,18 +106,19 @@ async def serve_derp(relay: Relay, stream: trio.abc.Stream, *, remote_ip: str | 
         relay.log_throttle.log(log, "info", "connection lost during DERP handshake",
                                remote=remote, error=str(e) or None)
         return
-    if info.mesh_key and not info.has_mesh_key(relay.mesh_key):
+    sibling = info.has_mesh_key(relay.sibling_key)
+    if info.mesh_key and not sibling and not info.has_mesh_key(relay.mesh_key):
         relay.log_throttle.log(log, "warning", "a client presented a mesh key that is not this "
                                "region's; a mesh peer needs the same -mesh-psk-file on every "
                                "node", kind="wrong mesh key", key=public_text(info.key),
                                remote=remote, have_mesh_key=relay.mesh_key is not None)
     if relay.admission is not None:
-        if info.has_mesh_key(relay.mesh_key):
+        if sibling or info.has_mesh_key(relay.mesh_key):
             stats.admission_mesh_bypass += 1
         elif not await relay.admission.admit(info.key, remote_ip):
             return  # silently, as Go: the client sees EOF where ServerInfo should be
     reader.want(STEADY_WANTED)
-    session = Session(relay, stream, info, remote_ip, remote_port, not_ideal)
+    session = Session(relay, stream, info, remote_ip, remote_port, not_ideal, sibling)
     relay.router.register(session)
     on_established()
     throttle = relay.log_throttle
@@ -171,8 +172,9 @@ class Session(Outbox):
     to it, and the reader that routes what it sends."""
 
     def __init__(self, relay: Relay, stream: trio.abc.Stream, info: ClientInfo,
-                 remote_ip: str | None, remote_port: int, not_ideal: bool) -> None:
-        can_mesh = info.has_mesh_key(relay.mesh_key)
+                 remote_ip: str | None, remote_port: int, not_ideal: bool,
+                 sibling: bool = False) -> None:
+        can_mesh = sibling or info.has_mesh_key(relay.mesh_key)
         self.conn = ClientConn(info.key, relay.stats, server_key=relay.public_key,
                                can_mesh=can_mesh, is_prober=info.is_prober, not_ideal=not_ideal,
                                connected_at=trio.current_time())
@@ -188,6 +190,7 @@ class Session(Outbox):
         self.remote_port = remote_port
         self.rx_bytes = 0  # one add per read (not per packet): the status page's top senders
         self.can_mesh = can_mesh
+        self.sibling = sibling  # a link from another worker process of this host
         self.not_ideal = not_ideal
         self.present_flags = self.conn.present_flags
         self.close_reason = "client closed the connection"
@@ -315,7 +318,7 @@ class Session(Outbox):
                         if dst is None:
                             self._unknown_dest(buf[s:ps], disco, n, DropReason.UNKNOWN_DEST)
                             continue
-                        out = self._forward_frame(view, s, e)
+                        out = self._forward_frame(self.key, view, s, e, dst.sibling)
                     full = dst.deliver(out, disco)
                 else:
                     filled = self._control(ftype, buf, s, e)
@@ -335,13 +338,18 @@ class Session(Outbox):
             if ready:
                 _flush_ready(ready)
 
-    def _forward_frame(self, view: memoryview, s: int, e: int) -> bytearray:
-        """SendPacket(dst, packet) at ``view[s:e]`` → ForwardPacket(our client, dst, packet),
-        one hop to the mesh peer whose node has dst (spec §4.2 step 2)."""
-        self.relay.stats.packets_forwarded_out += 1
+    def _forward_frame(self, src, view: memoryview, s: int, e: int,
+                       sibling: bool) -> bytearray:
+        """(dst, packet) at ``view[s:e]`` → ForwardPacket(src, dst, packet), one hop to the
+        mesh peer whose node has dst (spec §4.2 step 2), or to the sibling worker that has it."""
+        stats = self.relay.stats
+        if sibling:
+            stats.packets_to_siblings += 1
+        else:
+            stats.packets_forwarded_out += 1
         out = bytearray(5 + _KL + e - s)
         out[0:5] = wire.header(FrameType.FORWARD_PACKET, _KL + e - s)
-        out[5:5 + _KL] = self.key
+        out[5:5 + _KL] = src
         out[5 + _KL:] = view[s:e]
         return out
 
@@ -397,13 +405,24 @@ class Session(Outbox):
         return None
 
     def _forwarded_in(self, buf: bytearray, s: int, e: int) -> tuple | None:
-        """A mesh peer relays a packet from one of its clients to one of ours (never re-sent)."""
+        """A mesh peer relays a packet from one of its clients to one of ours. It is never sent
+        on to another node; from another node it may go one hop more, to the sibling worker of
+        this host that has the key (the region sees the host as one node)."""
         src, dst_key = buf[s:s + _KL], buf[s + _KL:s + 2 * _KL]
         ps = s + 2 * _KL
         n = e - ps
         disco = _is_disco(buf, ps, e)
         router = self.relay.router
-        dst = router.active.get(dst_key)
+        stats = self.relay.stats
+        if self.sibling:
+            stats.packets_from_siblings += 1
+            dst = router.local(dst_key)
+        else:
+            stats.packets_forwarded_in += 1
+            dst = router.active.get(dst_key)
+            if dst is None and (sib := router.sibling_forwarder(dst_key)) is not None:
+                out = self._forward_frame(src, memoryview(buf), s + _KL, e, True)
+                return (sib, disco) if sib.deliver(out, disco) else None
         if dst is None:
             self._unknown_dest(dst_key, disco, n, DropReason.UNKNOWN_DEST_ON_FWD)
             return None

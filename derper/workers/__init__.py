@@ -1,0 +1,1 @@
+"""Several worker processes on one host: the supervisor, each worker's part, and what they share."""
