@@ -80,6 +80,7 @@ class Config:
     trusted_proxies: str = ""  # peers whose Forwarded/X-Forwarded-For/X-Real-IP are believed
     proxy_protocol: bool = False  # a PROXY v1/v2 header opens every main-listener connection
     log_level: str = "info"
+    workers: str = "1"  # processes sharing the ports (SO_REUSEPORT); "auto" = one per CPU
     metrics_addr: str = "127.0.0.1:9437"  # /metrics; "" or "off" disables. Not Prometheus's 9090
     debug_allow_cidrs: str = ""  # /debug/varz beyond loopback
     status_show_addrs: bool = False  # client IP addresses on /status (off: keys only)

@@ -26,6 +26,7 @@ from .http.endpoints import validate_home
 from .mesh.peers import parse_mesh_with
 from .metrics.varz import parse_cidrs
 from .net.addr import parse_addr, parse_cidrs as parse_prefixes
+from .workers.plan import worker_count
 
 
 class ConfigProblems(ConfigError):
@@ -98,6 +99,7 @@ def _admission(config: Config) -> Iterator[ConfigError | None]:
         yield ConfigError(f"-verify-client-url must be an http:// or https:// URL, not {url!r}")
     if config.max_clients < 0 or config.max_handshakes < 0:
         yield ConfigError("-max-clients and -max-handshakes must be 0 (no cap) or positive")
+    yield _failure(worker_count, config.workers)
     if config.max_handshakes_per_source < 0:
         yield ConfigError("-max-handshakes-per-source must be 0 (no cap) or positive")
 

@@ -31,9 +31,10 @@ def _quote(value: object) -> str:
 
 
 class KeyValueFormatter(logging.Formatter):
-    def __init__(self, journald: bool) -> None:
+    def __init__(self, journald: bool, tag: str = "") -> None:
         super().__init__()
         self.journald = journald
+        self.tag = tag  # fields on every line (worker=N under -workers)
         self._second: int | None = None  # the whole second _stamp was formatted for
         self._stamp = ""
 
@@ -53,15 +54,20 @@ class KeyValueFormatter(logging.Formatter):
         for k, v in getattr(record, "fields", {}).items():
             if v is not None:
                 parts.append(f"{k}={_quote(v)}")
+        if self.tag:
+            parts.append(self.tag)
         if record.exc_info and record.exc_info[1] is not None:
             exc = record.exc_info[1]
             parts.append(f"exception={_quote(f'{type(exc).__name__}: {exc}')}")
         return " ".join(parts)
 
 
-def setup(level: str = "info", stream=None) -> None:
+def setup(level: str = "info", stream=None, **tag: object) -> None:
+    """Log ``key=value`` lines to stderr; ``tag`` fields end every line (``worker=1``)."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(KeyValueFormatter(journald=bool(os.environ.get("JOURNAL_STREAM"))))
+    handler.setFormatter(KeyValueFormatter(journald=bool(os.environ.get("JOURNAL_STREAM")),
+                                           tag=" ".join(f"{k}={_quote(v)}"
+                                                        for k, v in tag.items())))
     root = logging.getLogger("derper")
     root.handlers[:] = [handler]
     root.setLevel(LEVELS[level])

@@ -16,7 +16,7 @@ from pathlib import Path
 import trio
 
 from stun.counters import StunCounters
-from stun.server import open_alternates, open_stun_socket, serve_socket
+from stun.server import serve_socket
 
 from . import __version__, logs, memory, signals
 from .admission.fairshare import BandwidthLimiter
@@ -45,13 +45,16 @@ from .metrics.counters import tls_version_index
 from .metrics.exposition import Exposition
 from .metrics.status import StatusBoard
 from .net.addr import host_literal, parse_addr, parse_cidrs
-from .net.listener import (accept_loop, bound_port, open_listener, peer_address, read_proxy_header,
-                           tune)
+from .net.listener import accept_loop, bound_port, peer_address, read_proxy_header, tune
+from .net.server_sockets import ServerSockets
 from .net.tls_stream import TLSStream
 from .proto import metacert, wire
 from .proto.keys import KeyPair, public_text
 from .relay import tcp_rtt
 from .relay.hub import Relay
+from .workers import siblings
+from .workers.host_metrics import HostMetrics
+from .workers.plan import WorkerRole, rate_share, share
 
 log = logs.get("derper.server")
 
@@ -80,20 +83,28 @@ class HalfOpen:
 class Server:
     """One relay: ``Server(...)`` checks and builds, ``run()`` prepares the disk and serves."""
 
-    def __init__(self, config: Config, keypair: KeyPair, *, mesh_key: bytes | None = None) -> None:
+    def __init__(self, config: Config, keypair: KeyPair, *, mesh_key: bytes | None = None,
+                 role: WorkerRole | None = None) -> None:
         """Raises ConfigProblems naming everything wrong with ``config``; writes and prints
-        nothing (it reads the rate config and the allowed keys)."""
+        nothing (it reads the rate config and the allowed keys).
+
+        ``role``: this server is one of ``-workers`` (``workers.plan``): its sockets come from
+        the supervisor, its limits are its share of the host's, and it links to the others.
+        """
         problems = check(config, mesh_key=mesh_key)
         if problems:
             raise ConfigProblems(problems)
         self.config = config
+        self.role = role
         self.bootstrap = BootstrapDNS(parse_names(config.bootstrap_dns_names))
         self.listen_host, self.listen_port = parse_addr(config.addr)
         nets = parse_cidrs(config.trusted_proxies, "-trusted-proxies")
         self.proxies = TrustedProxies(nets) if nets else None
         self.endpoints = Endpoints(home=config.home, derp_enabled=config.derp,
                                    bootstrap_body=lambda: self.bootstrap.body)
-        self.relay = Relay(keypair, mesh_key, keepalive_interval=config.keepalive_interval,
+        self.relay = Relay(keypair, mesh_key, sibling_key=role and role.sibling_key,
+                           link_keypair=role and KeyPair.generate(),
+                           keepalive_interval=config.keepalive_interval,
                            write_timeout=config.tcp_write_timeout,
                            handshake_timeout=config.handshake_timeout,
                            queue_depth=config.queue_depth)
@@ -102,7 +113,8 @@ class Server:
                            Resolver(config.mesh_dns_server),
                            config.mesh_resolve_interval) if config.mesh_with else None
         webroot = config.acme_webroot
-        self.challenges = Http01Responder(Path(webroot) if webroot else None)
+        self.challenges = Http01Responder(Path(webroot) if webroot else None,
+                                          role and role.challenge_dir)
         self.acme: AcmeCerts | None = None
         self.manual: ManualCerts | None = None
         self.tls = self._build_tls() if config.tls else None
@@ -110,7 +122,9 @@ class Server:
         self.exposition = Exposition(self.relay, self.stun_counters, __version__)
         self.status = StatusBoard(self.relay, self.stun_counters, config, version=__version__,
                                   tls=self.tls, acme=self.acme)
-        self.endpoints.varz = varz.handler(self.exposition.metrics,
+        self.host_metrics = HostMetrics(role, self.exposition.metrics) if role else None
+        self.metrics = self.host_metrics or self.exposition.metrics  # what scrapes see
+        self.endpoints.varz = varz.handler(self.metrics,
                                            varz.parse_cidrs(config.debug_allow_cidrs))
         self.metrics_port: int | None = None
         self.main_port: int | None = None
@@ -129,12 +143,22 @@ class Server:
                                 if config.rate_config else None)
         self.allow_list = AllowList(config.allow_keys) if config.allow_keys else None
         url = config.verify_client_url or None
-        relay.max_clients = config.max_clients
+        # Under -workers each has its share of the host's limits (workers.plan), and room for
+        # the links from the other workers on top.
+        n, i = (self.role.count, self.role.index) if self.role else (1, 0)
+        relay.max_clients = share(config.max_clients, n, i) + (n - 1 if config.max_clients else 0)
+        handshakes = share(config.max_handshakes, n, i)
         per_source = config.max_handshakes_per_source
-        self.handshakes = HandshakeSlots(config.max_handshakes, per_source, relay.stats)
+        if per_source and handshakes:
+            per_source = min(per_source, handshakes)
+        self.handshakes = HandshakeSlots(handshakes, per_source, relay.stats)
         # The port-80 helper's connections never upgrade: all of them count, in a pool of
         # their own so a slowloris there cannot starve the DERP port's handshakes.
-        self.helper_connections = HandshakeSlots(config.max_handshakes, per_source, relay.stats)
+        self.helper_connections = HandshakeSlots(handshakes, per_source, relay.stats)
+        if self.bandwidth_rate:
+            self.bandwidth_rate = rate_share(self.bandwidth_rate, n)
+        self.accept_rate = rate_share(config.accept_connection_limit, n)
+        self.accept_burst = max(1, config.accept_connection_burst // n)
         if self.allow_list or config.verify_clients or url:
             socket = (config.socket or DEFAULT_SOCKET) if config.verify_clients else None
             relay.admission = Admission(relay.stats, relay.log_throttle,
@@ -164,7 +188,11 @@ class Server:
         is_ip = parse_ip(config.hostname) is not None
         tls = ServerTLS(metacert.build(self.relay.public_key),
                         required_sni=None if is_ip else config.hostname)
-        if config.certmode == "letsencrypt":
+        if config.certmode == "letsencrypt" and self.role and not self.role.owner:
+            # Worker 0 orders and renews; the others serve what it writes to the certdir.
+            self.manual = ManualCerts(config.certdir_path, config.hostname, tls,
+                                      wait_for_files=True)
+        elif config.certmode == "letsencrypt":
             if config.http_port != 80:
                 log.warning("the CA validates on port 80: forward port 80 to the HTTP helper",
                             http_port=config.http_port)
@@ -197,8 +225,8 @@ class Server:
                 log.info("created a self-signed certificate for the IP hostname",
                          hostname=hostname, certdir=config.certdir_path)
             self.manual.load()
-        if is_ip and tls.bundle is not None and tls.bundle.self_signed:
-            node = derp_node_json(hostname, tls.bundle.pin)
+        if is_ip and tls.bundle is not None and tls.bundle.self_signed and self.role is None:
+            node = derp_node_json(hostname, tls.bundle.pin)  # workers: the supervisor printed it
             log.info("self-signed certificate: pin it in your DERP map with this node", node=node)
             print(node, flush=True)
 
@@ -215,6 +243,20 @@ class Server:
 
     # ---- running ------------------------------------------------------------------------------
 
+    async def open_sockets(self, *, reuse_port: bool = False,
+                           ports: dict[str, int] | None = None) -> ServerSockets:
+        """The sockets this configuration asks for; raises OSError. The worker supervisor
+        binds one set per worker (``reuse_port``), the later ones on the first set's
+        ``ports`` (a port 0 in the flags is chosen once)."""
+        config, ports = self.config, ports or {}
+        stun = config.stun and config.stun_port >= 0
+        return await ServerSockets.bind(
+            self.listen_host, ports.get("main", self.listen_port),
+            http_port=ports.get("helper", config.http_port) if self.tls is not None else -1,
+            stun_port=ports.get("stun", config.stun_port) if stun else -1,
+            alt_port=ports.get("alt", config.stun_alt_port), alt_ip=config.stun_alt_ip,
+            reuse_port=reuse_port)
+
     async def run(self, *, handle_signals: bool = False,
                   task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Prepare, bind, then serve until cancelled or shut down; reports ``started`` once
@@ -222,27 +264,22 @@ class Server:
         config = self.config
         self.prepare()
         # Bind before the nursery so a bind error reaches the caller as a plain OSError.
-        main = await open_listener(self.listen_host, self.listen_port)
-        self._listeners.append(main)
+        sockets = (ServerSockets.adopt(self.role.fds) if self.role
+                   else await self.open_sockets())
+        main, helper = sockets.main, sockets.helper
+        stun, alternates = sockets.stun, sockets.alternates
+        self._listeners = [x for x in (main, helper) if x is not None]
         tune(main.socket, config.tcp_keepalive_time, config.tcp_user_timeout)
         self.main_port = bound_port(main)
-        helper = stun = alternates = None
+        self.http_port = bound_port(helper) if helper else None
+        self.stun_port = stun.getsockname()[1] if stun else None
         try:
-            if self.tls is not None and config.http_port >= 0:
-                helper = await open_listener(self.listen_host, config.http_port)
-                self._listeners.append(helper)
-                self.http_port = bound_port(helper)
-            if config.stun and config.stun_port >= 0:
-                stun = await open_stun_socket(self.listen_host, config.stun_port)
-                self.stun_port = stun.getsockname()[1]
-                alternates = await open_alternates(stun, self.listen_host, config.stun_alt_port,
-                                                   config.stun_alt_ip)
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 limiter = None
-                if not math.isinf(config.accept_connection_limit):
-                    limiter = TokenBucket(config.accept_connection_limit,
-                                          config.accept_connection_burst, trio.current_time())
+                if not math.isinf(self.accept_rate):
+                    limiter = TokenBucket(self.accept_rate, self.accept_burst,
+                                          trio.current_time())
                 stats, throttle = self.relay.stats, self.relay.log_throttle
                 nursery.start_soon(partial(accept_loop, main, nursery, self._serve_main,
                                            stats=stats, log_throttle=throttle, limiter=limiter))
@@ -259,6 +296,8 @@ class Server:
                 nursery.start_soon(self.relay.loop_lag.sample_forever)
                 if self.mesh is not None:
                     nursery.start_soon(self.mesh.run)
+                if self.role is not None:
+                    await nursery.start(self._run_as_worker, nursery)
                 if not os.environ.get("TS_DERP_DISABLE_RTT_STATS"):
                     nursery.start_soon(tcp_rtt.sample_forever, self.relay)
                 if self.acme is not None:
@@ -282,8 +321,9 @@ class Server:
                         "http": http_addr, "stun": stun_addr,
                         "metrics": f"{metrics.host}:{metrics.port}"}
                     nursery.start_soon(self.status.sample_forever)
-                    nursery.start_soon(metrics.serve, prom.registry(self.exposition.metrics),
-                                       self.status)
+                    nursery.start_soon(metrics.serve, prom.registry(
+                        self.metrics, self.host_metrics and self.host_metrics.host_pids),
+                        self.status)
                 log.info("derper listening", addr=f"{where}:{self.main_port}",
                          scheme="https" if self.tls else "http",
                          http_helper=http_addr, stun=stun_addr,
@@ -298,20 +338,40 @@ class Server:
                              "in front" + ("; STUN is served directly" if stun else ""))
                 task_status.started(self)
         finally:
-            # A bind error, or a cancel from outside (tests, an embedding program): free the
-            # ports now, not whenever the garbage collector gets to the sockets.
+            # A cancel from outside (tests, an embedding program): free the ports now, not
+            # whenever the garbage collector gets to the sockets.
+            await sockets.aclose()
+
+    async def _run_as_worker(self, nursery: trio.Nursery,
+                             task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """A worker's part beyond a relay's: the Unix socket the other workers link to, the
+        links to each of them, and this worker's metrics snapshot for the host's scrapes."""
+        role = self.role
+        listener = await siblings.open_listener(role.socket_path(role.index))
+        self._listeners.append(listener)
+        nursery.start_soon(partial(accept_loop, listener, nursery, self._serve_sibling,
+                                   stats=self.relay.stats, log_throttle=self.relay.log_throttle))
+        nursery.start_soon(self.host_metrics.write_forever)
+        for index in role.siblings:
+            nursery.start_soon(siblings.keep_link, self.relay, role, index)
+        task_status.started()
+
+    async def _serve_sibling(self, stream: trio.SocketStream) -> None:
+        try:
+            await serve_http(stream, None, 0, head_timeout=self.config.handshake_timeout,
+                             handle=self.endpoints.handle, log_throttle=self.relay.log_throttle,
+                             on_established=lambda: None, relay=self.relay)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
             with trio.CancelScope(shield=True):
-                for listener in self._listeners:
-                    await listener.aclose()
-            if stun is not None:
-                stun.close()
-            if alternates is not None:
-                alternates.close()
+                await stream.aclose()
 
     def _open_metrics(self) -> prom.MetricsListener | None:
-        """The /metrics listener; a port that cannot be bound costs the metrics, not the relay."""
+        """The /metrics listener; a port that cannot be bound costs the metrics, not the relay.
+        Under -workers, worker 0 serves the host's."""
         addr = self.config.metrics_listen
-        if addr is None:
+        if addr is None or (self.role is not None and not self.role.owner):
             return None
         try:
             metrics = prom.MetricsListener(addr)

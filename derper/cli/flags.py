@@ -113,6 +113,11 @@ SERVE_FLAGS = [
     Flag("accept-connection-burst", "accept_connection_burst", "int",
          "burst of new connections allowed above -accept-connection-limit",
          ("DERP_ACCEPT_CONNECTION_BURST",)),
+    Flag("workers", "workers", "string",
+         "worker processes sharing the ports (SO_REUSEPORT), each a full relay linked to the "
+         "others, so every core works: a number, or auto (one per CPU); 1 = one process, no "
+         "supervisor. Host-wide limits (-max-clients, -max-handshakes, -bandwidth-limit, "
+         "-accept-connection-limit) are split evenly among them", ("DERP_WORKERS",)),
     Flag("max-clients", "max_clients", "int",
          "cap on DERP connections; over it new ones get HTTP 503 before the upgrade; 0 = as "
          "many as the open-file limit allows (raised to its hard limit at start) beside the "

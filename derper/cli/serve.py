@@ -23,6 +23,8 @@ from ..errors import ConfigError
 from ..net.addr import host_literal
 from ..proto.keys import KeyPair, parse_mesh_key
 from ..server import Server
+from ..workers.plan import ROLE_ENV, WorkerRole, worker_count
+from ..workers.supervisor import Supervisor, WorkerReady, die_with_supervisor
 from . import fdlimit, gc_tuning, sdnotify
 from .flags import SERVE_FLAGS, build_config, flag_defaults
 from .goflags import HelpRequested, UsageError, usage
@@ -37,15 +39,16 @@ class SystemdReady:
         sdnotify.notify("READY=1")
 
 
-def load_server_key(config: Config) -> KeyPair:
+def load_server_key(config: Config) -> tuple[KeyPair, Path | None]:
+    """The server key and its file (None: a throwaway -dev key)."""
     if config.dev and not config.config_path:
         log.info("using a throwaway server key (-dev without -c)")
-        return KeyPair.generate()
+        return KeyPair.generate(), None
     path = Path(config.config_path) if config.config_path else default_key_path()
     pair, created = load_or_create_key_file(path)
     if created:
         log.info("created a new server key file", path=path)
-    return pair
+    return pair, path
 
 
 def load_mesh_key(config: Config, environ: Mapping[str, str]) -> bytes | None:
@@ -90,25 +93,45 @@ def run(argv: list[str], environ: Mapping[str, str], usage_head: str) -> int:
     if show_version:
         print(f"derper {__version__}")
         return 0
-    logs.setup(config.log_level)
-    open_files = fdlimit.raise_soft_limit()
-    if config.max_clients == 0:
-        config.max_clients = fdlimit.connection_cap(open_files, config.max_handshakes)
-        log.info("DERP connections capped by the open-file limit", open_files=open_files,
-                 max_clients=config.max_clients)
+    role = None
     try:
-        server = Server(config, load_server_key(config), mesh_key=load_mesh_key(config, environ))
+        if ROLE_ENV in environ:
+            role = WorkerRole.from_env(environ[ROLE_ENV])
+            die_with_supervisor(role)
+        count = role.count if role else worker_count(config.workers)
     except ConfigError as e:
         print(f"derper: {e}", file=sys.stderr)
         return 1
+    logs.setup(config.log_level, **({"worker": role.index} if role else {}))
+    open_files = fdlimit.raise_soft_limit()
+    if config.max_clients == 0:
+        # Each process has an open-file limit of its own: with -workers, the host has N.
+        config.max_clients = fdlimit.connection_cap(open_files, config.max_handshakes) * count
+        if role is None:
+            log.info("DERP connections capped by the open-file limit", open_files=open_files,
+                     max_clients=config.max_clients)
+    try:
+        if role is not None:
+            keypair, key_path = load_or_create_key_file(Path(role.key_path))[0], None
+        else:
+            keypair, key_path = load_server_key(config)
+        server = Server(config, keypair, mesh_key=load_mesh_key(config, environ), role=role)
+        if role is None and count > 1:
+            server.prepare()  # once for the host: certificates, the printed pin, ACME account
+    except ConfigError as e:
+        print(f"derper: {e}", file=sys.stderr)
+        return 1
+    if role is None and count > 1:
+        return _supervise(Supervisor(server, count, argv, environ, key_path), config)
     # Everything made so far (modules, configuration) lives as long as the process: keep it out
     # of the collector's full passes, which otherwise walk it again for every few hundred
     # new connections.
     gc.collect()
     gc.freeze()
     gc_tuning.for_many_connections()
+    ready = WorkerReady(role.ready_fd) if role else SystemdReady()
     try:
-        trio.run(partial(server.run, handle_signals=True, task_status=SystemdReady()))
+        trio.run(partial(server.run, handle_signals=True, task_status=ready))
     except ConfigError as e:  # at start-up: the certdir did not cooperate
         print(f"derper: {e}", file=sys.stderr)
         return 1
@@ -118,4 +141,16 @@ def run(argv: list[str], environ: Mapping[str, str], usage_head: str) -> int:
     except KeyboardInterrupt:
         pass
     log.info("stopped", addr=f"{host_literal(server.listen_host)}:{server.main_port}")
+    return 0
+
+
+def _supervise(supervisor: Supervisor, config: Config) -> int:
+    try:
+        trio.run(partial(supervisor.run, task_status=SystemdReady()))
+    except OSError as e:
+        print(f"derper: {_listen_error(e, config)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    log.info("stopped", workers=supervisor.count)
     return 0

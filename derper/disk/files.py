@@ -64,11 +64,11 @@ def _fsync_dir(path: Path) -> None:
 
 @contextmanager
 def locked(directory: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``directory`` (its ``.lock`` file) for a create-if-missing
-    step that two processes may run at once (two derpers, or workers, starting together):
-    the second waits, then sees what the first made. Raises OSError."""
-    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600)
+    """Hold an exclusive lock on ``directory`` itself (flock on the directory: no lock file
+    left behind) for a create-if-missing step that two processes may run at once (two
+    derpers, or workers, starting together): the second waits, then sees what the first made.
+    Raises OSError."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -29,9 +29,13 @@ def load_or_create_key_file(path: Path) -> tuple[KeyPair, bool]:
     except FileNotFoundError:
         try:
             return _create_key_file(path), True
-        except FileExistsError:
+        except FileExistsError as e:
             # Another process (a second derper, a worker) created it first: its key is ours.
-            return load_or_create_key_file(path)[0], False
+            try:
+                data = path.read_bytes()
+            except OSError:
+                raise KeyFileError(f"cannot create server key file {path}: "
+                                   f"{e.strerror}") from e
     except OSError as e:
         raise KeyFileError(f"cannot read server key file {path}: {e.strerror}") from e
     return KeyPair(_parse_key_file(path, data)), False
@@ -53,6 +57,12 @@ def _parse_key_file(path: Path, data: bytes) -> bytes:
 
 def _create_key_file(path: Path) -> KeyPair:
     pair = KeyPair.generate()
+    write_key_file(path, pair)
+    return pair
+
+
+def write_key_file(path: Path, pair: KeyPair) -> None:
+    """Write ``pair`` as a new key file (never over an existing one: FileExistsError)."""
     body = json.dumps({"PrivateKey": pair.private_text()}, indent="\t").encode()
     try:
         ensure_private_dir(path.parent)
@@ -63,4 +73,3 @@ def _create_key_file(path: Path) -> KeyPair:
         raise
     except OSError as e:
         raise KeyFileError(f"cannot create server key file {path}: {e.strerror}") from e
-    return pair

@@ -133,6 +133,7 @@ async def run_link(relay: Relay, peer: MeshPeer, address: str, health: LinkHealt
     low, high = ((SIBLING_RETRY_MIN, SIBLING_RETRY_MAX) if peer.sibling
                  else (RETRY_MIN, RETRY_MAX))
     delay = low
+    ever_up = False
     where = {"peer": peer.entry, "address": address}
     while True:
         reason, heard = await _connect_once(relay, peer, address, health)
@@ -146,7 +147,10 @@ async def run_link(relay: Relay, peer: MeshPeer, address: str, health: LinkHealt
         if heard:
             delay = low
         wait = delay * random.uniform(0.5, 1.0)
-        throttle.log(log, "warning", "mesh link down", kind="mesh link down", burst=LOG_BURST,
+        # Workers start together: a sibling not listening yet is no news for a second or two.
+        ever_up = ever_up or heard
+        level = "debug" if peer.sibling and not ever_up and delay < high else "warning"
+        throttle.log(log, level, "mesh link down", kind="mesh link down", burst=LOG_BURST,
                      every=LOG_EVERY, reason=reason, retry_in=f"{wait:.1f}s",
                      reconnects=health.reconnects, **where)
         await trio.sleep(wait)

@@ -51,6 +51,9 @@ class Metric:
     prom_kind: str = ""  # "" = same as kind
     prom_scale: float = 1.0
     varz_help: bool = False  # Go prints HELP only for a few families
+    # How -workers' values add up to the host's: "sum", "max" (worst of them), "first" (the
+    # same everywhere: settings, the build) or "worker" (each worker's own, labelled).
+    combine: str = "sum"
 
     @property
     def prom_name(self) -> str:
@@ -103,7 +106,7 @@ class Exposition:
               "moving average (alpha 0.1, per batch) of the send-queue wait of packets that "
               "found their writer busy",
               s.average_queue_duration_ms, prom="derp_average_queue_duration_seconds",
-              prom_kind="gauge", prom_scale=0.001),
+              prom_kind="gauge", prom_scale=0.001, combine="max"),
             m("bytes_received", "counter", "payload bytes of SendPacket frames received",
               s.bytes_received),
             m("bytes_sent", "counter", "payload bytes of RecvPacket frames written",
@@ -149,8 +152,8 @@ class Exposition:
               s.current_notideal_connections),
             m("gauge_memstats_sys0", "gauge", "resident memory at server start (bytes)",
               self.sys0, prom=None),  # process_resident_memory_bytes on /metrics
-            m("gauge_watchers", "gauge", "mesh watchers enrolled (WatchConns)",
-              len(r.watchers)),
+            m("gauge_watchers", "gauge", "mesh watchers enrolled (WatchConns) by other nodes",
+              r.region_watchers),
             m("got_ping", "counter", "Ping frames received", s.got_ping),
             m("home_moves_in", "counter", "clients that made this their home relay",
               s.home_moves_in),
@@ -234,24 +237,29 @@ class Exposition:
             Metric("derper_handshake_failures", "counter",
                    "DERP connections that failed the DERP handshake",
                    _one(s.handshake_failures), varz=False),
+            Metric("derper_worker_packets", "counter",
+                   "packets handed from one -workers process of this host to another, by "
+                   "direction", _by("direction", {"out": s.packets_to_siblings,
+                                                  "in": s.packets_from_siblings}), varz=False),
             Metric("derper_log_lines_suppressed", "counter",
                    "repetitive log lines left out by the log rate limiter",
                    _one(self.relay.log_throttle.total), varz=False),
             Metric("derper_event_loop_lag_seconds", "gauge",
                    "worst lateness of the event loop over the last 10 s (sampled 4x a second)",
-                   _one(self.relay.loop_lag.worst), varz=False),
+                   _one(self.relay.loop_lag.worst), varz=False, combine="max"),
             Metric("derper_tasks", "gauge", "trio tasks alive (about two per client)",
                    _one(trio.lowlevel.current_statistics().tasks_living), varz=False),
             Metric("derper_mesh_link_up", "gauge",
                    "regional mesh links (-mesh-with) by entry and address: 1 up, 0 down",
                    tuple(((("address", h.address), ("peer", h.peer)), int(h.up))
-                         for h in links), varz=False),
+                         for h in links), varz=False, combine="worker"),
             Metric("derper_mesh_link_reconnects", "counter",
                    "times each mesh link went down and was retried",
                    tuple(((("address", h.address), ("peer", h.peer)), h.reconnects)
-                         for h in links), varz=False),
+                         for h in links), varz=False, combine="worker"),
             Metric("derper_build", "gauge", "derper build information",
-                   (((("version", self.version),), 1),), varz=False, prom_kind="info"),
+                   (((("version", self.version),), 1),), varz=False, prom_kind="info",
+                   combine="first"),
         ]
 
 
@@ -294,10 +302,10 @@ class Exposition:
                        s.rate_limit_per_client_waited),
             rate_limit("rate_limit_per_client_bytes_per_second", "untyped",
                        "per-client receive rate of -rate-config (0: off)",
-                       limit.rate if limit else 0, prom_kind="gauge"),
+                       limit.rate if limit else 0, prom_kind="gauge", combine="first"),
             rate_limit("rate_limit_per_client_burst_bytes", "untyped",
                        "per-client receive burst of -rate-config (0: off)",
-                       limit.burst if limit else 0, prom_kind="gauge"),
+                       limit.burst if limit else 0, prom_kind="gauge", combine="first"),
         ]
 
 

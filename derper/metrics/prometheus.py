@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 from typing import Callable, Iterable
 from urllib.parse import parse_qs
 
@@ -68,11 +69,41 @@ class DerpCollector:
                 yield family
 
 
-def registry(metrics: Callable[[], list[exposition.Metric]]) -> CollectorRegistry:
-    """A private registry (not the global default) so several servers can run in one process."""
+_PROCESS_COMBINE = {"process_start_time_seconds": min, "process_max_fds": max}
+
+
+class HostProcessCollector:
+    """``process_*`` summed over the processes of the host's ``-workers`` and their supervisor
+    (the start time is the earliest): memory and CPU of the whole relay, as one process had."""
+
+    def __init__(self, pids: Callable[[], Iterable[int]]) -> None:
+        self._pids = pids
+
+    def collect(self) -> Iterable[Metric]:
+        families: dict[str, Metric] = {}
+        for pid in self._pids():
+            for family in ProcessCollector(pid=lambda pid=pid: pid, registry=None).collect():
+                have = families.get(family.name)
+                if have is None:
+                    families[family.name] = family
+                    continue
+                combine = _PROCESS_COMBINE.get(family.name, operator.add)
+                have.samples = [mine._replace(value=combine(mine.value, theirs.value))
+                                for mine, theirs in zip(have.samples, family.samples)]
+        return list(families.values())
+
+
+def registry(metrics: Callable[[], list[exposition.Metric]],
+             host_pids: Callable[[], Iterable[int]] | None = None) -> CollectorRegistry:
+    """A private registry (not the global default) so several servers can run in one process.
+
+    ``host_pids``: under -workers, the processes whose ``process_*`` figures add up."""
     reg = CollectorRegistry(auto_describe=False)
     reg.register(DerpCollector(metrics))
-    ProcessCollector(registry=reg)  # process_resident_memory_bytes, _open_fds, _cpu_seconds…
+    if host_pids is None:
+        ProcessCollector(registry=reg)  # process_resident_memory_bytes, _open_fds, _cpu_seconds…
+    else:
+        reg.register(HostProcessCollector(host_pids))
     PlatformCollector(registry=reg)  # python_info
     return reg
 

@@ -55,6 +55,8 @@ class WorkerRole:
     count: int
     runtime_dir: str  # sockets and metric snapshots the workers share (the supervisor's own)
     sibling_key: bytes  # the mesh key of the links between workers; never the region's
+    key_path: str  # the server key file the supervisor loaded or made (the host's identity)
+    supervisor_pid: int
     fds: dict[str, list[int]] = field(default_factory=dict)  # inherited sockets by listener
     ready_fd: int = -1  # written once when the worker listens
 
@@ -81,7 +83,8 @@ class WorkerRole:
     def to_env(self) -> str:
         return json.dumps({"index": self.index, "count": self.count,
                            "runtime_dir": self.runtime_dir,
-                           "sibling_key": self.sibling_key.hex(), "fds": self.fds,
+                           "sibling_key": self.sibling_key.hex(), "key_path": self.key_path,
+                           "supervisor_pid": self.supervisor_pid, "fds": self.fds,
                            "ready_fd": self.ready_fd})
 
     @classmethod
@@ -89,7 +92,8 @@ class WorkerRole:
         try:
             d = json.loads(text)
             return cls(int(d["index"]), int(d["count"]), str(d["runtime_dir"]),
-                       bytes.fromhex(d["sibling_key"]),
+                       bytes.fromhex(d["sibling_key"]), str(d["key_path"]),
+                       int(d["supervisor_pid"]),
                        {k: [int(fd) for fd in v] for k, v in d["fds"].items()},
                        int(d["ready_fd"]))
         except (ValueError, KeyError, TypeError, AttributeError) as e:

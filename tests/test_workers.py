@@ -1,0 +1,250 @@
+"""-workers 2: real processes on loopback, sharing the ports, relaying to each other's clients."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import urllib.request
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from derper import client as dc
+from derper.proto.keys import KeyPair, public_text
+from derper.proto.messages import ReceivedPacket, RestartingMessage
+from tests.process import DerperProcess, derper, free_port
+from tests.relay_helpers import recv_kind
+
+READY = 'msg="derper listening" workers='
+CLIENTS = 16  # both workers get some: all on one has a chance of 2 in 65,536
+
+
+class Host:
+    """A ``derper -dev -workers 2`` process tree and the ports it listens on."""
+
+    def __init__(self, proc: DerperProcess, port: int, metrics_port: int) -> None:
+        self.proc, self.port, self.metrics_port = proc, port, metrics_port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/derp"
+
+    @property
+    def worker_pids(self) -> list[int]:
+        m = re.search(r"workers=2 .*pids=(\d+),(\d+)", self.proc.log)
+        return [int(m.group(1)), int(m.group(2))]
+
+    async def worker_of(self, key: bytes) -> int:
+        """Which worker took the client with ``key`` (its connect line says so)."""
+        pattern = re.compile(rf'client connected" key={public_text(key)} .*worker=(\d)')
+        with trio.fail_after(10):
+            while not (m := pattern.search(self.proc.log)):
+                await trio.sleep(0.02)
+        return int(m.group(1))
+
+    def scrape(self, path: str = "/metrics", port: int | None = None) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port or self.metrics_port}{path}",
+                                    timeout=5) as r:
+            return r.read().decode()
+
+    async def metric(self, line_start: str) -> float:
+        text = await trio.to_thread.run_sync(self.scrape)
+        for line in text.splitlines():
+            if line.startswith(line_start + " "):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+
+@asynccontextmanager
+async def host(tmp_path: Path, *flags: str):
+    port, metrics_port = free_port(), free_port()
+    args = ["-dev", "-a", f"127.0.0.1:{port}", "-workers", "2", "-stun-port", "-1",
+            "-metrics-addr", f"127.0.0.1:{metrics_port}", *flags]
+    async with derper(args, tmp_path, ready=READY) as proc:
+        yield Host(proc, port, metrics_port)
+
+
+async def clients_on_both(stack: AsyncExitStack, h: Host, n: int = CLIENTS):
+    """``n`` clients and the worker each landed on; both workers have some."""
+    clients = [await stack.enter_async_context(dc.connect(h.url, KeyPair.generate()))
+               for _ in range(n)]
+    workers = [await h.worker_of(c.public_key) for c in clients]
+    assert set(workers) == {0, 1}, workers
+    return clients, workers
+
+
+async def test_clients_on_different_workers_relay_to_each_other_and_metrics_add_up(tmp_path):
+    async with host(tmp_path) as h, AsyncExitStack() as stack:
+        clients, workers = await clients_on_both(stack, h)
+        n = len(clients)
+        crossing = 0
+        for i, c in enumerate(clients):  # a ring: each sends to the next
+            dst = clients[(i + 1) % n]
+            await c.send(dst.public_key, b"ring %d" % i)
+            crossing += workers[i] != workers[(i + 1) % n]
+        for i, c in enumerate(clients):
+            m = await recv_kind(c, ReceivedPacket)
+            assert m.data == b"ring %d" % ((i - 1) % n)
+            assert m.source == clients[(i - 1) % n].public_key
+        assert crossing > 0
+        # One /metrics for the host: every worker's counts, summed exactly.
+        with trio.fail_after(10):
+            while (await h.metric("derp_packets_received_total") != n
+                   or await h.metric("derp_packets_sent_total") != n
+                   or await h.metric('derper_worker_packets_total{direction="out"}') != crossing):
+                await trio.sleep(0.2)
+        assert await h.metric('derper_worker_packets_total{direction="in"}') == crossing
+        assert await h.metric("derp_clients_local") >= n  # (+ each worker's sibling link)
+        assert await h.metric("derp_clients_remote") == 0  # the other worker is this host
+        assert await h.metric("derper_workers_reporting") == 2
+        for w in (0, 1):
+            assert await h.metric(f'derper_worker_connections{{worker="{w}"}}') >= \
+                workers.count(w)
+        # /debug/varz on the DERP port, whichever worker answers, sums the host too.
+        varz = await trio.to_thread.run_sync(h.scrape, "/debug/varz", h.port)
+        assert f"derp_packets_received {n}\n" in varz
+
+
+async def test_duplicate_key_across_workers_last_writer_wins(tmp_path):
+    async with host(tmp_path) as h, AsyncExitStack() as stack:
+        sender = await stack.enter_async_context(dc.connect(h.url, KeyPair.generate()))
+        me = KeyPair.generate()
+        first = await stack.enter_async_context(dc.connect(h.url, me))
+        first_worker = await h.worker_of(me.public)
+        for _ in range(40):  # the same key again until it lands on the other worker
+            second = await stack.enter_async_context(dc.connect(h.url, me))
+            with trio.fail_after(10):
+                while h.proc.log.count(f"key={public_text(me.public)}") < 2 + _:
+                    await trio.sleep(0.02)
+            line = [ln for ln in h.proc.log.splitlines()
+                    if "client connected" in ln and public_text(me.public) in ln][-1]
+            if f"worker={1 - first_worker}" in line:
+                break
+        else:
+            pytest.fail("the second connection never reached the other worker")
+        await trio.sleep(0.3)  # the other worker hears of it over the link
+        await sender.send(me.public, b"to the newest")
+        assert (await recv_kind(second, ReceivedPacket)).data == b"to the newest"
+        await first.send(sender.public_key, b"I write")  # the first one writes: it wins again
+        assert (await recv_kind(sender, ReceivedPacket)).data == b"I write"
+        await trio.sleep(0.3)
+        await sender.send(me.public, b"to the last writer")
+        assert (await recv_kind(first, ReceivedPacket)).data == b"to the last writer"
+
+
+async def test_kill_9_one_worker_others_keep_relaying_and_it_comes_back(tmp_path):
+    async with host(tmp_path) as h, AsyncExitStack() as stack:
+        clients, workers = await clients_on_both(stack, h)
+        victim = 0
+        survivors = [c for c, w in zip(clients, workers) if w != victim]
+        assert len(survivors) >= 2
+        a, b = survivors[0], survivors[1]
+        received: list[int] = []
+
+        async def receive():
+            while True:
+                m = await b.recv()
+                if isinstance(m, ReceivedPacket):
+                    received.append(int(m.data))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receive)
+            for seq in range(400):  # 2 s of packets, the kill in the middle
+                if seq == 100:
+                    os.kill(h.worker_pids[victim], signal.SIGKILL)
+                await a.send(b.public_key, b"%d" % seq)
+                await trio.sleep(0.005)
+            with trio.move_on_after(5):
+                while len(received) < 400:
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        assert received == list(range(400))  # the other worker's clients lost nothing
+        await h.proc.wait_for_log("worker died; restarting it")
+        await h.proc.wait_for_log('msg="derper listening"', timeout=15)
+        # Its clients come back: new connections, whichever worker takes them, relay again.
+        with trio.fail_after(20):
+            while h.proc.log.count('msg="derper listening"') < 4:  # 2 workers, host, restart
+                await trio.sleep(0.05)
+        x = await stack.enter_async_context(dc.connect(h.url, KeyPair.generate()))
+        await x.send(b.public_key, b"back")
+        with trio.fail_after(10):
+            while True:
+                m = await b.recv()
+                if isinstance(m, ReceivedPacket) and m.data == b"back":
+                    break
+
+
+async def test_sigterm_tells_every_client_and_stops_every_process(tmp_path):
+    async with host(tmp_path) as h, AsyncExitStack() as stack:
+        clients, _ = await clients_on_both(stack, h, 8)
+        pids = h.worker_pids
+        h.proc.signal(signal.SIGTERM)
+        for c in clients:
+            with trio.fail_after(10):
+                while not isinstance(await c.recv(), RestartingMessage):
+                    pass
+        assert await h.proc.wait(15) == 0
+        for pid in pids:
+            assert not Path(f"/proc/{pid}").exists() or _zombie(pid)
+
+
+async def test_the_supervisor_dying_takes_the_workers_with_it(tmp_path):
+    async with host(tmp_path) as h:
+        pids = h.worker_pids
+        h.proc.signal(signal.SIGKILL)
+        with trio.fail_after(15):
+            while any(Path(f"/proc/{pid}").exists() and not _zombie(pid) for pid in pids):
+                await trio.sleep(0.05)
+
+
+async def test_stun_is_answered_by_both_workers(tmp_path):
+    port, metrics_port, stun_port = free_port(), free_port(), free_port(socket.SOCK_DGRAM)
+    args = ["-dev", "-a", f"127.0.0.1:{port}", "-workers", "2", "-stun-port", str(stun_port),
+            "-metrics-addr", f"127.0.0.1:{metrics_port}"]
+    from stun.message import respond, tailscale_request
+    async with derper(args, tmp_path, ready=READY) as proc:
+        h = Host(proc, port, metrics_port)
+        for _ in range(32):  # one socket each: the kernel spreads them by address
+            with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                await sock.bind(("127.0.0.1", 0))
+                request = tailscale_request(os.urandom(12))
+                await sock.sendto(request, ("127.0.0.1", stun_port))
+                with trio.fail_after(5):
+                    reply, _ = await sock.recvfrom(1500)
+                assert reply == respond(request, "127.0.0.1", sock.getsockname()[1])[0]
+        with trio.fail_after(10):
+            while sum([await h.metric(f'derper_worker_stun_requests_total{{worker="{w}"}}')
+                       for w in (0, 1)]) < 32:
+                await trio.sleep(0.2)
+        for w in (0, 1):
+            assert await h.metric(f'derper_worker_stun_requests_total{{worker="{w}"}}') > 0
+
+
+def test_one_worker_is_one_process(tmp_path):
+    """-workers 1 (the default) runs as before: no supervisor, no children."""
+    async def main():
+        port = free_port()
+        async with derper(["-dev", "-a", f"127.0.0.1:{port}", "-workers", "1", "-stun-port",
+                           "-1", "-metrics-addr", "off"], tmp_path) as proc:
+            children = Path(f"/proc/{proc.proc.pid}/task/{proc.proc.pid}/children").read_text()
+            assert children.strip() == ""
+            assert "workers=" not in proc.log
+    trio.run(main)
+
+
+def test_bad_workers_value_is_a_clear_error():
+    from tests.process import run_derper
+    result = run_derper(["-dev", "-workers", "two"])
+    assert result.returncode == 1
+    assert "-workers must be auto or a number from 1 to 64, not 'two'" in result.stderr
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
+    except OSError:
+        return False
