@@ -143,10 +143,10 @@ class Server:
                                 if config.rate_config else None)
         self.allow_list = AllowList(config.allow_keys) if config.allow_keys else None
         url = config.verify_client_url or None
-        # Under -workers each has its share of the host's limits (workers.plan), and room for
-        # the links from the other workers on top.
+        # Under -workers each has its share of the host's limits (workers.plan); the links
+        # between the workers are not counted.
         n, i = (self.role.count, self.role.index) if self.role else (1, 0)
-        relay.max_clients = share(config.max_clients, n, i) + (n - 1 if config.max_clients else 0)
+        relay.max_clients = share(config.max_clients, n, i)
         handshakes = share(config.max_handshakes, n, i)
         per_source = config.max_handshakes_per_source
         if per_source and handshakes:
@@ -360,7 +360,7 @@ class Server:
         try:
             await serve_http(stream, None, 0, head_timeout=self.config.handshake_timeout,
                              handle=self.endpoints.handle, log_throttle=self.relay.log_throttle,
-                             on_established=lambda: None, relay=self.relay)
+                             on_established=lambda: None, relay=self.relay, capped=False)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 import signal
 import ssl
 import stat
@@ -232,3 +233,27 @@ async def test_sigterm_while_the_ca_hangs_exits_promptly(tmp_path):
         proc.signal(signal.SIGTERM)
         assert await proc.wait(timeout=5) == 0
     silent.close()
+
+
+async def test_two_workers_order_once_and_both_serve_the_certificate(pebble, tmp_path):
+    """-workers 2: worker 0 orders (the CA's HTTP-01 request reaches either worker's helper),
+    the other serves what it wrote; one order for the host."""
+    port = free_port()
+    args = ["-a", f"127.0.0.1:{port}", "-hostname", DOMAIN, "-certmode", "letsencrypt",
+            "-certdir", str(tmp_path / "certs"), "-http-port", str(pebble.http_port),
+            "-acme-directory", pebble.directory, "-acme-ca-bundle", str(pebble.ca_file),
+            "-stun-port", "-1", "-metrics-addr", "off", "-workers", "2",
+            "-c", str(tmp_path / "derper.key")]
+    async with derper(args, tmp_path, ready='msg="derper listening" workers=2') as proc:
+        await proc.wait_for_log("certificate installed", timeout=ISSUE_TIMEOUT)
+        with trio.fail_after(20):
+            while not re.search(r"certificate (re)?loaded.* worker=1", proc.log):
+                await trio.sleep(0.1)
+        context = pebble.client_context()
+        serials = set()
+        for _ in range(16):  # new connections spread over both workers by the kernel
+            leaf = await trio.to_thread.run_sync(served_leaf, port, DOMAIN, context)
+            serials.add(leaf.serial_number)
+        assert len(serials) == 1
+        assert proc.log.count("ordering a certificate") == 1
+        assert proc.log.count("certificate installed") == 1

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -125,3 +127,30 @@ def test_a_group_publishes_every_file(tmp_path):
         (b"a", 0o600), (b"b", 0o644)]
     with pytest.raises(FileExistsError):
         write_atomic_group(files, replace=False)
+
+
+RACE = """
+import pathlib, sys, time
+from derper.certs.bundle import ensure_ip_cert, load_manual
+from derper.disk.keyfile import load_or_create_key_file
+go, key, certdir = map(pathlib.Path, sys.argv[1:])
+while not go.exists():
+    time.sleep(0.001)
+pair, _ = load_or_create_key_file(key)
+ensure_ip_cert(certdir, "203.0.113.7")
+print(pair.public.hex(), load_manual(certdir, "203.0.113.7").pin)
+"""
+
+
+@pytest.mark.parametrize("round", range(3))
+def test_processes_starting_together_make_one_key_and_one_certificate(tmp_path, round):
+    """Two derpers (or -workers) starting at once: one creates, the others use what it made."""
+    go, key, certdir = tmp_path / "go", tmp_path / "state" / "derper.key", tmp_path / "certs"
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(go), str(key), str(certdir)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(6)]
+    time.sleep(0.5)  # every one is waiting for the start
+    go.touch()
+    results = [p.communicate(timeout=30) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, [err for _, err in results]
+    assert len({out for out, _ in results}) == 1

@@ -248,3 +248,115 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
     except OSError:
         return False
+
+
+async def test_workers_host_meshes_with_another_node_as_one_node(nursery, tmp_path, ca,
+                                                                 monkeypatch):
+    """A region of a 2-worker host and a single node: every client reaches every other,
+    whichever worker it is on; the node sees the host's clients through whichever worker its
+    link reached, and each worker links to the node itself."""
+    from tests.conftest import client_context, write_cert
+    from tests.mesh_nodes import Node
+    mesh_key = os.urandom(32)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))  # the in-process node's link
+    port = free_port()
+    other = Node(nursery, tmp_path, ca, mesh_key)
+    await other.start(mesh_with=f"localhost:{port}/127.0.0.1")
+    certdir = tmp_path / "host-certs"
+    write_cert(ca, certdir, "localhost", "127.0.0.1")
+    psk = tmp_path / "mesh.key"
+    psk.write_text(mesh_key.hex())
+    args = ["-a", f"127.0.0.1:{port}", "-hostname", "localhost", "-certmode", "manual",
+            "-certdir", str(certdir), "-http-port", "-1", "-stun-port", "-1",
+            "-metrics-addr", "off", "-workers", "2", "-c", str(tmp_path / "host.key"),
+            "-mesh-psk-file", str(psk), "-mesh-with", other.entry]
+    async with derper(args, tmp_path, ready=READY, env={"SSL_CERT_FILE": str(ca_file)}) as proc:
+        h = Host(proc, port, 0)
+        url = f"https://localhost:{port}/derp"
+        opts = {"dial": ("127.0.0.1", port), "ssl_context": client_context(ca)}
+        async with AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(dc.connect(url, KeyPair.generate(),
+                                                                  **opts))
+                       for _ in range(CLIENTS)]
+            workers = {await h.worker_of(c.public_key) for c in clients}
+            assert workers == {0, 1}
+            there = await stack.enter_async_context(other.connect())
+            with trio.fail_after(20):  # until the node and both workers know everyone
+                while not (all(c.public_key in other.router.forwarders for c in clients)
+                           and proc.log.count("mesh link up") >= 4):
+                    await trio.sleep(0.05)
+            await trio.sleep(0.5)
+            for i, c in enumerate(clients):
+                await there.send(c.public_key, b"from the node %d" % i)
+                await c.send(there.public_key, b"to the node %d" % i)
+            got = set()
+            for i, c in enumerate(clients):
+                assert (await recv_kind(c, ReceivedPacket)).data == b"from the node %d" % i
+            with trio.fail_after(10):
+                while len(got) < len(clients):
+                    m = await recv_kind(there, ReceivedPacket)
+                    got.add(m.data)
+            assert got == {b"to the node %d" % i for i in range(len(clients))}
+
+
+async def test_ready_once_after_both_workers_listen_and_sighup_reaches_both(tmp_path):
+    path = str(tmp_path / "notify")
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with sock:
+        await sock.bind(path)
+        port = free_port()
+        proc = DerperProcess(["-dev", "-a", f"127.0.0.1:{port}", "-workers", "2", "-stun-port",
+                              "-1", "-metrics-addr", "off"], tmp_path,
+                             env={"NOTIFY_SOCKET": path})
+        try:
+            with trio.fail_after(20):
+                assert await sock.recv(100) == b"READY=1"
+            for w in (0, 1):  # ready only once every worker listens
+                assert re.search(rf'msg="derper listening" .* worker={w}', proc.log)
+            proc.signal(signal.SIGHUP)
+            with trio.fail_after(10):
+                while not all(re.search(rf"SIGHUP: reloading .* worker={w}", proc.log)
+                              for w in (0, 1)):
+                    await trio.sleep(0.05)
+            with trio.move_on_after(1):
+                await sock.recv(100)
+                pytest.fail("a second notification")
+        finally:
+            proc.close()
+
+
+async def test_host_wide_limits_and_process_figures_are_the_hosts(tmp_path):
+    async with host(tmp_path, "-max-clients", "4") as h, AsyncExitStack() as stack:
+        admitted = refused = 0
+        for _ in range(12):
+            try:
+                await stack.enter_async_context(dc.connect(h.url, KeyPair.generate()))
+                admitted += 1
+            except dc.DerpClientError as e:
+                assert "503" in str(e)
+                refused += 1
+        assert 2 <= admitted <= 4 and refused == 12 - admitted  # 2 per worker at most
+        rss = [int(line.split()[1]) * 1024 for pid in h.worker_pids
+               for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+               if line.startswith("VmRSS:")]
+        assert await h.metric("process_resident_memory_bytes") >= 0.8 * sum(rss)
+
+
+async def test_the_pin_is_printed_once_for_the_host(tmp_path):
+    port = free_port()
+    args = ["-a", f"127.0.0.1:{port}", "-hostname", "127.0.0.1", "-certmode", "manual",
+            "-certdir", str(tmp_path / "certs"), "-http-port", "-1", "-stun-port", "-1",
+            "-metrics-addr", "off", "-workers", "2", "-c", str(tmp_path / "derper.key")]
+    async with derper(args, tmp_path, ready=READY) as proc:
+        lines = [ln for ln in proc.stdout.splitlines() if "sha256-raw:" in ln]
+        assert len(lines) == 1 and '"HostName":"127.0.0.1"' in lines[0]
+        import ssl
+
+        from tests.pebble import served_leaf
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        leaves = {(await trio.to_thread.run_sync(served_leaf, port, None, ctx)).serial_number
+                  for _ in range(12)}
+        assert len(leaves) == 1  # both workers serve the one certificate the host made

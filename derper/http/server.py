@@ -132,14 +132,15 @@ async def serve_http(stream: trio.abc.Stream, remote_ip: str | None, remote_port
                      head_timeout: float, handle: Callable[[Request], Response],
                      log_throttle: Throttle, on_established: Callable[[], None],
                      relay: Relay | None = None, proxies: TrustedProxies | None = None,
-                     initial: bytes = b"") -> None:
+                     initial: bytes = b"", capped: bool = True) -> None:
     """Serve requests on one connection until it closes or turns into a DERP session.
 
     ``relay`` enables ``/derp`` upgrades (the main listener with ``-derp`` on); ``handle``
     answers every other request. ``on_established`` goes to the DERP session, which calls it
     once its client is registered (the connection's handshake slot is then free again).
     ``proxies`` are the ``-trusted-proxies`` whose headers name the client; ``initial`` holds
-    bytes already read (past a PROXY protocol header).
+    bytes already read (past a PROXY protocol header). ``capped=False``: -max-clients does
+    not apply (the links between -workers of one host).
     """
     http = HttpConnection(stream, remote_ip, remote_port, proxies, initial)
     remote = f"{remote_ip}:{remote_port}"
@@ -161,7 +162,7 @@ async def serve_http(stream: trio.abc.Stream, remote_ip: str | None, remote_port
             # written), so the answer must be an error, and the connection ends with it.
             resp = replace(error(405, "CONNECT is not supported"), close=True)
         elif relay is not None and req.path == "/derp":
-            resp = await _upgrade(http, req, relay, head_timeout, on_established)
+            resp = await _upgrade(http, req, relay, head_timeout, on_established, capped)
             if resp is None:
                 return  # the connection was a DERP session and is over now
         else:
@@ -172,12 +173,12 @@ async def serve_http(stream: trio.abc.Stream, remote_ip: str | None, remote_port
 
 
 async def _upgrade(http: HttpConnection, req: Request, relay: Relay, head_timeout: float,
-                   on_established: Callable[[], None]) -> Response | None:
+                   on_established: Callable[[], None], capped: bool) -> Response | None:
     """Serve the DERP session ``req`` asks for; or the response if it asks for none."""
     upgrade = (req.header(b"upgrade") or b"").strip().lower()
     if upgrade not in (b"derp", b"websocket"):
         return error(426, "DERP requires connection upgrade")
-    if relay.max_clients and relay.derp_conns >= relay.max_clients:
+    if capped and relay.max_clients and relay.derp_conns >= relay.max_clients:
         # Refused before the upgrade: the client gets a plain HTTP error and retries later,
         # and the server spends no key exchange on a connection it cannot keep.
         relay.stats.rejected_max_clients += 1
@@ -186,11 +187,11 @@ async def _upgrade(http: HttpConnection, req: Request, relay: Relay, head_timeou
                                fix="raise -max-clients, or the open-file limit (systemd: "
                                    "LimitNOFILE=) with -max-clients 0")
         return error(503, "DERP server is full (-max-clients)")
-    relay.derp_conns += 1
+    relay.derp_conns += capped
     try:
         return await _serve_upgraded(http, req, upgrade, relay, head_timeout, on_established)
     finally:
-        relay.derp_conns -= 1
+        relay.derp_conns -= capped
 
 
 async def _serve_upgraded(http: HttpConnection, req: Request, upgrade: bytes, relay: Relay,

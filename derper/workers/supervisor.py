@@ -48,7 +48,8 @@ class Supervisor:
         run; ``key_path``: its key file (None: a throwaway -dev key, written for the workers
         into the shared directory)."""
         self.server, self.count, self.argv = server, count, argv
-        self.environ = dict(environ)
+        # Only the supervisor speaks to systemd (READY once, for the whole host).
+        self.environ = {k: v for k, v in environ.items() if k != "NOTIFY_SOCKET"}
         self.key_path = key_path
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="derper-workers-",
                                                  dir=environ.get("RUNTIME_DIRECTORY")))
