@@ -352,8 +352,7 @@ class Server:
         nursery.start_soon(partial(accept_loop, listener, nursery, self._serve_sibling,
                                    stats=self.relay.stats, log_throttle=self.relay.log_throttle))
         nursery.start_soon(self.host_metrics.write_forever)
-        for index in role.siblings:
-            nursery.start_soon(siblings.keep_link, self.relay, role, index)
+        await nursery.start(siblings.keep_links, self.relay, role)
         task_status.started()
 
     async def _serve_sibling(self, stream: trio.SocketStream) -> None:

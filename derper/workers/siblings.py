@@ -37,7 +37,22 @@ def sibling_peer(role: WorkerRole, index: int) -> MeshPeer:
     return MeshPeer(name, name, 0, os.fspath(role.socket_path(index)), None, sibling=True)
 
 
-async def keep_link(relay: Relay, role: WorkerRole, index: int) -> None:
-    """Keep the link to worker ``index`` up for as long as this worker runs."""
-    peer = sibling_peer(role, index)
-    await run_link(relay, peer, peer.dial_host, LinkHealth(peer.entry, peer.dial_host))
+LINK_WAIT = 5.0  # at start, how long a worker waits for its links before it says ready
+
+
+async def keep_links(relay: Relay, role: WorkerRole,
+                     task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Keep a link to every other worker up for as long as this worker runs; ``started``
+    once all are up (or after LINK_WAIT: a worker that is down must not hold the others'
+    start up), so that a ready host relays between all its workers."""
+    healths = []
+    async with trio.open_nursery() as nursery:
+        for index in role.siblings:
+            peer = sibling_peer(role, index)
+            health = LinkHealth(peer.entry, peer.dial_host)
+            healths.append(health)
+            nursery.start_soon(run_link, relay, peer, peer.dial_host, health)
+        with trio.move_on_after(LINK_WAIT):
+            while not all(h.up for h in healths):
+                await trio.sleep(0.01)
+        task_status.started()
