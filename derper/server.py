@@ -54,6 +54,7 @@ from .relay import tcp_rtt
 from .relay.hub import Relay
 from .workers import siblings
 from .workers.host_metrics import HostMetrics
+from .workers.lifeline import wait_for_supervisor_exit
 from .workers.plan import WorkerRole, rate_share, share
 
 log = logs.get("derper.server")
@@ -353,7 +354,13 @@ class Server:
                                    stats=self.relay.stats, log_throttle=self.relay.log_throttle))
         nursery.start_soon(self.host_metrics.write_forever)
         await nursery.start(siblings.keep_links, self.relay, role)
+        nursery.start_soon(self._shutdown_with_supervisor)
         task_status.started()
+
+    async def _shutdown_with_supervisor(self) -> None:
+        await wait_for_supervisor_exit(self.role)
+        log.warning("the worker supervisor is gone; shutting down")
+        await self.shutdown()
 
     async def _serve_sibling(self, stream: trio.SocketStream) -> None:
         try:

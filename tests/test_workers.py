@@ -360,3 +360,14 @@ async def test_the_pin_is_printed_once_for_the_host(tmp_path):
         leaves = {(await trio.to_thread.run_sync(served_leaf, port, None, ctx)).serial_number
                   for _ in range(12)}
         assert len(leaves) == 1  # both workers serve the one certificate the host made
+
+
+async def test_workers_outlive_the_thread_that_started_them(tmp_path):
+    """trio starts processes from a thread it retires after 10 s idle; the workers' tie to
+    the supervisor must not be that thread (PR_SET_PDEATHSIG would kill them then)."""
+    async with host(tmp_path) as h, AsyncExitStack() as stack:
+        await trio.sleep(11)
+        assert "shutting down" not in h.proc.log and "died" not in h.proc.log
+        clients, _ = await clients_on_both(stack, h, 8)
+        await clients[0].send(clients[-1].public_key, b"still here")
+        assert (await recv_kind(clients[-1], ReceivedPacket)).data == b"still here"

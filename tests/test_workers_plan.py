@@ -36,7 +36,7 @@ def test_no_cap_and_unlimited_rates_stay_so():
 
 def test_role_round_trips_and_a_forged_one_is_a_clear_error():
     role = WorkerRole(1, 2, "/run/x", bytes(range(32)), "/var/lib/derper/derper.key", 77,
-                      {"main": [5], "stun": [6, 7]}, 9)
+                      {"main": [5], "stun": [6, 7]}, 9, 10)
     assert WorkerRole.from_env(role.to_env()) == role
     assert role.siblings == [0] and not role.owner
     assert str(role.socket_path(0)) == "/run/x/worker-0.sock"

@@ -28,7 +28,7 @@ import trio
 from .. import client as derp_client
 from ..cli import gc_tuning
 from ..errors import IOFailure
-from ..metrics.procstat import cpu_seconds, rss_bytes
+from ..metrics.procstat import cpu_by_process, tree_rss_bytes
 from ..net.dial import pinned_context
 from ..proto import wire
 
@@ -207,15 +207,24 @@ def run_relay(target: dict, job: dict, procs: int, server_pid: int | None) -> di
         t0 = time.monotonic_ns() + 200_000_000
         for _ in groups:
             start.put(t0)
-        cpu = None
+        cpu = split = None
         if server_pid:
             time.sleep(max(0.0, (t0 - time.monotonic_ns()) / 1e9 + job["warmup"]))
-            before = cpu_seconds(server_pid)
+            before = cpu_by_process(server_pid)
             time.sleep(job["seconds"])
-            cpu = (cpu_seconds(server_pid) - before) / job["seconds"]
+            cpu, split = server_cpu(before, cpu_by_process(server_pid))
+            cpu /= job["seconds"]
         flows = [f for part in pending.get() for f in part]
     manager.shutdown()
-    return _relay_summary(job, flows, cpu)
+    return {**_relay_summary(job, flows, cpu), "server_cpu_split": split}
+
+
+def server_cpu(before: dict[int, float], after: dict[int, float]) -> tuple[float, list[float]]:
+    """CPU seconds a server's process tree used between two ``cpu_by_process`` readings, and
+    each process's share of it (the root first: a -workers supervisor, then its workers)."""
+    used = [after[p] - before.get(p, 0.0) for p in after]
+    total = sum(used)
+    return total, [round(u / total, 3) if total else 0.0 for u in used]
 
 
 def _get_or_fail(queue, pending) -> None:
@@ -321,14 +330,16 @@ def run_conns(target: dict, conns: int, concurrency: int, procs: int,
     counts = [conns // procs + (p < conns % procs) for p in range(procs)]
     manager = ctx.Manager()
     ready, done = manager.Queue(), manager.Queue()
-    cpu_before = cpu_seconds(server_pid) if server_pid else None
+    cpu_before = cpu_by_process(server_pid) if server_pid else None
     with ctx.Pool(procs) as pool:
         pending = pool.starmap_async(_conns_worker,
                                      [(target, n, concurrency, ready, done) for n in counts])
         parts = [_get_or_fail(ready, pending) for _ in counts]
         time.sleep(0.5)  # let the server settle the last handshakes
-        rss_after = rss_bytes(server_pid) if server_pid else None
-        cpu = cpu_seconds(server_pid) - cpu_before if server_pid else None
+        rss_after = tree_rss_bytes(server_pid) if server_pid else None
+        cpu = split = None
+        if server_pid:
+            cpu, split = server_cpu(cpu_before, cpu_by_process(server_pid))
         for _ in counts:
             done.put(True)
         pending.get()
@@ -341,6 +352,9 @@ def run_conns(target: dict, conns: int, concurrency: int, procs: int,
         "connected": connected, "failures": sum(p["failures"] for p in parts),
         "first_error": errors[0] if errors else None,
         "connects_per_second": round(connected / span) if span > 0 else None,
+        "server_cores": None if cpu is None or span <= 0 else round(cpu / span, 2),
+        "load_cores": round(sum(p["cpu"] for p in parts) / span, 2) if span > 0 else None,
+        "server_cpu_split": split,
         "server_rss_mb": None if rss_after is None else round(rss_after / 2**20, 1),
         "server_cpu_ms_per_conn": (None if cpu is None or not connected
                                    else round(cpu / connected * 1000, 3)),

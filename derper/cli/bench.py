@@ -18,7 +18,7 @@ from typing import Mapping
 
 from ..bench.loadgen import LoadError, median_row, run_conns, run_relay
 from ..certs.bundle import CertError, ensure_ip_cert, load_manual
-from ..metrics.procstat import rss_bytes
+from ..metrics.procstat import tree_rss_bytes
 from .goflags import Flag, HelpRequested, UsageError, parse, usage
 
 MODES = ("relay", "conns")
@@ -124,6 +124,7 @@ class StartedServer:
         self.url = f"https://{HOST}:{port}/derp"
         try:
             wait_listening(port, self.proc, 60 if wrapper else 10)
+            self._wait_ready(20)
             self.pin = load_manual(self.dir, HOST).pin
         except (LoadError, CertError) as e:
             self.close()
@@ -131,6 +132,16 @@ class StartedServer:
 
     def log(self) -> str:
         return (self.dir / "derper.log").read_text()
+
+    def _wait_ready(self, seconds: float) -> None:
+        """Until the host says it listens (with -workers, the port accepts before the workers
+        do: the supervisor binds it; they say so in lines of their own, with worker=)."""
+        deadline = time.monotonic() + seconds
+        while not any('msg="derper listening"' in line and " worker=" not in line
+                      for line in self.log().splitlines()):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise LoadError("derper did not say it listens")
+            time.sleep(0.05)
 
     def close(self) -> None:
         self.proc.terminate()
@@ -263,7 +274,7 @@ def _bench(mode: str, opts: dict) -> dict:
                               "websocket": opts["websocket"]}
         pid = server.proc.pid if server else opts["server_pid"] or None
         if mode == "conns":
-            rss = rss_bytes(pid) if pid else None
+            rss = tree_rss_bytes(pid) if pid else None
             runs = [run_conns(target, opts["conns"], opts["concurrency"], opts["procs"], pid,
                               rss) for _ in range(opts["repeat"])]
             if not any(r["connected"] for r in runs):

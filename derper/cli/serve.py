@@ -23,8 +23,9 @@ from ..errors import ConfigError
 from ..net.addr import host_literal
 from ..proto.keys import KeyPair, parse_mesh_key
 from ..server import Server
+from ..workers.lifeline import check_supervisor
 from ..workers.plan import ROLE_ENV, WorkerRole, worker_count
-from ..workers.supervisor import Supervisor, WorkerReady, die_with_supervisor
+from ..workers.supervisor import Supervisor, WorkerReady
 from . import fdlimit, gc_tuning, sdnotify
 from .flags import SERVE_FLAGS, build_config, flag_defaults
 from .goflags import HelpRequested, UsageError, usage
@@ -97,7 +98,7 @@ def run(argv: list[str], environ: Mapping[str, str], usage_head: str) -> int:
     try:
         if ROLE_ENV in environ:
             role = WorkerRole.from_env(environ[ROLE_ENV])
-            die_with_supervisor(role)
+            check_supervisor(role)
         count = role.count if role else worker_count(config.workers)
     except ConfigError as e:
         print(f"derper: {e}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """What /proc says about a process: CPU seconds and resident memory.
 
-The server reads its own (``pid="self"``) for its metrics; ``derper bench`` reads the server's.
+The server reads its own (``pid="self"``) for its metrics; ``derper bench`` reads the server's,
+summed over its process tree (a ``-workers`` supervisor and its workers).
 """
 
 from __future__ import annotations
@@ -20,3 +21,39 @@ def cpu_seconds(pid: int | str = "self") -> float:
 def rss_bytes(pid: int | str = "self") -> int:
     """Resident set size now (``statm``'s second field, in pages)."""
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants, those alive now (a parent before its children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+        except OSError:
+            continue
+    return out
+
+
+def cpu_by_process(pid: int) -> dict[int, float]:
+    """CPU seconds of every process of ``pid``'s tree."""
+    out = {}
+    for p in process_tree(pid):
+        try:
+            out[p] = cpu_seconds(p)
+        except OSError:
+            pass
+    return out
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of ``pid``'s whole tree (shared pages counted in each process)."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            total += rss_bytes(p)
+        except OSError:
+            pass
+    return total

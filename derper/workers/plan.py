@@ -59,6 +59,7 @@ class WorkerRole:
     supervisor_pid: int
     fds: dict[str, list[int]] = field(default_factory=dict)  # inherited sockets by listener
     ready_fd: int = -1  # written once when the worker listens
+    lifeline_fd: int = -1  # reads EOF when the supervisor is gone, however it went
 
     @property
     def owner(self) -> bool:
@@ -85,7 +86,7 @@ class WorkerRole:
                            "runtime_dir": self.runtime_dir,
                            "sibling_key": self.sibling_key.hex(), "key_path": self.key_path,
                            "supervisor_pid": self.supervisor_pid, "fds": self.fds,
-                           "ready_fd": self.ready_fd})
+                           "ready_fd": self.ready_fd, "lifeline_fd": self.lifeline_fd})
 
     @classmethod
     def from_env(cls, text: str) -> WorkerRole:
@@ -95,7 +96,7 @@ class WorkerRole:
                        bytes.fromhex(d["sibling_key"]), str(d["key_path"]),
                        int(d["supervisor_pid"]),
                        {k: [int(fd) for fd in v] for k, v in d["fds"].items()},
-                       int(d["ready_fd"]))
+                       int(d["ready_fd"]), int(d["lifeline_fd"]))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ConfigError(f"{ROLE_ENV} is not a worker role the supervisor wrote ({e}); "
                               "it is set by derper -workers for its own workers only") from e

@@ -7,12 +7,12 @@ binds one set of sockets per worker on the same ports (SO_REUSEPORT), and starts
 reports ``started`` (systemd's READY) once every worker listens, passes SIGHUP on, turns
 SIGTERM and SIGINT into a SIGTERM for each worker (each tells its clients it is restarting),
 and restarts a worker that dies, after a delay that grows while it keeps dying. Each worker
-asks the kernel for a SIGTERM when the supervisor dies, so none is left behind.
+holds the read end of a pipe to it (``lifeline``): when the supervisor dies, the worker reads
+EOF and shuts down, so none is left behind.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import secrets
 import shutil
@@ -38,7 +38,6 @@ log = logs.get("derper.workers")
 RESTART_MIN, RESTART_MAX = 0.5, 30.0  # delay before restarting a dead worker, doubling
 STABLE_AFTER = 60.0  # a worker that ran this long restarts after RESTART_MIN again
 STOP_MARGIN = 10.0  # beyond -shutdown-grace, what a worker gets before SIGKILL
-_PR_SET_PDEATHSIG = 1
 
 
 class Supervisor:
@@ -98,14 +97,15 @@ class Supervisor:
         for _ in range(self.count):
             self.sockets.append(await self.server.open_sockets(reuse_port=True, ports=ports))
 
-    def _role(self, index: int, ready_fd: int) -> WorkerRole:
+    def _role(self, index: int, ready_fd: int, lifeline_fd: int) -> WorkerRole:
         key_path = self.key_path
         if key_path is None:
             key_path = self.runtime_dir / "server.key"
             if not key_path.exists():
                 write_key_file(key_path, self.server.relay.keypair)
         return WorkerRole(index, self.count, os.fspath(self.runtime_dir), self.sibling_key,
-                          os.fspath(key_path), os.getpid(), self.sockets[index].fds(), ready_fd)
+                          os.fspath(key_path), os.getpid(), self.sockets[index].fds(), ready_fd,
+                          lifeline_fd)
 
     async def _keep(self, index: int) -> None:
         """Run worker ``index``, and again whenever it dies, until the host stops."""
@@ -130,14 +130,19 @@ class Supervisor:
 
     async def _run_worker(self, index: int) -> int:
         read_end, write_end = os.pipe()
-        role = self._role(index, write_end)
+        life_read, life_write = os.pipe()
+        role = self._role(index, write_end, life_read)
         env = {**self.environ, ROLE_ENV: role.to_env()}
-        fds = [fd for group in role.fds.values() for fd in group] + [write_end]
+        fds = [fd for group in role.fds.values() for fd in group] + [write_end, life_read]
         try:
             proc = await trio.lowlevel.open_process(
                 [sys.executable, "-m", "derper", *self.argv], env=env, pass_fds=fds)
+        except BaseException:
+            os.close(life_write)
+            raise
         finally:
             os.close(write_end)
+            os.close(life_read)
         self.procs[index] = proc
         ready = trio.lowlevel.FdStream(read_end)
         try:
@@ -148,6 +153,7 @@ class Supervisor:
         finally:
             self.ready.discard(index)
             await ready.aclose()
+            os.close(life_write)
         return code
 
     async def _await_ready(self, index: int, ready: trio.lowlevel.FdStream) -> None:
@@ -185,17 +191,6 @@ class Supervisor:
                 log.error("worker did not stop in time; killing it", pid=proc.pid)
                 proc.kill()
                 await proc.wait()
-
-
-def die_with_supervisor(role: WorkerRole) -> None:
-    """In a worker: get SIGTERM when the supervisor dies (Linux), and exit now if it already
-    has (the request came too late to be told)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != role.supervisor_pid:
-        raise SystemExit("derper worker: the supervisor is gone")
 
 
 class WorkerReady:
