@@ -123,7 +123,12 @@ class Server:
         self.exposition = Exposition(self.relay, self.stun_counters, __version__)
         self.status = StatusBoard(self.relay, self.stun_counters, config, version=__version__,
                                   tls=self.tls, acme=self.acme)
-        self.host_metrics = HostMetrics(role, self.exposition.metrics) if role else None
+        self.host_metrics = None
+        if role is not None:  # scrapes and the status page show the whole host
+            own = self.status.counts
+            self.host_metrics = HostMetrics(role, self.exposition.metrics, own,
+                                            self.status.top.rank)
+            self.status.counts = self.host_metrics.counts
         self.metrics = self.host_metrics or self.exposition.metrics  # what scrapes see
         self.endpoints.varz = varz.handler(self.metrics,
                                            varz.parse_cidrs(config.debug_allow_cidrs))

@@ -68,3 +68,18 @@ def test_per_worker_families_get_a_worker_label():
             tuple(sorted(link + (("worker", "0"),))): 1,
             tuple(sorted(link + (("worker", "1"),))): 0}
     trio.run(main)
+
+
+def test_the_status_pages_counters_sum_over_workers():
+    from derper.metrics.counters import DropReason, Stats
+    a, b = Stats(), Stats()
+    a.packets_received, b.packets_received = 3, 4
+    a.drop(DropReason.QUEUE_HEAD, True, 100)
+    b.drop(DropReason.QUEUE_HEAD, True, 50)
+    b.buffered_write_frames.observe(7)
+    a.average_queue_duration_ms, b.average_queue_duration_ms = 1.5, 0.5
+    total = Stats.summed([a.to_json(), b.to_json(), {"packets_received": "junk"}])
+    assert total.packets_received == 7
+    assert total.dropped(DropReason.QUEUE_HEAD) == 2 and sum(total.bytes_dropped) == 150
+    assert total.buffered_write_frames.by_value[7] == 1
+    assert total.average_queue_duration_ms == 1.5  # the worst, not a sum of averages

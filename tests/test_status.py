@@ -101,21 +101,21 @@ def test_heaviest_senders_rank_bytes_per_interval_without_addresses():
     peers = [FakePeer(KeyPair.generate().public) for _ in range(TOP_SENDERS + 2)]
     for p in peers:
         relay.router.register(p)
-    board.rank_senders(0.0)
+    board.top.rank(0.0)
     for i, p in enumerate(peers):
         p.rx_bytes = 5000 * i  # peers[0] sends nothing
-    board.rank_senders(5.0)
+    board.top.rank(5.0)
     assert [s["bytes_per_second"] for s in board.senders] == [
         1000 * i for i in range(len(peers) - 1, 1, -1)]
     assert board.senders[0]["key"] == short_key(peers[-1].key)
     assert board.senders[0]["key"].startswith(public_text(peers[-1].key)[:16])
     assert all("addr" not in s for s in board.senders)
-    board.rank_senders(10.0)  # nobody sent since
+    board.top.rank(10.0)  # nobody sent since
     assert board.senders == []
 
     shown = StatusBoard(relay, StunCounters(), Config(status_show_addrs=True), version="t",
                         tls=None, acme=None)
-    shown.rank_senders(0.0)
+    shown.top.rank(0.0)
     assert {s["addr"] for s in shown.senders} == {"192.0.2.1:41641"}
 
 

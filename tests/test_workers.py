@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -104,6 +105,15 @@ async def test_clients_on_different_workers_relay_to_each_other_and_metrics_add_
         for w in (0, 1):
             assert await h.metric(f'derper_worker_connections{{worker="{w}"}}') >= \
                 workers.count(w)
+        # So does the status page (worker 0 serves it).
+        with trio.fail_after(10):
+            while True:
+                status = json.loads(await trio.to_thread.run_sync(h.scrape, "/status.json"))
+                if status["traffic"]["packets_in_total"] == n:
+                    break
+                await trio.sleep(0.2)
+        assert status["traffic"]["packets_out_total"] == n
+        assert status["clients"]["local"] >= n
         # /debug/varz on the DERP port, whichever worker answers, sums the host too.
         varz = await trio.to_thread.run_sync(h.scrape, "/debug/varz", h.port)
         assert f"derp_packets_received {n}\n" in varz

@@ -115,6 +115,36 @@ class Stats:
         self.tls_handshakes = [0] * len(TLS_VERSIONS)
         self.tls_active = [0] * len(TLS_VERSIONS)
 
+    def to_json(self) -> dict:
+        """Every counter as JSON values (a -workers snapshot)."""
+        out = {}
+        for name in self.__slots__:
+            v = getattr(self, name)
+            out[name] = [list(v.bounds), v.by_value, v.over_sum] if isinstance(v, Histogram) \
+                else v
+        return out
+
+    @classmethod
+    def summed(cls, parts: list[dict]) -> Stats:
+        """The host's counters from its workers' ``to_json``: sums (the queue-wait average:
+        the worst); a part that lacks a counter or disagrees in shape adds nothing to it."""
+        total = cls()
+        for part in parts:
+            for name in cls.__slots__:
+                mine, theirs = getattr(total, name), part.get(name)
+                if isinstance(mine, Histogram):
+                    if isinstance(theirs, list) and len(theirs) == 3 and \
+                            len(theirs[1]) == len(mine.by_value):
+                        mine.by_value = [a + b for a, b in zip(mine.by_value, theirs[1])]
+                        mine.over_sum += theirs[2]
+                elif isinstance(mine, list):
+                    if isinstance(theirs, list) and len(theirs) == len(mine):
+                        setattr(total, name, [a + b for a, b in zip(mine, theirs)])
+                elif isinstance(theirs, (int, float)):
+                    setattr(total, name, max(mine, theirs) if name == "average_queue_duration_ms"
+                            else mine + theirs)
+        return total
+
     def drop(self, reason: DropReason, disco: bool, nbytes: int, packets: int = 1) -> None:
         i = reason * 2 + disco
         self.packets_dropped[i] += packets

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import heapq
 import time
-from typing import Protocol
+from typing import Callable, NamedTuple, Protocol
 
 import trio
 
@@ -26,7 +26,7 @@ from ..certs.context import ServerTLS
 from ..config import Config
 from ..proto.keys import public_text
 from ..relay.hub import Relay
-from .counters import DropReason
+from .counters import DropReason, Stats
 from .history import LastChange, Ring
 
 SCHEMA = 1
@@ -80,8 +80,52 @@ def short_key(key: bytes) -> str:
     return public_text(key)[:len("nodekey:") + KEY_CHARS] + "…"
 
 
+class Counts(NamedTuple):
+    """What the board reads: one relay's counters, or (-workers) the sum of a host's."""
+
+    stats: Stats
+    clients: int
+    connections: int
+    stun: list[int]  # STUN requests by Disposition
+    senders: list[dict]  # the heaviest senders, as /status.json shows them
+
+
+class TopSenders:
+    """The connections that sent the most bytes between two rankings (a connection new since
+    then counts from its start)."""
+
+    def __init__(self, relay: Relay, show_addrs: bool) -> None:
+        self.relay, self.show_addrs = relay, show_addrs
+        self.senders: list[dict] = []
+        self._rx_seen: dict[int, int] = {}  # conn_id → rx_bytes at the last ranking
+        self._rx_at: float | None = None
+
+    def rank(self, now: float) -> None:
+        seen, current, show_addrs = self._rx_seen, {}, self.show_addrs
+        ranked = []
+        for conns in self.relay.router.conns.values():
+            for peer in conns:
+                current[peer.conn_id] = peer.rx_bytes
+                sent = peer.rx_bytes - seen.get(peer.conn_id, 0)
+                if sent > 0:
+                    ranked.append((sent, peer.conn_id, peer))
+        elapsed = FINE_STEP if self._rx_at is None else max(now - self._rx_at, FINE_STEP)
+        self.senders = [
+            {"key": short_key(peer.key), "bytes_per_second": round(sent / elapsed),
+             **({"addr": _addr(peer.remote_ip, peer.remote_port)} if show_addrs else {})}
+            for sent, _, peer in heapq.nlargest(TOP_SENDERS, ranked)]
+        self._rx_seen, self._rx_at = current, now
+
+
+def local_counts(relay: Relay, stun: StunCounters, senders: TopSenders) -> Counts:
+    router = relay.router
+    return Counts(relay.stats, router.clients_local, router.current_connections,
+                  stun.requests, senders.senders)
+
+
 class StatusBoard:
-    """The history of one server's counters and the JSON built from it."""
+    """The history of one server's counters (or a host's: ``counts``) and the JSON built
+    from it."""
 
     def __init__(self, relay: Relay, stun: StunCounters, config: Config, *, version: str,
                  tls: ServerTLS | None, acme: AcmeCerts | None) -> None:
@@ -90,12 +134,16 @@ class StatusBoard:
         self.fine = Ring(COLUMNS, FINE_POINTS, FINE_STEP)
         self.coarse = Ring(COLUMNS, COARSE_POINTS, FINE_STEP * COARSE_EVERY)
         self.last = LastChange()
-        self.senders: list[dict] = []
+        self.top = TopSenders(relay, config.status_show_addrs)
+        # What it reads; under -workers the host's sum (workers.host_metrics) replaces it.
+        self.counts: Callable[[], Counts] = lambda: local_counts(relay, stun, self.top)
         self.listen: dict[str, str | None] = {}  # the server fills it in once bound
         self.started_at = time.time()
         self._ticks = 0
-        self._rx_seen: dict[int, int] = {}  # conn_id → rx_bytes at the last ranking
-        self._rx_at: float | None = None
+
+    @property
+    def senders(self) -> list[dict]:
+        return self.counts().senders
 
     # ---- sampling (the timer) -----------------------------------------------------------------
 
@@ -116,49 +164,32 @@ class StatusBoard:
         if self._ticks % COARSE_EVERY == 0:
             self.coarse.append(now, values)
         if self._ticks % SENDERS_EVERY == 0:
-            self.rank_senders(now)
+            self.top.rank(now)
         self._ticks += 1
         self.last.observe(now, self._events())
 
-    def _values(self) -> list[float]:
-        s, router, stun = self.relay.stats, self.relay.router, self.stun.requests
-        return [router.clients_local, router.current_connections, s.client_connects,
+    def _values(self, counts: Counts | None = None) -> list[float]:
+        c = counts or self.counts()
+        s, stun = c.stats, c.stun
+        return [c.clients, c.connections, s.client_connects,
                 s.client_disconnects, s.packets_received, s.packets_sent, s.bytes_received,
                 s.bytes_sent, sum(s.packets_dropped), sum(stun), *stun]
 
     def _events(self) -> dict[str, float]:
         """Counters whose last movement the page shows: drops by reason, admission, limits."""
-        s = self.relay.stats
+        s = self.counts().stats
         events = {"drop_" + r.name.lower(): s.dropped(r) for r in DropReason}
         events.update(admission_rejected=s.admission_rejected,
                       admission_fail_open=s.admission_fail_open, **self._limit_counts())
         return events
 
-    def _limit_counts(self) -> dict[str, int]:
-        s = self.relay.stats
+    def _limit_counts(self, s: Stats | None = None) -> dict[str, int]:
+        s = s or self.counts().stats
         return {"max_handshakes": s.rejected_half_open, "max_clients": s.rejected_max_clients,
                 "accept_connection_limit": s.rejected_connections,
                 "rate_config": s.rate_limit_per_client_waited,
                 "bandwidth_limit": s.bandwidth_limit_waited,
                 "tcp_write_timeout": s.sclient_write_timeouts}
-
-    def rank_senders(self, now: float) -> None:
-        """The connections that sent the most bytes since the last ranking; a connection new
-        since then counts from its start."""
-        seen, current, show_addrs = self._rx_seen, {}, self.config.status_show_addrs
-        ranked = []
-        for conns in self.relay.router.conns.values():
-            for peer in conns:
-                current[peer.conn_id] = peer.rx_bytes
-                sent = peer.rx_bytes - seen.get(peer.conn_id, 0)
-                if sent > 0:
-                    ranked.append((sent, peer.conn_id, peer))
-        elapsed = FINE_STEP if self._rx_at is None else max(now - self._rx_at, FINE_STEP)
-        self.senders = [
-            {"key": short_key(peer.key), "bytes_per_second": round(sent / elapsed),
-             **({"addr": _addr(peer.remote_ip, peer.remote_port)} if show_addrs else {})}
-            for sent, _, peer in heapq.nlargest(TOP_SENDERS, ranked)]
-        self._rx_seen, self._rx_at = current, now
 
     # ---- the JSON -----------------------------------------------------------------------------
 
@@ -166,7 +197,8 @@ class StatusBoard:
         """Everything /status.json shows. ``since`` (Unix time): chart points after it only,
         so a page that already has the history fetches a few points per refresh."""
         now, wall = trio.current_time(), time.time()
-        live = dict(zip(COLUMNS, self._values(), strict=True))
+        counts = self.counts()
+        live = dict(zip(COLUMNS, self._values(counts), strict=True))
         to_wall = wall - now
         minute_ago = self.fine.at_or_before(now - 60.0)
         recently = self.fine.at_or_before(now - RATE_WINDOW)
@@ -208,9 +240,9 @@ class StatusBoard:
                 "bytes_in_total": live["bytes_in"], "bytes_out_total": live["bytes_out"],
                 **{key: round(rate(name)) for key, name in TRAFFIC.items()},
             },
-            "drops": self._drops(to_wall),
-            "admission": self._admission(to_wall),
-            "limits": self._limits(to_wall),
+            "drops": self._drops(counts.stats, to_wall),
+            "admission": self._admission(counts.stats, to_wall),
+            "limits": self._limits(counts.stats, to_wall),
             "certificate": self._certificate(wall),
             "stun": {
                 "enabled": config.stun,
@@ -220,7 +252,7 @@ class StatusBoard:
                                 "per_second": round(rate("stun_" + k), 2)}
                             for k in STUN_KINDS},
             },
-            "heaviest_senders": self.senders,
+            "heaviest_senders": counts.senders,
             "mesh": {"configured": bool(relay.mesh_links),
                      "links": [{"peer": link.peer, "state": link.state,
                                 "since": round(link.since, 3),
@@ -242,8 +274,7 @@ class StatusBoard:
         at = self.last.at.get(event)
         return None if at is None else round(at + to_wall, 3)
 
-    def _drops(self, to_wall: float) -> list[dict]:
-        s = self.relay.stats
+    def _drops(self, s: Stats, to_wall: float) -> list[dict]:
         out = []
         for r in DropReason:
             name = r.name.lower()
@@ -252,8 +283,8 @@ class StatusBoard:
                         "last_at": self._last("drop_" + name, to_wall)})
         return out
 
-    def _admission(self, to_wall: float) -> dict:
-        s, config = self.relay.stats, self.config
+    def _admission(self, s: Stats, to_wall: float) -> dict:
+        config = self.config
         return {"enabled": self.relay.admission is not None,
                 "allowed": s.admission_allowed, "rejected": s.admission_rejected,
                 "mesh_bypass": s.admission_mesh_bypass, "fail_open": s.admission_fail_open,
@@ -264,7 +295,7 @@ class StatusBoard:
                                              ("verify-client-url", config.verify_client_url))
                        if on]}
 
-    def _limits(self, to_wall: float) -> list[dict]:
+    def _limits(self, s: Stats, to_wall: float) -> list[dict]:
         relay, config = self.relay, self.config
         limit = relay.recv_limit
         accept = config.accept_connection_limit
@@ -280,7 +311,7 @@ class StatusBoard:
         }
         return [{"limit": name, "setting": settings[name], "hits": hits,
                  "last_at": self._last(name, to_wall)}
-                for name, hits in self._limit_counts().items()]
+                for name, hits in self._limit_counts(s).items()]
 
     def _certificate(self, wall: float) -> dict | None:
         tls = self.tls

@@ -10,6 +10,8 @@ small file write per second instead, and a worker that hangs or dies cannot stal
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import os
 from dataclasses import replace
@@ -18,14 +20,15 @@ from typing import Callable
 
 import trio
 
-from ..metrics.counters import Histogram
+from ..metrics.counters import Histogram, Stats
 from ..metrics.exposition import Metric
+from ..metrics.status import SENDERS_EVERY, TOP_SENDERS, Counts
 from .plan import WorkerRole
 
 SNAPSHOT_EVERY = 1.0  # seconds; a scrape sees the other workers this fresh
 
 
-def encode(metrics: list[Metric], pid: int) -> bytes:
+def encode(metrics: list[Metric], pid: int, board: Counts | None = None) -> bytes:
     out = []
     for m in metrics:
         d = {"name": m.name, "kind": m.kind, "help": m.help, "order": list(m.order),
@@ -36,13 +39,21 @@ def encode(metrics: list[Metric], pid: int) -> bytes:
             h = m.histogram
             d["histogram"] = [list(h.bounds), h.by_value, h.over_sum]
         out.append(d)
-    return json.dumps({"pid": pid, "metrics": out}, separators=(",", ":")).encode()
+    doc: dict = {"pid": pid, "metrics": out}
+    if board is not None:
+        doc["board"] = {"stats": board.stats.to_json(), "clients": board.clients,
+                        "connections": board.connections, "stun": list(board.stun),
+                        "senders": board.senders}
+    return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def decode(data: bytes) -> tuple[int, list[Metric]]:
     """(the worker's pid, its metrics); ValueError if the snapshot is not one of ours."""
+    return _decode(json.loads(data))
+
+
+def _decode(doc: dict) -> tuple[int, list[Metric]]:
     try:
-        doc = json.loads(data)
         metrics = []
         for d in doc["metrics"]:
             hist = None
@@ -56,7 +67,7 @@ def decode(data: bytes) -> tuple[int, list[Metric]]:
                                   tuple(d["order"]), d["varz"], d["prom"], d["prom_kind"],
                                   d["prom_scale"], d["varz_help"], d["combine"]))
         return int(doc["pid"]), metrics
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"not a worker metrics snapshot: {e}") from e
 
 
@@ -98,8 +109,11 @@ def _combine(members: list[tuple[int, Metric]]) -> Metric:
 class HostMetrics:
     """A worker's view of the host: its own live metrics plus the others' snapshots."""
 
-    def __init__(self, role: WorkerRole, own: Callable[[], list[Metric]]) -> None:
-        self.role, self._own = role, own
+    def __init__(self, role: WorkerRole, own: Callable[[], list[Metric]],
+                 board: Callable[[], Counts], rank_senders: Callable[[float], None]) -> None:
+        """``board``: this worker's status counts; ``rank_senders`` refreshes their list of
+        heaviest senders (every few snapshots)."""
+        self.role, self._own, self._board, self._rank = role, own, board, rank_senders
         self.pids: dict[int, int] = {role.index: os.getpid()}  # worker → pid, from snapshots
 
     def own(self) -> list[Metric]:
@@ -125,19 +139,42 @@ class HostMetrics:
         """The supervisor and every worker last heard of (``process_*`` on /metrics)."""
         return [os.getppid(), *self.pids.values()]
 
-    def __call__(self) -> list[Metric]:
-        per_worker: list[list[Metric]] = []
-        for index in range(self.role.count):
-            if index == self.role.index:
-                per_worker.append(self.own())
-                continue
+    def _others(self) -> list[dict]:
+        """The other workers' latest snapshots (a missing one: not started yet, or restarting;
+        its clients are reconnecting)."""
+        docs = []
+        for index in self.role.siblings:
             try:
-                pid, metrics = decode(self.role.snapshot_path(index).read_bytes())
-            except (OSError, ValueError):
+                doc = json.loads(self.role.snapshot_path(index).read_bytes())
+                self.pids[index] = int(doc["pid"])
+            except (OSError, ValueError, KeyError, TypeError):
                 self.pids.pop(index, None)
-                continue  # not started yet, or restarting: its clients are reconnecting
-            self.pids[index] = pid
-            per_worker.append(metrics)
+                continue
+            docs.append(doc)
+        return docs
+
+    def counts(self) -> Counts:
+        """The status page's counts for the whole host."""
+        mine = self._board()
+        boards = [d["board"] for d in self._others() if isinstance(d.get("board"), dict)]
+        try:
+            senders = heapq.nlargest(TOP_SENDERS, [*mine.senders, *(
+                s for b in boards for s in b["senders"])], key=lambda s: s["bytes_per_second"])
+            return Counts(Stats.summed([mine.stats.to_json(), *(b["stats"] for b in boards)]),
+                          mine.clients + sum(b["clients"] for b in boards),
+                          mine.connections + sum(b["connections"] for b in boards),
+                          [sum(v) for v in zip(mine.stun, *(b["stun"] for b in boards))],
+                          senders)
+        except (KeyError, TypeError):
+            return mine  # a snapshot from another version: this worker's own figures
+
+    def __call__(self) -> list[Metric]:
+        per_worker: list[list[Metric]] = [self.own()]
+        for doc in self._others():
+            try:
+                per_worker.append(_decode(doc)[1])
+            except ValueError:
+                continue
         merged = merge(per_worker)
         merged.append(Metric("derper_workers_reporting", "gauge",
                              "-workers processes whose metrics this scrape includes",
@@ -149,7 +186,9 @@ class HostMetrics:
         path = self.role.snapshot_path(self.role.index)
         tmp = Path(f"{path}.tmp")
         pid = os.getpid()
-        while True:
-            tmp.write_bytes(encode(self.own(), pid))
+        for tick in itertools.count():
+            if tick % SENDERS_EVERY == 0:
+                self._rank(trio.current_time())
+            tmp.write_bytes(encode(self.own(), pid, self._board()))
             os.replace(tmp, path)
             await trio.sleep(SNAPSHOT_EVERY)
