@@ -43,7 +43,6 @@ from benchmarks.stun_bench import _load as stun_load  # noqa: E402
 from derper.bench.loadgen import run_conns, run_relay, server_cpu  # noqa: E402
 from derper.cli.bench import StartedServer, free_port  # noqa: E402
 from derper.metrics.procstat import cpu_by_process, tree_rss_bytes  # noqa: E402
-from stun.message import tailscale_request  # noqa: E402
 
 CPU_RATIO, MAX_SHARE, RELAY_RATIO, MAX_LOSS, IDLE_KB = 1.1, 0.65, 0.95, 0.01, 64
 
