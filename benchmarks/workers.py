@@ -216,7 +216,8 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--rate", type=int, default=5000)
     parser.add_argument("--json", type=Path, default=Path("workers_bench.json"))
-    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds-long correctness run (targets reported, not judged)")
     args = parser.parse_args()
     if args.smoke:
         args.repeat, args.seconds, args.warmup = 1, 1.0, 0.3
@@ -238,7 +239,7 @@ def main() -> int:
               f"{json.dumps(by['2'])}  ratio {by.get('ratio')}")
     for line in missed:
         print("missed:", line)
-    return 1 if missed else 0
+    return 1 if missed and not args.smoke else 0  # a smoke run checks that it works, not speed
 
 
 if __name__ == "__main__":

@@ -35,3 +35,13 @@ def test_attack_smoke_survives_and_the_canary_relays(tmp_path):
         assert row["delivered"] == row["sent"] > 50, row
     stun = next(r for r in rows if r["attack"] == "stun_unknown_attribute")
     assert stun.get("stun_amplification", 0) <= 1.0  # a small 420 is not sent at all
+
+
+def test_workers_benchmark_smoke_measures_both(tmp_path):
+    report = run("workers.py", "--smoke", "--only", "storm,stun,relay", tmp_path=tmp_path)
+    results = report["results"]
+    assert results["storm"]["2"]["failures"] == 0 and results["storm"]["2"]["server_ms_per_conn"]
+    assert len(results["storm"]["2"]["worker_shares"]) == 2
+    assert results["stun"]["1"]["replies_per_second"] > 0
+    assert len(results["stun"]["2"]["worker_shares"]) == 2
+    assert results["relay"]["2"]["loss"] == 0 and results["relay"]["2"]["delivered_mbit_s"] > 0

@@ -52,6 +52,9 @@ Examples:
       behind nginx/Caddy/HAProxy terminating TLS (configs in deploy/); STUN stays direct
   derper -hostname derp1.example.com -mesh-psk-file mesh.key -mesh-with derp2.example.com
       one node of a region of relays: clients on either node reach each other
+  derper -hostname derp.example.com -workers auto
+      one worker process per CPU on the same ports (connection storms and STUN use every
+      core); the process started is their supervisor: send it SIGHUP and SIGTERM
 
 Flags (Go syntax: -x v, -x=v, --x, -flag=false; each may also come from the variable shown):
 """
