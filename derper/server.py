@@ -268,6 +268,8 @@ class Server:
         """Prepare, bind, then serve until cancelled or shut down; reports ``started`` once
         every listener is bound (systemd readiness, tests)."""
         config = self.config
+        if handle_signals:
+            signals.block()
         self.prepare()
         # Bind before the nursery so a bind error reaches the caller as a plain OSError.
         sockets = (ServerSockets.adopt(self.role.fds) if self.role

@@ -18,14 +18,20 @@ import trio
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
+def block(signals=HANDLED) -> None:
+    """Hold ``signals`` pending from now on, for ``receive`` to take: call it from the main
+    thread before other threads start (threads made later, such as trio's, inherit the mask)
+    and before saying it listens, so that an early SIGHUP cannot kill the process."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, set(signals))
+
+
 async def receive(signals=HANDLED) -> AsyncIterator[int]:
     """Yield each signal number as it arrives (coalesced), until the caller stops.
 
-    Blocks ``signals`` for the whole process first: call it from the main thread before
-    other threads start (threads made later, such as trio's workers, inherit the mask).
+    Blocks ``signals`` first (``block``), if the caller has not yet.
     """
     wanted = set(signals)
-    signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+    block(wanted)
     while True:
         # The waiting thread cannot be interrupted; on cancel it is abandoned, blocked in
         # sigwait, and ends with the process.

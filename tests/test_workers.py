@@ -175,17 +175,19 @@ async def test_kill_9_one_worker_others_keep_relaying_and_it_comes_back(tmp_path
         assert received == list(range(400))  # the other worker's clients lost nothing
         await h.proc.wait_for_log("worker died; restarting it")
         await h.proc.wait_for_log('msg="derper listening"', timeout=15)
-        # Its clients come back: new connections, whichever worker takes them, relay again.
+        # Its clients come back with their keys, whichever worker takes them, and relay again.
         with trio.fail_after(20):
             while h.proc.log.count('msg="derper listening"') < 4:  # 2 workers, host, restart
                 await trio.sleep(0.05)
-        x = await stack.enter_async_context(dc.connect(h.url, KeyPair.generate()))
-        await x.send(b.public_key, b"back")
-        with trio.fail_after(10):
-            while True:
-                m = await b.recv()
-                if isinstance(m, ReceivedPacket) and m.data == b"back":
-                    break
+        for c in [c for c, w in zip(clients, workers) if w == victim]:
+            back = await stack.enter_async_context(dc.connect(h.url, c.keypair))
+            await back.send(b.public_key, b"back")
+            with trio.fail_after(10):
+                while True:
+                    m = await b.recv()
+                    if isinstance(m, ReceivedPacket) and m.data == b"back":
+                        break
+            assert m.source == c.public_key
 
 
 async def test_sigterm_tells_every_client_and_stops_every_process(tmp_path):

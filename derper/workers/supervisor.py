@@ -62,6 +62,7 @@ class Supervisor:
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Until SIGTERM/SIGINT (or a cancel); raises OSError if the sockets cannot be bound."""
+        signals.block()
         try:
             await self._bind()
             async with trio.open_nursery() as nursery:
