@@ -383,3 +383,30 @@ async def test_workers_outlive_the_thread_that_started_them(tmp_path):
         clients, _ = await clients_on_both(stack, h, 8)
         await clients[0].send(clients[-1].public_key, b"still here")
         assert (await recv_kind(clients[-1], ReceivedPacket)).data == b"still here"
+
+
+START_FAILURE = """
+import sys
+from derper.cli.flags import build_config
+from derper.proto.keys import KeyPair
+from derper.server import Server
+from derper.workers.supervisor import Supervisor, WorkerStartError
+import trio
+config = build_config(["-dev", "-a", "127.0.0.1:0", "-stun-port", "-1", "-metrics-addr",
+                       "off"], {})[0]
+supervisor = Supervisor(Server(config, KeyPair.generate()), 2, ["-no-such-flag"], {}, None)
+try:
+    trio.run(supervisor.run)
+except WorkerStartError as e:
+    print("start failure:", e)
+"""
+
+
+def test_a_worker_that_cannot_start_stops_the_host_with_a_clear_error():
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-c", START_FAILURE], capture_output=True,
+                            text=True, timeout=60)
+    assert "start failure: worker" in result.stdout, result.stderr[-2000:]
+    assert "exited during start-up (2)" in result.stdout
+    assert "flag provided but not defined: -no-such-flag" in result.stderr

@@ -148,6 +148,9 @@ def run(argv: list[str], environ: Mapping[str, str], usage_head: str) -> int:
 def _supervise(supervisor: Supervisor, config: Config) -> int:
     try:
         trio.run(partial(supervisor.run, task_status=SystemdReady()))
+    except ConfigError as e:  # a worker could not start
+        print(f"derper: {e}", file=sys.stderr)
+        return 1
     except OSError as e:
         print(f"derper: {_listen_error(e, config)}", file=sys.stderr)
         return 1

@@ -47,6 +47,11 @@ def rate_share(rate: float, count: int) -> float:
     return rate if math.isinf(rate) else rate / count
 
 
+def snapshot_path(runtime_dir: str | Path, index: int) -> Path:
+    """Where worker ``index`` keeps its metrics for the others (``workers.host_metrics``)."""
+    return Path(runtime_dir) / f"worker-{index}.metrics.json"
+
+
 @dataclass(frozen=True)
 class WorkerRole:
     """What one worker process is, as its supervisor made it."""
@@ -70,7 +75,7 @@ class WorkerRole:
         return Path(self.runtime_dir) / f"worker-{index}.sock"
 
     def snapshot_path(self, index: int) -> Path:
-        return Path(self.runtime_dir) / f"worker-{index}.metrics.json"
+        return snapshot_path(self.runtime_dir, index)
 
     @property
     def challenge_dir(self) -> Path:

@@ -27,17 +27,22 @@ import trio
 
 from .. import logs, signals
 from ..disk.keyfile import write_key_file
+from ..errors import ConfigError
 from ..net.addr import host_literal
 from ..net.server_sockets import ServerSockets
 from ..proto.keys import public_text
 from ..server import Server
-from .plan import ROLE_ENV, WorkerRole
+from .plan import ROLE_ENV, WorkerRole, snapshot_path
 
 log = logs.get("derper.workers")
 
 RESTART_MIN, RESTART_MAX = 0.5, 30.0  # delay before restarting a dead worker, doubling
 STABLE_AFTER = 60.0  # a worker that ran this long restarts after RESTART_MIN again
 STOP_MARGIN = 10.0  # beyond -shutdown-grace, what a worker gets before SIGKILL
+
+
+class WorkerStartError(ConfigError):
+    """A worker died before the host was ready: the same would happen again."""
 
 
 class Supervisor:
@@ -65,6 +70,16 @@ class Supervisor:
         signals.block()
         try:
             await self._bind()
+            await self._serve(task_status)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._stop_all()
+                for sockets in self.sockets:
+                    await sockets.aclose()
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    async def _serve(self, task_status) -> None:
+        try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._signal_loop, nursery.cancel_scope)
                 for index in range(self.count):
@@ -78,16 +93,13 @@ class Supervisor:
                          pids=",".join(str(p.pid) for _, p in sorted(self.procs.items())),
                          server_key=public_text(self.server.relay.public_key))
                 task_status.started(self)  # systemd's READY=1, from the command layer
-        finally:
-            with trio.CancelScope(shield=True):
-                await self._stop_all()
-                for sockets in self.sockets:
-                    await sockets.aclose()
-            shutil.rmtree(self.runtime_dir, ignore_errors=True)
-
-    @property
-    def ports(self) -> dict[str, int]:
-        return self.sockets[0].ports
+        except BaseExceptionGroup as group:
+            failed = group.subgroup(WorkerStartError)
+            if failed is None:
+                raise
+            while isinstance(failed, BaseExceptionGroup):
+                failed = failed.exceptions[0]
+            raise failed from None
 
     async def _bind(self) -> None:
         # First without SO_REUSEPORT, closed at once: a port another program holds is refused
@@ -109,25 +121,30 @@ class Supervisor:
                           lifeline_fd)
 
     async def _keep(self, index: int) -> None:
-        """Run worker ``index``, and again whenever it dies, until the host stops."""
+        """Run worker ``index``, and again whenever it dies, until the host stops. A worker that
+        dies before the host was ever ready is a start-up failure: the host stops with it."""
         delay = RESTART_MIN
         while not self.stopping:
             started = time.monotonic()
-            code = await self._run_worker(index)
+            try:
+                code = await self._run_worker(index)
+            except OSError as e:  # no process at all (out of memory, out of pids)
+                code = 1
+                log.error("cannot start a worker", worker=index, error=e.strerror or str(e))
             if self.stopping:
                 return
+            if not self._all_ready.is_set():
+                raise WorkerStartError(f"worker {index} exited during start-up ({code}); its "
+                                       "log lines above say why")
             self.restarts += 1
             if time.monotonic() - started > STABLE_AFTER:
                 delay = RESTART_MIN
             how = (f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}")
             log.error("worker died; restarting it", worker=index, how=how,
                       restart_in=f"{delay:.1f}s", restarts=self.restarts)
-            self.role_snapshot(index).unlink(missing_ok=True)
+            snapshot_path(self.runtime_dir, index).unlink(missing_ok=True)  # stale gauges
             await trio.sleep(delay)
             delay = min(delay * 2, RESTART_MAX)
-
-    def role_snapshot(self, index: int) -> Path:
-        return self.runtime_dir / f"worker-{index}.metrics.json"
 
     async def _run_worker(self, index: int) -> int:
         read_end, write_end = os.pipe()
