@@ -134,7 +134,10 @@ import pathlib, sys, time
 from derper.certs.bundle import ensure_ip_cert, load_manual
 from derper.disk.keyfile import load_or_create_key_file
 go, key, certdir = map(pathlib.Path, sys.argv[1:])
+deadline = time.monotonic() + 30
 while not go.exists():
+    if time.monotonic() > deadline:
+        sys.exit("never started")
     time.sleep(0.001)
 pair, _ = load_or_create_key_file(key)
 ensure_ip_cert(certdir, "203.0.113.7")
@@ -149,8 +152,13 @@ def test_processes_starting_together_make_one_key_and_one_certificate(tmp_path, 
     procs = [subprocess.Popen([sys.executable, "-c", RACE, str(go), str(key), str(certdir)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(6)]
-    time.sleep(0.5)  # every one is waiting for the start
-    go.touch()
-    results = [p.communicate(timeout=30) for p in procs]
+    try:
+        time.sleep(0.5)  # every one is waiting for the start
+        go.touch()
+        results = [p.communicate(timeout=30) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
     assert [p.returncode for p in procs] == [0] * 6, [err for _, err in results]
     assert len({out for out, _ in results}) == 1
