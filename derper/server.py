@@ -243,12 +243,17 @@ class Server:
                 if not math.isinf(config.accept_connection_limit):
                     limiter = TokenBucket(config.accept_connection_limit,
                                           config.accept_connection_burst, trio.current_time())
-                stats, throttle = self.relay.stats, self.relay.log_throttle
+                relay = self.relay
+                stats, throttle, pacer = relay.stats, relay.log_throttle, relay.pacer
+                nursery.start_soon(pacer.run)
+                nursery.start_soon(relay.keepalives.run)
                 nursery.start_soon(partial(accept_loop, main, nursery, self._serve_main,
-                                           stats=stats, log_throttle=throttle, limiter=limiter))
+                                           stats=stats, log_throttle=throttle, pacer=pacer,
+                                           limiter=limiter))
                 if helper is not None:
                     nursery.start_soon(partial(accept_loop, helper, nursery, self._serve_helper,
-                                               stats=stats, log_throttle=throttle))
+                                               stats=stats, log_throttle=throttle,
+                                               pacer=pacer))
                 if stun is not None:
                     await nursery.start(partial(serve_socket, stun, strict=config.stun_strict,
                                                 counters=self.stun_counters,
@@ -396,7 +401,7 @@ class Server:
                                 half_open: HalfOpen) -> None:
         config = self.config
         conn: trio.abc.Stream = stream
-        stats, throttle = self.relay.stats, self.relay.log_throttle
+        stats, throttle, pacer = self.relay.stats, self.relay.log_throttle, self.relay.pacer
         tls_version = None
         initial = b""
         deadline = trio.current_time() + config.handshake_timeout  # PROXY header and TLS
@@ -421,11 +426,12 @@ class Server:
                 if self.tls.context is None:
                     log.debug("closing connection: no certificate yet", remote=f"{ip}:{port}")
                     return
-                conn = TLSStream(stream, self.tls.context, server_side=True, initial=initial)
+                with pacer.measured():
+                    conn = TLSStream(stream, self.tls.context, server_side=True, initial=initial)
                 initial = b""
                 try:
                     with trio.fail_at(deadline):
-                        await conn.do_handshake()
+                        await conn.do_handshake(pacer)
                 except trio.TooSlowError:
                     throttle.log(log, "info", "closing connection: TLS handshake timed out",
                                  remote=f"{ip}:{port}")
@@ -439,7 +445,7 @@ class Server:
                 stats.tls_active[tls_version] += 1
             await serve_http(conn, ip, port, head_timeout=config.handshake_timeout,
                              handle=self.endpoints.handle, log_throttle=throttle,
-                             on_established=half_open.established,
+                             on_established=half_open.established, pacer=pacer,
                              relay=self.relay if config.derp else None, proxies=self.proxies,
                              initial=initial)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -450,7 +456,7 @@ class Server:
         finally:
             if tls_version is not None:
                 stats.tls_active[tls_version] -= 1
-            with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True), pacer.measured():
                 await conn.aclose()
 
     async def _serve_helper(self, stream: trio.SocketStream) -> None:
@@ -462,7 +468,8 @@ class Server:
                 await serve_http(stream, ip, port, head_timeout=self.config.handshake_timeout,
                                  handle=self._serve_helper_request,
                                  log_throttle=self.relay.log_throttle,
-                                 on_established=half_open.established)
+                                 on_established=half_open.established,
+                                 pacer=self.relay.pacer)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             except Exception:
