@@ -260,7 +260,8 @@ class Server:
                                                 alternates=alternates))
                 if self.bootstrap.names:
                     nursery.start_soon(self.bootstrap.refresh_forever)
-                nursery.start_soon(memory.trim_forever)
+                nursery.start_soon(memory.trim_forever, lambda: stats.accepted_connections,
+                                   self._open_connections)
                 nursery.start_soon(self.relay.loop_lag.sample_forever)
                 if self.mesh is not None:
                     nursery.start_soon(self.mesh.run)
@@ -312,6 +313,10 @@ class Server:
                 stun.close()
             if alternates is not None:
                 alternates.close()
+
+    def _open_connections(self) -> int:
+        """Connections open on the DERP port, roughly: half-open ones and DERP sessions."""
+        return self.handshakes.count + self.relay.derp_conns
 
     def _open_metrics(self) -> prom.MetricsListener | None:
         """The /metrics listener; a port that cannot be bound costs the metrics, not the relay."""
