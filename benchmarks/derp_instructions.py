@@ -81,10 +81,15 @@ def main() -> None:
                         help="count N new connections instead of relayed packets")
     parser.add_argument("--websocket", action="store_true",
                         help="DERP over WebSocket, one message per packet")
+    parser.add_argument("--allocator", default="malloc",
+                        help="PYTHONMALLOC for the server: malloc, as derper serves "
+                             "(derper/cli/allocator.py; set here, or its re-run would leave "
+                             "valgrind behind), or pymalloc")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--keep", action="store_true", help="keep the callgrind dump")
     args = parser.parse_args()
-    server = StartedServer([], wrapper=["valgrind", "--tool=callgrind", "--dump-line=no",
+    server = StartedServer([], wrapper=["env", f"PYTHONMALLOC={args.allocator}", "valgrind",
+                                        "--tool=callgrind", "--dump-line=no",
                                         "--callgrind-out-file=%q{PWD}/callgrind.out.%p"],
                            cwd=args.tree)
     try:

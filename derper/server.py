@@ -288,19 +288,25 @@ class Server:
                 if not math.isinf(self.accept_rate):
                     limiter = TokenBucket(self.accept_rate, self.accept_burst,
                                           trio.current_time())
-                stats, throttle = self.relay.stats, self.relay.log_throttle
+                relay = self.relay
+                stats, throttle, pacer = relay.stats, relay.log_throttle, relay.pacer
+                nursery.start_soon(pacer.run)
+                nursery.start_soon(relay.keepalives.run)
                 nursery.start_soon(partial(accept_loop, main, nursery, self._serve_main,
-                                           stats=stats, log_throttle=throttle, limiter=limiter))
+                                           stats=stats, log_throttle=throttle, pacer=pacer,
+                                           limiter=limiter))
                 if helper is not None:
                     nursery.start_soon(partial(accept_loop, helper, nursery, self._serve_helper,
-                                               stats=stats, log_throttle=throttle))
+                                               stats=stats, log_throttle=throttle,
+                                               pacer=pacer))
                 if stun is not None:
                     await nursery.start(partial(serve_socket, stun, strict=config.stun_strict,
                                                 counters=self.stun_counters,
                                                 alternates=alternates))
                 if self.bootstrap.names:
                     nursery.start_soon(self.bootstrap.refresh_forever)
-                nursery.start_soon(memory.trim_forever)
+                nursery.start_soon(memory.trim_forever, lambda: stats.accepted_connections,
+                                   self._open_connections)
                 nursery.start_soon(self.relay.loop_lag.sample_forever)
                 if self.mesh is not None:
                     nursery.start_soon(self.mesh.run)
@@ -358,7 +364,8 @@ class Server:
         listener = await siblings.open_listener(role.socket_path(role.index))
         self._listeners.append(listener)
         nursery.start_soon(partial(accept_loop, listener, nursery, self._serve_sibling,
-                                   stats=self.relay.stats, log_throttle=self.relay.log_throttle))
+                                   stats=self.relay.stats, log_throttle=self.relay.log_throttle,
+                                   pacer=self.relay.pacer))
         nursery.start_soon(self.host_metrics.write_forever)
         await nursery.start(siblings.keep_links, self.relay, role)
         nursery.start_soon(self._shutdown_with_supervisor)
@@ -373,12 +380,17 @@ class Server:
         try:
             await serve_http(stream, None, 0, head_timeout=self.config.handshake_timeout,
                              handle=self.endpoints.handle, log_throttle=self.relay.log_throttle,
-                             on_established=lambda: None, relay=self.relay, capped=False)
+                             on_established=lambda: None, pacer=self.relay.pacer,
+                             relay=self.relay, capped=False)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+
+    def _open_connections(self) -> int:
+        """Connections open on the DERP port, roughly: half-open ones and DERP sessions."""
+        return self.handshakes.count + self.relay.derp_conns
 
     def _open_metrics(self) -> prom.MetricsListener | None:
         """The /metrics listener; a port that cannot be bound costs the metrics, not the relay.
@@ -469,7 +481,7 @@ class Server:
                                 half_open: HalfOpen) -> None:
         config = self.config
         conn: trio.abc.Stream = stream
-        stats, throttle = self.relay.stats, self.relay.log_throttle
+        stats, throttle, pacer = self.relay.stats, self.relay.log_throttle, self.relay.pacer
         tls_version = None
         initial = b""
         deadline = trio.current_time() + config.handshake_timeout  # PROXY header and TLS
@@ -494,11 +506,12 @@ class Server:
                 if self.tls.context is None:
                     log.debug("closing connection: no certificate yet", remote=f"{ip}:{port}")
                     return
-                conn = TLSStream(stream, self.tls.context, server_side=True, initial=initial)
+                with pacer.measured():
+                    conn = TLSStream(stream, self.tls.context, server_side=True, initial=initial)
                 initial = b""
                 try:
                     with trio.fail_at(deadline):
-                        await conn.do_handshake()
+                        await conn.do_handshake(pacer)
                 except trio.TooSlowError:
                     throttle.log(log, "info", "closing connection: TLS handshake timed out",
                                  remote=f"{ip}:{port}")
@@ -512,7 +525,7 @@ class Server:
                 stats.tls_active[tls_version] += 1
             await serve_http(conn, ip, port, head_timeout=config.handshake_timeout,
                              handle=self.endpoints.handle, log_throttle=throttle,
-                             on_established=half_open.established,
+                             on_established=half_open.established, pacer=pacer,
                              relay=self.relay if config.derp else None, proxies=self.proxies,
                              initial=initial)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -523,7 +536,7 @@ class Server:
         finally:
             if tls_version is not None:
                 stats.tls_active[tls_version] -= 1
-            with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True), pacer.measured():
                 await conn.aclose()
 
     async def _serve_helper(self, stream: trio.SocketStream) -> None:
@@ -535,7 +548,8 @@ class Server:
                 await serve_http(stream, ip, port, head_timeout=self.config.handshake_timeout,
                                  handle=self._serve_helper_request,
                                  log_throttle=self.relay.log_throttle,
-                                 on_established=half_open.established)
+                                 on_established=half_open.established,
+                                 pacer=self.relay.pacer)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             except Exception:

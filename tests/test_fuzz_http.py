@@ -7,6 +7,7 @@ import trio
 import trio.testing
 from hypothesis import example, given, strategies as st
 
+from derper.admission.pacer import Pacer
 from derper.http.endpoints import Endpoints
 from derper.http.server import serve_http
 from derper.logs import Throttle
@@ -14,6 +15,7 @@ from tests.fuzzing import fuzz
 
 ENDPOINTS = Endpoints(home="", derp_enabled=True, bootstrap_body=lambda: b"{}")
 THROTTLE = Throttle()  # as a server's: a flood of bad requests logs one line per interval
+QUIET = Pacer(lambda: 0)  # nothing relayed: every step goes at once
 METHODS = st.sampled_from(["GET", "HEAD", "POST", "PUT", "CONNECT", "OPTIONS", "TRACE", "PRI",
                            "DELETE", "G\x00T", "get", ""])
 TARGETS = st.sampled_from(["/", "/derp", "/derp/probe", "/generate_204", "/debug/varz",
@@ -46,7 +48,7 @@ async def serve_one(data: bytes) -> bytes:
             try:
                 await serve_http(server, "192.0.2.1", 1234, head_timeout=1.0,
                                  handle=ENDPOINTS.handle, log_throttle=THROTTLE,
-                                 on_established=lambda: None)
+                                 on_established=lambda: None, pacer=QUIET)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the peer went away mid-answer: the caller closes, nothing to report
             finally:

@@ -1,7 +1,9 @@
-"""Memory freed after a connection storm goes back to the system (glibc keeps it otherwise)."""
+"""Memory freed after a connection storm goes back to the system (glibc keeps it otherwise);
+after many connections, a full collection first (Python keeps what cycles and free lists hold)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -24,7 +26,7 @@ grown = rss_bytes()
 
 async def main():
     with trio.move_on_after(0.2):
-        await memory.trim_forever(0.05)
+        await memory.trim_forever(lambda: 0, lambda: 0, interval=0.05, check=0.01)
 
 trio.run(main)
 print(base, grown, rss_bytes())
@@ -39,3 +41,57 @@ def test_freed_heap_goes_back_to_the_system():
     base, grown, trimmed = map(int, out.split())
     assert grown - base > 100 << 20  # the blocks were on the heap and stayed there when freed
     assert trimmed - base < (grown - base) / 4
+
+
+STORM = """
+import gc, os, trio
+from derper import memory
+from derper.metrics.procstat import rss_bytes
+
+gc.disable()  # as the server's thresholds make it: no full collection of its own
+base = rss_bytes()
+keep = []
+for i in range(300_000):  # what closed connections leave: garbage in cycles, a few survivors
+    a = [i, bytes(64)]
+    a.append([a])
+    if i % 300 == 0:
+        keep.append(bytes(64))
+del a
+grown = rss_bytes()
+opened = [0]
+
+async def main():
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(memory.trim_forever, lambda: opened[0], lambda: 3, 0.05, 0.01)
+        await trio.sleep(0.3)  # trims, but no storm yet: no collection
+        print(rss_bytes())
+        opened[0] = memory.COLLECT_AFTER  # now many connections have come and gone
+        await trio.sleep(0.3)
+        nursery.cancel_scope.cancel()
+
+trio.run(main)
+print(base, grown, rss_bytes())
+"""
+
+
+def test_after_many_connections_a_collection_frees_what_cycles_held():
+    if memory._malloc_trim() is None:
+        pytest.skip("not glibc: nothing is kept back, nothing to trim")
+    env = dict(os.environ, PYTHONMALLOC="malloc")
+    out = subprocess.run([sys.executable, "-c", STORM], capture_output=True, text=True,
+                         check=True, env=env).stdout
+    trimmed_only, base, grown, collected = map(int, out.split())
+    assert grown - base > 100 << 20
+    assert trimmed_only - base > (grown - base) * 3 / 4  # garbage in cycles is not free
+    assert collected - base < (grown - base) / 4
+
+
+def test_a_collection_comes_with_the_trim_or_after_a_storm_and_only_with_few_left():
+    policy = memory.CollectPolicy(opened=50)
+    storm = 50 + memory.COLLECT_AFTER
+    assert not policy.due(storm - 1, live=0, trimming=False)  # not yet a storm
+    assert not policy.due(storm, live=memory.COLLECT_MAX_LIVE + 1, trimming=True)  # too many
+    assert policy.due(storm, live=memory.COLLECT_MAX_LIVE, trimming=False)  # at once
+    assert not policy.due(storm, live=0, trimming=True)  # nothing came since
+    assert not policy.due(storm + 10, live=0, trimming=False)
+    assert policy.due(storm + 10, live=0, trimming=True)  # with the trim

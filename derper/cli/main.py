@@ -11,6 +11,7 @@ import sys
 
 from .. import __version__
 from ..config import DEV_ADDR
+from .allocator import exec_with_malloc
 
 SERVE = "derper.cli.serve"  # run(argv, environ, usage_head) -> exit code
 
@@ -61,9 +62,13 @@ Flags (Go syntax: -x v, -x=v, --x, -flag=false; each may also come from the vari
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``derper [flags]`` serves; ``derper COMMAND [flags]`` runs one of COMMANDS."""
+    """``derper [flags]`` serves; ``derper COMMAND [flags]`` runs one of COMMANDS. Serving
+    from the command line first re-runs the process on glibc's malloc (``allocator``)."""
+    command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in COMMANDS:
         command = importlib.import_module(COMMANDS[argv[0]][0])
         sys.exit(command.run(argv[1:], os.environ))
+    if command_line:
+        exec_with_malloc(os.environ)
     sys.exit(importlib.import_module(SERVE).run(argv, os.environ, USAGE_HEAD))

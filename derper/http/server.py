@@ -12,6 +12,7 @@ import h11
 import trio
 
 from .. import logs
+from ..admission.pacer import Pacer
 from ..errors import ProtocolError
 from ..logs import Throttle
 from ..net.reading import RECV_SIZE
@@ -32,13 +33,15 @@ class HttpConnection:
     """h11 server state over one stream (plain or TLS).
 
     ``proxies``: when the peer is one of them, each request's client address is the one its
-    headers name (``http.forwarded``); everyone else's headers mean nothing.
+    headers name (``http.forwarded``); everyone else's headers mean nothing. ``pacer`` is
+    charged the parsing.
     """
 
-    def __init__(self, stream: trio.abc.Stream, remote_ip: str | None = None,
+    def __init__(self, stream: trio.abc.Stream, pacer: Pacer, remote_ip: str | None = None,
                  remote_port: int = 0, proxies: TrustedProxies | None = None,
                  initial: bytes = b"") -> None:
         self.stream = stream
+        self.pacer = pacer
         self.peer = (remote_ip, remote_port)
         self.proxies = proxies if proxies is not None and proxies.trusts(remote_ip) else None
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
@@ -47,7 +50,8 @@ class HttpConnection:
 
     async def _next_event(self):
         while True:
-            event = self.conn.next_event()
+            with self.pacer.measured():
+                event = self.conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
             data = await self.stream.receive_some(RECV_SIZE)
@@ -83,7 +87,8 @@ class HttpConnection:
         except h11.RemoteProtocolError as e:
             raise ProtocolError(str(e)) from None
 
-    async def respond(self, req: Request, resp: Response) -> None:
+    def response(self, req: Request, resp: Response) -> bytes:
+        """The bytes that answer ``req`` with ``resp``."""
         headers = list(resp.headers)
         if resp.close:
             headers.append(("Connection", "close"))
@@ -93,8 +98,7 @@ class HttpConnection:
                                            reason=HTTPStatus(resp.status).phrase))
         if resp.body and req.method != "HEAD":
             data += self.conn.send(h11.Data(data=resp.body))
-        data += self.conn.send(h11.EndOfMessage())
-        await self.stream.send_all(data)
+        return data + self.conn.send(h11.EndOfMessage())
 
     async def respond_error(self, status: int, text: str) -> None:
         """Best-effort error reply to a request h11 could not parse, then the caller closes."""
@@ -130,7 +134,7 @@ def derp_upgrade_response(server_public: bytes) -> bytes:
 
 async def serve_http(stream: trio.abc.Stream, remote_ip: str | None, remote_port: int, *,
                      head_timeout: float, handle: Callable[[Request], Response],
-                     log_throttle: Throttle, on_established: Callable[[], None],
+                     log_throttle: Throttle, on_established: Callable[[], None], pacer: Pacer,
                      relay: Relay | None = None, proxies: TrustedProxies | None = None,
                      initial: bytes = b"", capped: bool = True) -> None:
     """Serve requests on one connection until it closes or turns into a DERP session.
@@ -139,10 +143,11 @@ async def serve_http(stream: trio.abc.Stream, remote_ip: str | None, remote_port
     answers every other request. ``on_established`` goes to the DERP session, which calls it
     once its client is registered (the connection's handshake slot is then free again).
     ``proxies`` are the ``-trusted-proxies`` whose headers name the client; ``initial`` holds
-    bytes already read (past a PROXY protocol header). ``capped=False``: -max-clients does
-    not apply (the links between -workers of one host).
+    bytes already read (past a PROXY protocol header). Each request is answered in its turn on
+    the loop (``pacer``). ``capped=False``: -max-clients does not apply (the links between
+    -workers of one host).
     """
-    http = HttpConnection(stream, remote_ip, remote_port, proxies, initial)
+    http = HttpConnection(stream, pacer, remote_ip, remote_port, proxies, initial)
     remote = f"{remote_ip}:{remote_port}"
     for _ in range(MAX_REQUESTS):
         try:
@@ -157,17 +162,20 @@ async def serve_http(stream: trio.abc.Stream, remote_ip: str | None, remote_port
             return
         if req is None:
             return
-        if req.method == "CONNECT":
-            # No proxy here. Any 2xx would switch h11 to a tunnel (nothing more could be
-            # written), so the answer must be an error, and the connection ends with it.
-            resp = replace(error(405, "CONNECT is not supported"), close=True)
-        elif relay is not None and req.path == "/derp":
+        if relay is not None and req.path == "/derp" and req.method != "CONNECT":
             resp = await _upgrade(http, req, relay, head_timeout, on_established, capped)
             if resp is None:
                 return  # the connection was a DERP session and is over now
         else:
-            resp = handle(req)
-        await http.respond(req, resp)
+            await pacer.turn()
+            with pacer.measured():
+                # No proxy here. Any 2xx to CONNECT would switch h11 to a tunnel (nothing more
+                # could be written), so the answer must be an error, and the connection ends.
+                resp = (replace(error(405, "CONNECT is not supported"), close=True)
+                        if req.method == "CONNECT" else handle(req))
+        with pacer.measured():
+            data = http.response(req, resp)
+        await stream.send_all(data)
         if resp.close or not http.reusable():
             return
 

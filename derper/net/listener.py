@@ -15,6 +15,7 @@ import trio
 
 from .. import logs
 from ..admission.limits import TokenBucket
+from ..admission.pacer import Pacer
 from ..logs import Throttle
 from ..metrics.counters import Stats
 from . import proxy_protocol
@@ -118,10 +119,15 @@ async def read_proxy_header(stream: trio.SocketStream) -> tuple[tuple[str, int] 
 
 async def accept_loop(listener: trio.SocketListener, nursery: trio.Nursery,
                       handler: Callable[[trio.SocketStream], Awaitable[None]], *,
-                      stats: Stats, log_throttle: Throttle,
+                      stats: Stats, log_throttle: Throttle, pacer: Pacer,
                       limiter: TokenBucket | None = None) -> None:
-    """Accept until the listener is closed; a resource shortage pauses, never stops, it."""
+    """Accept until the listener is closed; a resource shortage pauses, never stops, it.
+
+    Each accept waits for ``pacer`` to admit it: while the loop's share for connections that
+    are not relaying is spent, new ones wait in the kernel's accept queue.
+    """
     while True:
+        await pacer.admit()
         try:
             stream = await listener.accept()
         except trio.ClosedResourceError:
@@ -140,4 +146,5 @@ async def accept_loop(listener: trio.SocketListener, nursery: trio.Nursery,
             stream.socket.close()
             continue
         stats.accepted_connections += 1
-        nursery.start_soon(handler, stream)
+        with pacer.measured():
+            nursery.start_soon(handler, stream)

@@ -14,6 +14,7 @@ import ssl
 
 import trio
 
+from ..admission.pacer import Pacer
 from .reading import RECV_SIZE
 
 _READ_CHUNK = 16 << 10  # the largest TLS record plaintext
@@ -48,10 +49,15 @@ class TLSStream(trio.abc.Stream):
         self._unsent = b""  # ciphertext send_nowait could not hand the kernel; flushed first
         self._closed = False
 
-    async def do_handshake(self) -> None:
+    async def do_handshake(self, pacer: Pacer | None = None) -> None:
+        """``pacer``: a server's; each step of the handshake then waits for its turn."""
+        step = self.ssl_object.do_handshake
         while True:
             try:
-                self.ssl_object.do_handshake()
+                if pacer is None:
+                    step()
+                else:
+                    await pacer.call(step)
             except ssl.SSLWantReadError:
                 await self._flush()
                 if not await self._receive():

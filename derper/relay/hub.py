@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 
 from ..admission.fairshare import BandwidthLimiter
 from ..admission.gate import Admission
+from ..admission.pacer import Pacer
 from ..admission.rate_config import ReceiveLimit
 from ..logs import Throttle
 from ..metrics.counters import Stats
 from ..metrics.loop_lag import LoopLag
 from ..proto.keys import KeyPair
+from .keepalive import Keepalives
 from .router import Router
 from .sendqueue import DEFAULT_DEPTH
 
@@ -44,6 +46,10 @@ class Relay:
     bandwidth: BandwidthLimiter | None = None  # relay-wide fair budget (-bandwidth-limit)
     pacing: bool = False  # either of the two above is set
     router: Router = field(init=False)
+    # The event loop's share for connections not relaying yet (or any more), and the one timer
+    # for every session's KeepAlive; the server's nursery runs both.
+    pacer: Pacer = field(init=False)
+    keepalives: Keepalives = field(init=False)
     # Sessions whose idle writer a reader just queued packets for; that reader writes or wakes
     # each before it next awaits, so the list is empty whenever another task runs.
     ready: list = field(default_factory=list, repr=False)
@@ -56,6 +62,9 @@ class Relay:
         self.router = Router(self.stats)
         if self.link_keypair is None:
             self.link_keypair = self.keypair
+        stats = self.stats
+        self.pacer = Pacer(lambda: stats.packets_received + stats.packets_forwarded_in)
+        self.keepalives = Keepalives(self.keepalive_interval)
 
     @property
     def public_key(self) -> bytes:

@@ -65,6 +65,8 @@ class Outbox:
         self._ready = ready
         self._lot = trio.lowlevel.ParkingLot()
         self._parked = False  # the writer waits in _lot and nobody has claimed it yet
+        self._writing = False  # the writer is in a send (which may wait for the peer)
+        self._stopping = False  # the writer returns at its next look (stop_writer)
         # The stream's non-blocking write (TLS only), for flush; and whether bytes it accepted
         # are still buffered in the stream, for the writer to push out.
         self._send_nowait = getattr(stream, "send_nowait", None)
@@ -101,6 +103,16 @@ class Outbox:
         """Make the writer look again (a control frame is due, or a claim is given up)."""
         self._parked = False
         self._lot.unpark()
+
+    def stop_writer(self) -> bool:
+        """Let the writer return the next time it looks for work (the connection ends without
+        an error: nothing need be cancelled); False if it is in a send, to be cancelled."""
+        self._stopping = True
+        if self._writing:
+            return False
+        self._parked = False
+        self._lot.unpark()
+        return True
 
     def close(self, reason: str) -> None:
         self.close_reason = reason
@@ -151,8 +163,9 @@ class Outbox:
                     or (control is not None and control.pending()))
 
     async def write_loop(self) -> None:
-        """Drain until cancelled; raises WriteTimeout, or the stream's error, to end the
-        connection (the in-flight packets are counted as write errors)."""
+        """Drain until cancelled or stopped (``stop_writer``); raises WriteTimeout, or the
+        stream's error, to end the connection (the in-flight packets are counted as write
+        errors)."""
         stats, stream, queue, control = self.stats, self.stream, self.queue, self.control
         timeout = self.write_timeout
         counts = self.counts_sent
@@ -164,9 +177,11 @@ class Outbox:
         with trio.CancelScope() as deadline:
             while True:
                 idle = not self._pending()
-                if idle:
+                if idle and not self._stopping:
                     self._parked = True
                     await self._lot.park()
+                if self._stopping:
+                    return
                 if control is not None:
                     control.head(batch)
                 if self._room:
@@ -198,11 +213,14 @@ class Outbox:
                 batch.clear()
                 if timeout > 0:
                     deadline.deadline = trio.current_time() + timeout
+                self._writing = True
                 try:
                     await stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     queue.settle_lost()
                     raise
+                finally:
+                    self._writing = False
                 deadline.deadline = math.inf
                 self._settle_sent()
                 if control is not None:

@@ -9,7 +9,7 @@ connection, so a slow or hostile client can only lose its own packets.
 
 from __future__ import annotations
 
-import random
+from functools import partial
 from typing import Callable
 
 import trio
@@ -36,7 +36,6 @@ PACE_STEP = 4 << 10
 # while we were descheduled). Before the queue head-drops, the reader yields until the
 # destination's writer has taken the queue; bounded per read, so a stuck writer costs little.
 YIELDS_PER_READ = 16
-KEEPALIVE_JITTER = 5 / 60  # Go: 60 s + [0, 5) s, chosen once per connection
 # Connect and disconnect lines: every one while clients come and go at a human pace (a restart
 # brings this many back at once), then one a second, so a connect flood cannot flood the log.
 CONNECT_LOG_BURST = 200
@@ -74,19 +73,21 @@ async def serve_derp(relay: Relay, stream: trio.abc.Stream, *, remote_ip: str | 
     ``preamble`` (the HTTP 101 response, if any) goes out in the same write as ServerKey;
     ``initial`` holds bytes already read past the HTTP request (a fast-start ClientInfo).
     ``on_established`` is called once the client is registered: from then on the connection
-    no longer counts as half-open against -max-handshakes.
+    no longer counts as half-open against -max-handshakes. The handshake's steps and the
+    teardown take their turns on the loop (``relay.pacer``).
     """
     remote = f"{remote_ip}:{remote_port}" if remote_ip else "unknown"
     reader = FrameReader(STEADY_LIMITS, wanted=wire.ALL_TYPES)
     reader.feed(initial)
     stats = relay.stats
+    pacer = relay.pacer
     stats.accepts += 1
     # ServerKey comes first (spec §3.1). A fast-start ClientInfo is already here, and its client
     # skips ServerKey: then it goes out with ServerInfo, one write instead of two.
     key_frame = preamble + wire.server_key(relay.public_key)
     try:
         with trio.fail_after(relay.handshake_timeout):
-            info = _buffered_client_info(relay, reader)
+            info = await pacer.call(partial(_buffered_client_info, relay, reader))
             if info is None:
                 await stream.send_all(key_frame)
                 key_frame = b""
@@ -117,32 +118,40 @@ async def serve_derp(relay: Relay, stream: trio.abc.Stream, *, remote_ip: str | 
             stats.admission_mesh_bypass += 1
         elif not await relay.admission.admit(info.key, remote_ip):
             return  # silently, as Go: the client sees EOF where ServerInfo should be
-    reader.want(STEADY_WANTED)
-    session = Session(relay, stream, info, remote_ip, remote_port, not_ideal, sibling)
-    relay.router.register(session)
-    on_established()
     throttle = relay.log_throttle
-    throttle.log(log, "info", "client connected", burst=CONNECT_LOG_BURST, every=1.0,
-                 key=public_text(info.key), remote=remote, via=transport,
-                 dup=session.dup or None, mesh=session.can_mesh or None)
+    await pacer.turn()
+    with pacer.measured():
+        reader.want(STEADY_WANTED)
+        session = Session(relay, stream, info, remote_ip, remote_port, not_ideal, sibling)
+        relay.router.register(session)
+        relay.keepalives.add(session)
+        on_established()
+        throttle.log(log, "info", "client connected", burst=CONNECT_LOG_BURST, every=1.0,
+                     key=public_text(info.key), remote=remote, via=transport,
+                     dup=session.dup or None, mesh=session.can_mesh or None)
+        hello = key_frame + handshake.server_info_frame(info.key, relay.keypair.private,
+                                                        box_key=info.box_key)
     try:
         with session.cancel_scope:
             with trio.fail_after(relay.handshake_timeout):
-                await stream.send_all(key_frame + handshake.server_info_frame(
-                    info.key, relay.keypair.private, box_key=info.box_key))
+                await stream.send_all(hello)
             await session.run(reader)
     except trio.TooSlowError:
         session.close_reason = "timed out writing ServerInfo"
     except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
         session.close_reason = lost(e)
     finally:
-        session.finish()
-    if session.close_is_error:  # a protocol error: a peer can cause these at will
-        throttle.log(log, "warning", "client disconnected", kind="disconnected: protocol error",
-                     key=public_text(info.key), remote=remote, reason=session.close_reason)
-    else:
-        throttle.log(log, "info", "client disconnected", burst=CONNECT_LOG_BURST, every=1.0,
-                     key=public_text(info.key), remote=remote, reason=session.close_reason)
+        with pacer.measured():
+            session.finish()
+    with pacer.measured():
+        if session.close_is_error:  # a protocol error: a peer can cause these at will
+            throttle.log(log, "warning", "client disconnected",
+                         kind="disconnected: protocol error", key=public_text(info.key),
+                         remote=remote, reason=session.close_reason)
+        else:
+            throttle.log(log, "info", "client disconnected", burst=CONNECT_LOG_BURST,
+                         every=1.0, key=public_text(info.key), remote=remote,
+                         reason=session.close_reason)
 
 
 def _buffered_client_info(relay: Relay, reader: FrameReader) -> ClientInfo | None:
@@ -161,9 +170,10 @@ def _buffered_client_info(relay: Relay, reader: FrameReader) -> ClientInfo | Non
 async def _read_client_info(relay: Relay, stream: trio.abc.Stream,
                             reader: FrameReader) -> ClientInfo:
     """Read until the ClientInfo is whole; called once the buffer is known not to hold it."""
+    step = partial(_buffered_client_info, relay, reader)
     while True:
         await read_more(stream, reader)
-        if (info := _buffered_client_info(relay, reader)) is not None:
+        if (info := await relay.pacer.call(step)) is not None:
             return info
 
 
@@ -229,34 +239,56 @@ class Session(Outbox):
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
-    async def run(self, reader: FrameReader) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._guard, self.write_loop, nursery.cancel_scope)
-            nursery.start_soon(self._tick_keepalives)
-            await self._guard(self._read_loop, nursery.cancel_scope, reader)
+    def keepalive(self) -> None:
+        """The server's keepalive timer says one is due (``relay.keepalive``)."""
+        self.conn.keepalive()
+        self.wake()
 
-    async def _guard(self, loop, scope: trio.CancelScope, *args) -> None:
-        """Run one of the two loops; whatever ends it ends the other and becomes the reason."""
+    async def run(self, reader: FrameReader) -> None:
+        """Read (this task) and write (another) until either ends the session.
+
+        A client that leaves or breaks the protocol ends it at its reader; the session then
+        takes its turn on the loop (thousands leaving at once must not stall the sessions
+        still relaying) and lets its idle writer return, with nothing to cancel. A failed write
+        cancels the reader.
+        """
+        async with trio.open_nursery() as nursery:
+            scope = nursery.cancel_scope
+            nursery.start_soon(self._write, scope)
+            try:
+                await self._read_loop(reader)
+            except ProtocolError as e:
+                self.close_reason, self.close_is_error = f"protocol error: {e}", True
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                self.close_reason = lost(e)
+            finally:
+                ready = self.relay.ready
+                for dst in ready:  # an error ended a read midway: those writers take over
+                    dst.wake()
+                ready.clear()
+            self.closing = True  # packets for it are dropped from now on
+            await self.relay.pacer.turn()
+            if not self.stop_writer():
+                scope.cancel()
+
+    async def _write(self, scope: trio.CancelScope) -> None:
         try:
-            await loop(*args)
-        except ProtocolError as e:
-            self.close_reason, self.close_is_error = f"protocol error: {e}", True
+            await self.write_loop()
+            return  # stopped by the reader
         except WriteTimeout as e:
             self.relay.stats.sclient_write_timeouts += 1
-            self.close_reason = f"{e} (client too slow)"
+            reason = f"{e} (client too slow)"
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-            self.close_reason = lost(e)
-        finally:
-            ready = self.relay.ready
-            for dst in ready:  # an error ended a read midway: those writers take over
-                dst.wake()
-            ready.clear()
-            scope.cancel()
+            reason = lost(e)
+        if not self.closing:  # else the reader's reason stands
+            self.close_reason = reason
+        scope.cancel()
 
     def finish(self) -> None:
         relay = self.relay
         self.closing = True
         relay.router.unregister(self)
+        relay.keepalives.remove(self)
         self.discard()
         if self.conn.preferred:
             relay.stats.current_home_connections -= 1
@@ -432,18 +464,3 @@ class Session(Outbox):
         full = dst.deliver(out, disco)
         router.note_sent(bytes(src), dst)
         return (dst, disco) if full else None
-
-    # ---- writing ------------------------------------------------------------------------------
-
-    async def _tick_keepalives(self) -> None:
-        """Go's ticker: 60 s + jitter, a KeepAlive on every tick whatever else was sent.
-
-        A task of its own so the writer parks without a timeout: a cancel scope per wake-up
-        would cost more than the batch it writes. Ticks missed while the writer is blocked
-        coalesce into one KeepAlive.
-        """
-        period = self.relay.keepalive_interval * (1 + random.uniform(0, KEEPALIVE_JITTER))
-        while True:
-            await trio.sleep(period)
-            self.conn.keepalive()
-            self.wake()

@@ -1,0 +1,133 @@
+"""Turns on the event loop for work that is not relaying (``admission.pacer``), on trio's mock
+clock: nothing waits on a quiet relay; while relaying, steps take half the loop's time in
+order, and accepts wait behind every step."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from derper.admission.pacer import MAX_CHARGE, Pacer
+
+
+def run(test) -> None:
+    trio.run(test, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+class Relaying:
+    """A relayed-packet counter: busy while ``on``, each look at it sees a new packet."""
+
+    def __init__(self, on: bool = True) -> None:
+        self.on = on
+        self.count = 0
+
+    def __call__(self) -> int:
+        if self.on:
+            self.count += 1
+        return self.count
+
+
+def test_a_quiet_relay_never_waits():
+    async def main():
+        pacer = Pacer(Relaying(on=False), clock=trio.current_time)
+        start = trio.current_time()
+        for _ in range(1000):
+            await pacer.turn()
+            await pacer.admit()
+            pacer.charge(0.01)
+        assert trio.current_time() == start and pacer.waited == 0
+
+    run(main)
+
+
+@pytest.mark.parametrize("share", [0.5, 0.25])
+def test_while_relaying_steps_get_their_share_of_the_loop(share):
+    async def main():
+        pacer = Pacer(Relaying(), clock=trio.current_time, share=share, slice=0.004)
+        done = []
+
+        async def worker():
+            for _ in range(100):
+                await pacer.turn()
+                pacer.charge(0.001)  # a step that took 1 ms of the loop
+                done.append(trio.current_time())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pacer.run)
+            start = trio.current_time()
+            async with trio.open_nursery() as workers:
+                for _ in range(10):
+                    workers.start_soon(worker)
+            nursery.cancel_scope.cancel()
+        # 1 s of work, less the first slice, at ``share`` of the time
+        assert len(done) == 1000
+        assert done[-1] - start == pytest.approx((1.0 - 0.004) / share, rel=0.02)
+        assert pacer.waited > 900 and pacer.charged == pytest.approx(1.0)
+
+    run(main)
+
+
+def test_steps_go_in_order_and_accepts_after_every_step():
+    async def main():
+        pacer = Pacer(Relaying(), clock=trio.current_time)
+        order = []
+        pacer.charge(MAX_CHARGE)  # the slice is spent: everyone waits
+
+        async def step(name):
+            await pacer.turn()
+            order.append(name)
+            pacer.charge(0.002)
+
+        async def accept(name):
+            await pacer.admit()
+            order.append(name)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pacer.run)
+            nursery.start_soon(accept, "accept 1")
+            await trio.testing.wait_all_tasks_blocked()
+            for i in range(3):
+                nursery.start_soon(step, f"step {i}")
+                await trio.testing.wait_all_tasks_blocked()
+            await trio.sleep(1)
+            nursery.cancel_scope.cancel()
+        assert order == ["step 0", "step 1", "step 2", "accept 1"]
+
+    run(main)
+
+
+def test_a_cancelled_waiter_leaves_the_line():
+    async def main():
+        pacer = Pacer(Relaying(), clock=trio.current_time)
+        pacer.charge(MAX_CHARGE)  # the slice is spent: everyone waits
+        got = []
+        first = trio.CancelScope()
+
+        async def step(name, scope=None):
+            with scope or trio.CancelScope():
+                await pacer.turn()
+                got.append(name)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pacer.run)
+            nursery.start_soon(step, "cancelled", first)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(step, "second")
+            await trio.testing.wait_all_tasks_blocked()
+            first.cancel()  # its connection closed while it waited
+            await trio.sleep(1)
+            nursery.cancel_scope.cancel()
+        assert got == ["second"]
+
+    run(main)
+
+
+def test_a_step_that_waited_for_its_peer_is_charged_at_most_max_charge():
+    async def main():
+        pacer = Pacer(Relaying(), clock=trio.current_time)
+        with pacer.measured():
+            await trio.sleep(5)  # a send the peer took its time to take
+        assert pacer.charged == MAX_CHARGE
+
+    run(main)
