@@ -10,9 +10,13 @@ and dumped after the exchange: the figure covers the relay path only.
     python benchmarks/derp_instructions.py --tree /tmp/old  # a checkout to compare with
     python benchmarks/derp_instructions.py --conns 200      # per new TLS + DERP connection
     python benchmarks/derp_instructions.py --websocket      # DERP over WebSocket (TLS)
+    python benchmarks/derp_instructions.py --client [--websocket]  # the load generator's
 
 ``--conns N`` counts instead what N new connections cost (TLS handshake, HTTP upgrade, DERP
 handshake, registration), opened one after another and all held open until the dump.
+``--client`` counts the other side: the two clients (``derper bench``'s, sending and receiving)
+run under callgrind against a plain server, twice, with ``--rounds`` / 5 and ``--rounds``
+rounds; the difference over the extra packets leaves start-up and handshakes out.
 """
 
 from __future__ import annotations
@@ -34,14 +38,35 @@ from derper.proto import wire  # noqa: E402
 
 
 async def lockstep(target: dict, rounds: int, batch: int, size: int, between) -> None:
+    """``between(option)``: zero or dump the server's counters (None: this process is the
+    one counted, by whole runs)."""
     async with connect_target(target) as a, connect_target(target) as b:
         payload = bytes(size)
         frames = {c: [wire.send_packet(peer.public_key, payload)] * batch
                   for c, peer in ((a, b), (b, a))}
         await exchange(a, b, frames, 2, batch)  # warm every path once
-        await trio.to_thread.run_sync(between, "--zero")
+        if between:
+            await trio.to_thread.run_sync(between, "--zero")
         await exchange(a, b, frames, rounds, batch)
-        await trio.to_thread.run_sync(between, "--dump")
+        if between:
+            await trio.to_thread.run_sync(between, "--dump")
+
+
+def client_instructions(args: argparse.Namespace, target: dict) -> int:
+    """The clients' instructions for the ``args.rounds - args.rounds // 5`` extra rounds."""
+    counts = []
+    for rounds in (args.rounds // 5, args.rounds):
+        run = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+                              sys.executable, __file__, "--count-clients", target["url"],
+                              target["cert_pin"], "--rounds", str(rounds), "--batch",
+                              str(args.batch), "--size", str(args.size)]
+                             + (["--websocket"] if args.websocket else []),
+                             capture_output=True, text=True)
+        found = re.search(r"(?:refs|Collected) *: *([\d,]+)", run.stderr)
+        if run.returncode or not found:
+            raise SystemExit(f"the clients under callgrind failed:\n{run.stderr[-2000:]}")
+        counts.append(int(found.group(1).replace(",", "")))
+    return counts[1] - counts[0]
 
 
 async def exchange(a, b, frames: dict, rounds: int, batch: int) -> None:
@@ -85,9 +110,31 @@ def main() -> None:
                         help="PYTHONMALLOC for the server: malloc, as derper serves "
                              "(derper/cli/allocator.py; set here, or its re-run would leave "
                              "valgrind behind), or pymalloc")
+    parser.add_argument("--client", action="store_true",
+                        help="count the load generator's clients instead of the server")
+    parser.add_argument("--count-clients", nargs=2, metavar=("URL", "PIN"),
+                        help=argparse.SUPPRESS)  # --client's run under callgrind
     parser.add_argument("--json", type=Path)
     parser.add_argument("--keep", action="store_true", help="keep the callgrind dump")
     args = parser.parse_args()
+    if args.count_clients:
+        url, pin = args.count_clients
+        trio.run(lockstep, {"url": url, "cert_pin": pin, "ca_file": None,
+                            "websocket": args.websocket}, args.rounds, args.batch, args.size,
+                 None)
+        return
+    if args.client:
+        if args.tree:
+            parser.error("--client counts this checkout's clients (copy the script to compare)")
+        server = StartedServer([])
+        try:
+            instructions = client_instructions(args, {"url": server.url,
+                                                      "cert_pin": server.pin})
+        finally:
+            server.close()
+        packets = 2 * (args.rounds - args.rounds // 5) * args.batch
+        report(args, instructions, packets, "load generator")
+        return
     server = StartedServer([], wrapper=["env", f"PYTHONMALLOC={args.allocator}", "valgrind",
                                         "--tool=callgrind", "--dump-line=no",
                                         "--callgrind-out-file=%q{PWD}/callgrind.out.%p"],
@@ -122,13 +169,16 @@ def main() -> None:
         print(f"{result['instructions_per_conn']:,} server instructions per new connection "
               f"({args.conns} TLS + DERP connections; {result['tree']})")
         return
-    packets = 2 * args.rounds * args.batch
-    result = {"tree": args.tree or ".", "packets": packets, "batch": args.batch,
+    report(args, instructions, 2 * args.rounds * args.batch, "server")
+
+
+def report(args: argparse.Namespace, instructions: int, packets: int, side: str) -> None:
+    result = {"tree": args.tree or ".", "side": side, "packets": packets, "batch": args.batch,
               "size": args.size, "websocket": args.websocket, "instructions": instructions,
               "instructions_per_packet": round(instructions / packets)}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{result['instructions_per_packet']:,} server instructions per relayed packet "
+    print(f"{result['instructions_per_packet']:,} {side} instructions per relayed packet "
           f"({packets:,} packets of {args.size} B, {args.batch} per write"
           f"{', WebSocket' if args.websocket else ''}; {result['tree']})")
 

@@ -127,8 +127,9 @@ class StartedServer:
             self._wait_ready(20)
             self.pin = load_manual(self.dir, HOST).pin
         except (LoadError, CertError) as e:
+            log = self.log()  # before close removes it
             self.close()
-            raise LoadError(f"derper did not start: {e}\n" + self.log()) from e
+            raise LoadError(f"derper did not start: {e}\n" + log) from e
 
     def log(self) -> str:
         return (self.dir / "derper.log").read_text()

@@ -41,6 +41,7 @@ class WebSocketStream(trio.abc.Stream):
         self._closed = False  # a close frame went out
         self._eof = False  # the peer's close frame came in
         self._keys = b""
+        self._key_pos = 0
         if hasattr(transport, "send_nowait"):  # TLS: the relay's direct write
             self.send_nowait = self._send_nowait
 
@@ -81,17 +82,19 @@ class WebSocketStream(trio.abc.Stream):
     # ---- writing --------------------------------------------------------------------------
 
     def _frame(self, opcode: int, payload: bytes) -> bytes:
-        return ws.frame(opcode, payload, self._mask_key() if self._client else None)
+        return ws.frame(opcode, payload, self._mask_keys(1) if self._client else None)
 
-    def _mask_key(self) -> bytes:
-        """A fresh random byte, four times. RFC 6455 asks for 32 random bits; masking protects
-        proxies from a browser's scripts, which this client is not, and one byte repeated
-        masks in one ``translate`` instead of four (the load generator stays cheap, like
-        Go's client). Servers unmask any key the same way."""
-        if not self._keys:
-            self._keys = os.urandom(_KEYS)
-        key, self._keys = self._keys[:1] * 4, self._keys[1:]
-        return key
+    def _mask_keys(self, count: int) -> bytes:
+        """32 fresh random bits per frame (RFC 6455 §5.3), from a pool drawn from the OS at
+        once."""
+        pos, end = self._key_pos, self._key_pos + 4 * count
+        if end > len(self._keys):
+            self._keys, pos, end = os.urandom(max(4 * _KEYS, 4 * count)), 0, 4 * count
+        self._key_pos = end
+        return self._keys[pos:end]
+
+    def _client_frames(self, chunks: list) -> list[bytes]:
+        return ws.client_frames(chunks, self._mask_keys(len(chunks)))
 
     def _encode(self, data) -> bytes:
         if not data:  # the relay's writer flushing what a direct write left: no empty frame
@@ -100,8 +103,8 @@ class WebSocketStream(trio.abc.Stream):
             out = ws.server_frames(data)
         else:
             view = memoryview(data)
-            out = b"".join(self._frame(ws.OP_BINARY, view[p:p + ws.MAX_OUT])
-                           for p in range(0, len(view), ws.MAX_OUT))
+            out = b"".join(self._client_frames([view[p:p + ws.MAX_OUT]
+                                                for p in range(0, len(view), ws.MAX_OUT)]))
         return self._with_preface(out)
 
     def _with_preface(self, out: bytes) -> bytes:
@@ -115,7 +118,8 @@ class WebSocketStream(trio.abc.Stream):
     async def send_records(self, chunks) -> None:
         """One message per chunk (as Tailscale's WebSocket client writes one per packet),
         over TLS one record each, in one socket write."""
-        frames = [self._frame(ws.OP_BINARY, c) for c in chunks]
+        frames = (self._client_frames(chunks) if self._client
+                  else [ws.frame(ws.OP_BINARY, c) for c in chunks])
         send = getattr(self.transport, "send_records", None)
         if send is None:
             await self._send_raw(b"".join(frames))
