@@ -46,13 +46,16 @@ class Outbox:
     ``ready`` is the server-wide list of outboxes whose idle writer a reader just claimed: that
     reader calls ``flush`` on each (or ``wake`` after an error) before it next awaits.
     ``counts_sent``: written packets count as ``packets_sent`` (client sessions; a mesh link's
-    count ``packets_forwarded_out`` when they are forwarded).
+    count ``packets_forwarded_out`` when they are forwarded). ``direct``: whether ``flush`` may
+    write for the idle writer; a mesh link says no: many clients' readers feed it, and its
+    writer, woken once and run after them, sends what they all queued in one write (one TLS
+    record and one syscall on this node, one read on the peer's, instead of one per reader).
     """
 
     def __init__(self, stream: trio.abc.Stream, stats: Stats, ready: list, *, depth: int,
                  write_timeout: float, overhead: int = RECV_OVERHEAD,
                  counts_sent: bool = True, control: Control | None = None,
-                 back_pressure: bool = False) -> None:
+                 back_pressure: bool = False, direct: bool = True) -> None:
         self.stream = stream
         self.stats = stats
         self.queue = SendQueue(stats, depth, overhead)
@@ -67,7 +70,7 @@ class Outbox:
         self._parked = False  # the writer waits in _lot and nobody has claimed it yet
         # The stream's non-blocking write (TLS only), for flush; and whether bytes it accepted
         # are still buffered in the stream, for the writer to push out.
-        self._send_nowait = getattr(stream, "send_nowait", None)
+        self._send_nowait = getattr(stream, "send_nowait", None) if direct else None
         self._carried = False
         # Readers that found the queue full and wait for room (back_pressure outboxes only).
         self.back_pressure = back_pressure
