@@ -8,9 +8,9 @@ import pytest
 import trio
 import trio.testing
 
-from derper.metrics.counters import Stats
+from derper.metrics.counters import DropReason, Stats
 from derper.proto import wire
-from derper.relay.outbox import Outbox
+from derper.relay.outbox import Outbox, WriteTimeout
 from derper.relay.sendqueue import FORWARD_OVERHEAD
 
 SRC, DST = bytes(range(32)), bytes(range(32, 64))
@@ -23,17 +23,24 @@ class CountingStream(trio.abc.Stream):
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self.writes = 0
+        self._unsent = b""  # what send_nowait could not hand the kernel; sent first
 
     async def send_all(self, data) -> None:
         self.writes += 1
+        data, self._unsent = self._unsent + bytes(data), b""
         await self.stream.send_all(data)
 
     def can_send_now(self) -> bool:
-        return True
+        return not self._unsent
 
     def send_nowait(self, data) -> bool:
         self.writes += 1
-        return os.write(self.stream.socket.fileno(), data) == len(data)
+        try:
+            n = os.write(self.stream.socket.fileno(), data)
+        except BlockingIOError:
+            n = 0
+        self._unsent = bytes(data[n:])
+        return not self._unsent
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.stream.wait_send_all_might_not_block()
@@ -89,5 +96,33 @@ async def test_readers_write_directly_or_leave_one_write_to_the_writer(direct):
         assert await receive_exactly(far, sum(map(len, frames))) == b"".join(frames)
         assert stream.writes == (3 if direct else 1)
         nursery.cancel_scope.cancel()
+    await near.aclose()
+    await far.aclose()
+
+
+async def test_a_link_write_the_peer_does_not_take_times_out():
+    """Go's 5 s forwarding deadline, shortened: a peer that stops reading gets the link closed
+    (WriteTimeout) once a write has waited that long, and what it held counts as lost."""
+    near, far = await socket_pair()  # far never reads
+    stats = Stats()
+    outbox = Outbox(CountingStream(near), stats, [], depth=1024, write_timeout=0.3,
+                    overhead=FORWARD_OVERHEAD, counts_sent=False, back_pressure=True,
+                    direct=False)
+    frame = wire.forward_packet(SRC, DST, bytes(1200))
+
+    async def reader() -> None:  # a stream of packets for the link, faster than it drains
+        while True:
+            for _ in range(100):
+                outbox.deliver(bytearray(frame), False)
+            outbox.wake()
+            await trio.sleep(0.01)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            with pytest.raises(WriteTimeout, match="0.3s"):
+                await outbox.write_loop()
+            nursery.cancel_scope.cancel()
+    assert stats.dropped(DropReason.WRITE_ERROR) > 0
     await near.aclose()
     await far.aclose()

@@ -330,10 +330,10 @@ class Session(Outbox):
                             continue
                         dst = fwds[0]
                         stats.packets_forwarded_out += 1
-                        out = bytearray(_FWD_HEAD + e - s)
+                        out = bytearray(_FWD_HEAD)  # header and source key go here
+                        out += view[s:e]
                         _pack_header(out, 0, _FWD, _KL + e - s)
                         out[5:37] = my_key
-                        out[37:] = view[s:e]
                 elif ftype == _FWD and can_mesh:  # from another node: to local clients only
                     ps = s + 2 * _KL
                     n = e - ps
