@@ -65,8 +65,8 @@ def main() -> None:
                         "websocket": args.websocket}
             runs: dict[str, list] = {"direct": [], "nginx": []}
             for _ in range(args.repeat):
-                runs["direct"].append(run_relay(straight, job, 4, direct.proc.pid))
-                runs["nginx"].append(run_relay(proxied, job, 4, derper.pid))
+                runs["direct"].append(run_relay(straight, job, 4, [direct.proc.pid]))
+                runs["nginx"].append(run_relay(proxied, job, 4, [derper.pid]))
                 time.sleep(0.5)
         finally:
             direct.close()

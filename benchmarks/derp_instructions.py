@@ -11,17 +11,25 @@ and dumped after the exchange: the figure covers the relay path only.
     python benchmarks/derp_instructions.py --conns 200      # per new TLS + DERP connection
     python benchmarks/derp_instructions.py --websocket      # DERP over WebSocket (TLS)
     python benchmarks/derp_instructions.py --client [--websocket]  # the load generator's
+    python benchmarks/derp_instructions.py --mesh           # across two meshed nodes
+    python benchmarks/derp_instructions.py --mesh --pairs 4  # four clients share the link
 
 ``--conns N`` counts instead what N new connections cost (TLS handshake, HTTP upgrade, DERP
 handshake, registration), opened one after another and all held open until the dump.
 ``--client`` counts the other side: the two clients (``derper bench``'s, sending and receiving)
 run under callgrind against a plain server, twice, with ``--rounds`` / 5 and ``--rounds``
 rounds; the difference over the extra packets leaves start-up and handshakes out.
+
+``--mesh`` starts two meshed derpers, both under callgrind, the sender on the first and the
+receiver on the second, and sends one way only: the first node's figure is what a packet costs
+the node that forwards it (SendPacket in, ForwardPacket out over its mesh link), the second's
+what it costs the node that delivers it (ForwardPacket in, RecvPacket out).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import subprocess
@@ -33,21 +41,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runs from a b
 import trio  # noqa: E402
 
 from derper.bench.loadgen import connect_target  # noqa: E402
-from derper.cli.bench import StartedServer  # noqa: E402
+from derper.cli.bench import StartedServer, started_region  # noqa: E402
 from derper.proto import wire  # noqa: E402
 
 
-async def lockstep(target: dict, rounds: int, batch: int, size: int, between) -> None:
-    """``between(option)``: zero or dump the server's counters (None: this process is the
-    one counted, by whole runs)."""
-    async with connect_target(target) as a, connect_target(target) as b:
+async def lockstep(targets: tuple[dict, dict], rounds: int, batch: int, size: int, between,
+                   both_ways: bool, pairs: int = 1) -> None:
+    """``pairs`` senders on the first target, each with its receiver on the second; each round
+    every sender writes its batch at once (so a mesh link carries several clients' packets),
+    then every receiver reads all of its own. ``between(option)``: zero or dump the server's
+    counters (None: this process is the one counted, by whole runs)."""
+    async with contextlib.AsyncExitStack() as stack:
+        senders = [await stack.enter_async_context(connect_target(targets[0]))
+                   for _ in range(pairs)]
+        receivers = [await stack.enter_async_context(connect_target(targets[1]))
+                     for _ in range(pairs)]
         payload = bytes(size)
-        frames = {c: [wire.send_packet(peer.public_key, payload)] * batch
-                  for c, peer in ((a, b), (b, a))}
-        await exchange(a, b, frames, 2, batch)  # warm every path once
+        there = list(zip(senders, receivers))
+        steps = [there, [(dst, src) for src, dst in there]] if both_ways else [there]
+        frames = {src: [wire.send_packet(dst.public_key, payload)] * batch
+                  for step in steps for src, dst in step}
+        await until_routed([way for step in steps for way in step], payload)
+        await exchange(steps, frames, 2, batch)  # warm every path once
         if between:
             await trio.to_thread.run_sync(between, "--zero")
-        await exchange(a, b, frames, rounds, batch)
+        await exchange(steps, frames, rounds, batch)
         if between:
             await trio.to_thread.run_sync(between, "--dump")
 
@@ -69,14 +87,29 @@ def client_instructions(args: argparse.Namespace, target: dict) -> int:
     return counts[1] - counts[0]
 
 
-async def exchange(a, b, frames: dict, rounds: int, batch: int) -> None:
+async def until_routed(ways, payload: bytes) -> None:
+    """Until each way delivers: across a mesh, the sender's node learns of the receiver only
+    when the receiver's node announces it over the link (packets before that are dropped)."""
+    for src, dst in ways:
+        while True:
+            await src.send_frames([wire.send_packet(dst.public_key, payload)])
+            with trio.move_on_after(5):  # a node under callgrind is slow; a drop never comes
+                while not any(f[0] == wire.FrameType.RECV_PACKET
+                              for f in (await dst.recv_frames())[1]):
+                    pass
+                break
+
+
+async def exchange(steps, frames: dict, rounds: int, batch: int) -> None:
     for _ in range(rounds):
-        for src, dst in ((a, b), (b, a)):
-            await src.send_frames(frames[src])
-            got = 0
-            while got < batch:
-                _, received = await dst.recv_frames()
-                got += sum(1 for f in received if f[0] == wire.FrameType.RECV_PACKET)
+        for step in steps:
+            for src, _ in step:
+                await src.send_frames(frames[src])
+            for _, dst in step:
+                got = 0
+                while got < batch:
+                    _, received = await dst.recv_frames()
+                    got += sum(1 for f in received if f[0] == wire.FrameType.RECV_PACKET)
 
 
 async def connect_many(target: dict, conns: int, between) -> None:
@@ -102,6 +135,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=300)
     parser.add_argument("--batch", type=int, default=10, help="packets per write")
     parser.add_argument("--size", type=int, default=1280)
+    parser.add_argument("--pairs", type=int, default=1,
+                        help="sender/receiver pairs, all sending at once each round")
     parser.add_argument("--conns", type=int, default=0,
                         help="count N new connections instead of relayed packets")
     parser.add_argument("--websocket", action="store_true",
@@ -114,14 +149,16 @@ def main() -> None:
                         help="count the load generator's clients instead of the server")
     parser.add_argument("--count-clients", nargs=2, metavar=("URL", "PIN"),
                         help=argparse.SUPPRESS)  # --client's run under callgrind
+    parser.add_argument("--mesh", action="store_true",
+                        help="two meshed nodes: instructions per packet on the forwarding "
+                             "node and on the delivering node")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--keep", action="store_true", help="keep the callgrind dump")
     args = parser.parse_args()
     if args.count_clients:
         url, pin = args.count_clients
-        trio.run(lockstep, {"url": url, "cert_pin": pin, "ca_file": None,
-                            "websocket": args.websocket}, args.rounds, args.batch, args.size,
-                 None)
+        target = {"url": url, "cert_pin": pin, "ca_file": None, "websocket": args.websocket}
+        trio.run(lockstep, (target, target), args.rounds, args.batch, args.size, None, True)
         return
     if args.client:
         if args.tree:
@@ -135,32 +172,53 @@ def main() -> None:
         packets = 2 * (args.rounds - args.rounds // 5) * args.batch
         report(args, instructions, packets, "load generator")
         return
-    server = StartedServer([], wrapper=["env", f"PYTHONMALLOC={args.allocator}", "valgrind",
-                                        "--tool=callgrind", "--dump-line=no",
-                                        "--callgrind-out-file=%q{PWD}/callgrind.out.%p"],
-                           cwd=args.tree)
+    wrapper = ["env", f"PYTHONMALLOC={args.allocator}", "valgrind", "--tool=callgrind",
+               "--dump-line=no",
+               "--callgrind-out-file=%q{PWD}/callgrind.out.%p"]
+    servers = (started_region([], wrapper=wrapper, cwd=args.tree) if args.mesh
+               else [StartedServer([], wrapper=wrapper, cwd=args.tree)])
+    folder = Path(args.tree or ".")
+    kept: list[Path] = []
     try:
-        pid = server.proc.pid
-
         def control(option: str) -> None:
-            subprocess.run(["callgrind_control", option, str(pid)], check=True,
-                           capture_output=True)
+            for server in servers:
+                subprocess.run(["callgrind_control", option, str(server.proc.pid)],
+                               check=True, capture_output=True)
 
-        target = {"url": server.url, "cert_pin": server.pin, "ca_file": None,
-                  "websocket": args.websocket}
-        dumps: list[Path] = []
+        targets = [{"url": s.url, "cert_pin": s.pin, "ca_file": None,
+                    "websocket": args.websocket} for s in servers]
         if args.conns:
-            trio.run(connect_many, target, args.conns, control)
+            trio.run(connect_many, targets[0], args.conns, control)
         else:
-            trio.run(lockstep, target, args.rounds, args.batch, args.size, control)
-        dumps = sorted((Path(args.tree or ".")).glob(f"callgrind.out.{pid}.*"))
-        text = dumps[-1].read_text()
+            trio.run(lockstep, (targets[0], targets[-1]), args.rounds, args.batch, args.size,
+                     control, not args.mesh, args.pairs)
+        kept = [sorted(folder.glob(f"callgrind.out.{s.proc.pid}.*"))[-1] for s in servers]
+        counts = [int(re.search(r"^summary: (\d+)", f.read_text(), re.M).group(1))
+                  for f in kept]
     finally:
-        server.close()
-        for f in Path(args.tree or ".").glob(f"callgrind.out.{server.proc.pid}*"):
-            if not (args.keep and f == dumps[-1]):
-                f.unlink()
-    instructions = int(re.search(r"^summary: (\d+)", text, re.M).group(1))
+        for server in servers:
+            server.close()
+            for f in folder.glob(f"callgrind.out.{server.proc.pid}*"):
+                if not (args.keep and f in kept):
+                    f.unlink()
+    if args.mesh:
+        packets = args.rounds * args.batch * args.pairs
+        result = {"tree": args.tree or ".", "packets": packets, "batch": args.batch,
+                  "pairs": args.pairs,
+                  "size": args.size, "websocket": args.websocket, "mesh": True,
+                  "instructions_forwarding_node": counts[0],
+                  "instructions_delivering_node": counts[1],
+                  "per_packet_forwarding_node": round(counts[0] / packets),
+                  "per_packet_delivering_node": round(counts[1] / packets)}
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"{result['per_packet_forwarding_node']:,} instructions per packet on the "
+              f"forwarding node, {result['per_packet_delivering_node']:,} on the delivering "
+              f"node ({packets:,} packets of {args.size} B across the mesh, {args.batch} per "
+              f"write{_senders(args)}{', WebSocket' if args.websocket else ''}; "
+              f"{result['tree']})")
+        return
+    instructions = counts[0]
     if args.conns:
         result = {"tree": args.tree or ".", "conns": args.conns, "instructions": instructions,
                   "instructions_per_conn": round(instructions / args.conns)}
@@ -169,18 +227,23 @@ def main() -> None:
         print(f"{result['instructions_per_conn']:,} server instructions per new connection "
               f"({args.conns} TLS + DERP connections; {result['tree']})")
         return
-    report(args, instructions, 2 * args.rounds * args.batch, "server")
+    report(args, instructions, 2 * args.rounds * args.batch * args.pairs, "server")
 
 
 def report(args: argparse.Namespace, instructions: int, packets: int, side: str) -> None:
     result = {"tree": args.tree or ".", "side": side, "packets": packets, "batch": args.batch,
+              "pairs": args.pairs,
               "size": args.size, "websocket": args.websocket, "instructions": instructions,
               "instructions_per_packet": round(instructions / packets)}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{result['instructions_per_packet']:,} {side} instructions per relayed packet "
-          f"({packets:,} packets of {args.size} B, {args.batch} per write"
+          f"({packets:,} packets of {args.size} B, {args.batch} per write{_senders(args)}"
           f"{', WebSocket' if args.websocket else ''}; {result['tree']})")
+
+
+def _senders(args) -> str:
+    return f", {args.pairs} senders at once" if args.pairs > 1 else ""
 
 
 if __name__ == "__main__":

@@ -123,7 +123,7 @@ def relay(workers: int, args) -> dict:
     try:
         job = {"clients": args.clients, "size": 1280, "rate": args.rate, "coalesce": False,
                "seconds": args.seconds, "warmup": args.warmup, "drain": 1.0}
-        row = run_relay(target, job, args.procs, server.proc.pid)
+        row = run_relay(target, job, args.procs, [server.proc.pid])
         time.sleep(1.2)  # the workers' metric snapshots catch up
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5).read()
     finally:

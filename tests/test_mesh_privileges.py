@@ -11,7 +11,7 @@ from derper.proto.keys import KeyPair
 from derper.proto.messages import PeerGoneMessage, PeerPresentMessage, ReceivedPacket
 from derper.proto.wire import PeerPresentFlags
 from tests.conftest import url
-from tests.relay_helpers import connect_opts, expect_closed, recv_kind, wait_until
+from tests.relay_helpers import assert_relays, connect_opts, expect_closed, recv_kind, wait_until
 
 MESH_KEY = os.urandom(32)
 
@@ -55,6 +55,37 @@ async def test_close_peer_and_forward_packet(start_server, ca):
         await mesh.close_peer(local.public_key)
         await expect_closed(local)
         await wait_until(lambda: local.public_key not in server.relay.router.conns)
+
+
+async def test_short_forward_packet_closes_the_mesh_connection(start_server, ca, caplog):
+    server = await start_server(mesh_key=MESH_KEY)
+    u = url(server)
+    async with dc.connect(u, **connect_opts(server, ca)) as a, \
+            dc.connect(u, **connect_opts(server, ca)) as b:
+        async with dc.connect(u, **connect_opts(server, ca, mesh_key=MESH_KEY)) as mesh:
+            await mesh.send_raw(wire.frame(wire.FrameType.FORWARD_PACKET, bytes(63)))
+            await expect_closed(mesh)
+        await assert_relays(a, b)
+    assert any("ForwardPacket shorter than two keys" in str(getattr(r, "fields", {}))
+               for r in caplog.records)
+
+
+async def test_forwarded_source_that_left_and_came_back_is_noted_again(start_server, ca):
+    """PeerGone(Disconnected) reaches a receiver each time a forwarded-in sender leaves the
+    region, however often the same sender comes back (the reader caches what it noted)."""
+    server = await start_server(mesh_key=MESH_KEY)
+    u = url(server)
+    sender = KeyPair.generate()  # a client of another node, here for a while now and then
+    async with dc.connect(u, **connect_opts(server, ca)) as local, \
+            dc.connect(u, **connect_opts(server, ca, mesh_key=MESH_KEY)) as mesh:
+        for round in range(2):
+            await mesh.forward(sender.public, local.public_key, b"%d" % round)
+            m = await recv_kind(local, ReceivedPacket)
+            assert (m.source, m.data) == (sender.public, b"%d" % round)
+            async with dc.connect(u, sender, **connect_opts(server, ca)):
+                pass  # its last connection here goes: the key leaves the region
+            gone = await recv_kind(local, PeerGoneMessage)
+            assert gone == PeerGoneMessage(sender.public, wire.PeerGoneReason.DISCONNECTED)
 
 
 async def test_wrong_mesh_key_gets_no_privileges(start_server, ca):

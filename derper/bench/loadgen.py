@@ -28,7 +28,7 @@ import trio
 from .. import client as derp_client
 from ..cli import gc_tuning
 from ..errors import IOFailure
-from ..metrics.procstat import cpu_by_process, tree_rss_bytes
+from ..metrics.procstat import cpu_by_process, cpu_by_processes, tree_rss_bytes
 from ..net.dial import pinned_context
 from ..proto import wire
 
@@ -194,7 +194,9 @@ def _pairs_per_proc(clients: int, procs: int) -> list[list[int]]:
     return groups
 
 
-def run_relay(target: dict, job: dict, procs: int, server_pid: int | None) -> dict:
+def run_relay(target: dict, job: dict, procs: int, server_pids: list[int]) -> dict:
+    """One relay run; ``server_pids``: the servers on this machine whose CPU use it reports
+    (summed: both nodes of a mesh)."""
     ctx = multiprocessing.get_context("fork")
     groups = _pairs_per_proc(job["clients"], procs)
     manager = ctx.Manager()
@@ -208,11 +210,11 @@ def run_relay(target: dict, job: dict, procs: int, server_pid: int | None) -> di
         for _ in groups:
             start.put(t0)
         cpu = split = None
-        if server_pid:
+        if server_pids:
             time.sleep(max(0.0, (t0 - time.monotonic_ns()) / 1e9 + job["warmup"]))
-            before = cpu_by_process(server_pid)
+            before = cpu_by_processes(server_pids)
             time.sleep(job["seconds"])
-            cpu, split = server_cpu(before, cpu_by_process(server_pid))
+            cpu, split = server_cpu(before, cpu_by_processes(server_pids))
             cpu /= job["seconds"]
         flows = [f for part in pending.get() for f in part]
     manager.shutdown()

@@ -44,8 +44,8 @@ BENCH_FLAGS = [
           "crosses the mesh (with -url)"),
     _flag("recv-cert-pin", "recv_cert_pin", "string", "sha256-raw:... pin of the -recv-url server"),
     _flag("mesh", "mesh", "bool",
-          "relay, without -url: start two meshed derpers, senders on one, receivers on the "
-          "other"),
+          "relay, without -url: start two meshed derpers, each pair's second client on the "
+          "second, so every packet crosses the mesh; server CPU is the two nodes' together"),
     _flag("clients", "clients", "int", "relay: clients, in pairs (8 = 8 senders, 8 receivers)"),
     _flag("size", "size", "int", "relay: packet bytes"),
     _flag("rate", "rate", "int", "relay: packets/s per sender; 0 = flood"),
@@ -123,11 +123,11 @@ class StartedServer:
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=self._log, cwd=cwd)
         self.url = f"https://{HOST}:{port}/derp"
         try:
-            wait_listening(port, self.proc, 60 if wrapper else 10)
-            self._wait_ready(20)
+            wait_listening(port, self.proc, 180 if wrapper else 10)  # valgrind on a busy box
+            self._wait_ready(180 if wrapper else 20)
             self.pin = load_manual(self.dir, HOST).pin
         except (LoadError, CertError) as e:
-            log = self.log()  # before close removes it
+            log = self.log()  # before close() removes it
             self.close()
             raise LoadError(f"derper did not start: {e}\n" + log) from e
 
@@ -151,9 +151,10 @@ class StartedServer:
         self._dir.cleanup()
 
 
-def started_region(extra: list[str]) -> list[StartedServer]:
+def started_region(extra: list[str], wrapper: list[str] = (),
+                   cwd: str | None = None) -> list[StartedServer]:
     """Two derpers meshed with each other: their certificates made first, so that each can
-    pin the other's in -mesh-with."""
+    pin the other's in -mesh-with. ``wrapper`` and ``cwd`` as for ``StartedServer``."""
     dirs = [(tempfile.TemporaryDirectory(), free_port()) for _ in range(2)]
     pins = []
     for d, _ in dirs:
@@ -167,8 +168,9 @@ def started_region(extra: list[str]) -> list[StartedServer]:
         for prepared in dirs:  # each its own server key: a shared one would look like a loop
             servers.append(StartedServer([*extra, "-c", f"{prepared[0].name}/derper.key",
                                           "-mesh-psk-file", str(key_file),
-                                          "-mesh-with", mesh_with], prepared=prepared))
-        deadline = time.monotonic() + 20  # measure the mesh, not its start-up
+                                          "-mesh-with", mesh_with], wrapper=wrapper,
+                                         cwd=cwd, prepared=prepared))
+        deadline = time.monotonic() + (120 if wrapper else 20)  # the mesh, not its start-up
         while not all('msg="mesh link up"' in server.log() for server in servers):
             if time.monotonic() > deadline:
                 raise LoadError("the two derpers did not mesh:\n" + servers[0].log())
@@ -274,6 +276,7 @@ def _bench(mode: str, opts: dict) -> dict:
                               else started[1].pin, "ca_file": opts["ca_file"] or None,
                               "websocket": opts["websocket"]}
         pid = server.proc.pid if server else opts["server_pid"] or None
+        pids = [s.proc.pid for s in started] or ([pid] if pid else [])  # both nodes of -mesh
         if mode == "conns":
             rss = tree_rss_bytes(pid) if pid else None
             runs = [run_conns(target, opts["conns"], opts["concurrency"], opts["procs"], pid,
@@ -291,7 +294,7 @@ def _bench(mode: str, opts: dict) -> dict:
                            "coalesce": opts["coalesce"], "seconds": opts["seconds"],
                            "warmup": opts["warmup"], "drain": opts["drain"]}
                     runs.append({"label": label,
-                                 **run_relay(target, job, opts["procs"], pid)})
+                                 **run_relay(target, job, opts["procs"], pids)})
             for label, _ in plan:
                 rows[label] = median_row([r for r in runs if r["label"] == label])
     finally:

@@ -3,9 +3,11 @@
 The link is a DERP client of the peer (THE client, ``derper.client``) with this server's own
 key and the mesh key; it sends WatchConns, and every PeerPresent makes it a forwarder for that
 key in our router, every PeerGone undoes one (spec §4.8). Packets for those keys reach it
-through its ``Outbox`` as ForwardPacket frames, written under a 5 s deadline (Go's). When the
-link drops, everything learned over it is forgotten and it reconnects after a jittered,
-growing delay; a link that turns out to reach ourselves is abandoned.
+through its ``Outbox`` as ForwardPacket frames, written by its own writer only (never by the
+readers that queue them, so one write carries every frame one scheduler pass queued), under a
+5 s deadline (Go's). When the link drops, everything learned over it is forgotten and it
+reconnects after a jittered, growing delay; a link that turns out to reach ourselves is
+abandoned.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ class MeshLink(Outbox):
                  sibling: bool = False) -> None:
         super().__init__(client.stream, relay.stats, relay.ready, depth=LINK_QUEUE_DEPTH,
                          write_timeout=FORWARD_WRITE_TIMEOUT, overhead=FORWARD_OVERHEAD,
-                         counts_sent=False, back_pressure=True)
+                         counts_sent=False, back_pressure=True, direct=False)
         self.key = client.server_key
         self.router = relay.router
         self.client = client

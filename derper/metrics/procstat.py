@@ -48,6 +48,14 @@ def cpu_by_process(pid: int) -> dict[int, float]:
     return out
 
 
+def cpu_by_processes(pids: list[int]) -> dict[int, float]:
+    """``cpu_by_process`` over several trees (both nodes of a mesh benchmark)."""
+    out: dict[int, float] = {}
+    for pid in pids:
+        out.update(cpu_by_process(pid))
+    return out
+
+
 def tree_rss_bytes(pid: int) -> int:
     """Resident memory of ``pid``'s whole tree (shared pages counted in each process)."""
     total = 0

@@ -46,7 +46,8 @@ class TLSStream(trio.abc.Stream):
         # The reader may have to send too (a TLS 1.3 KeyUpdate reply); the lock keeps whole
         # flushes of the outgoing BIO in order.
         self._send_lock = trio.Lock()
-        self._unsent = b""  # ciphertext send_nowait could not hand the kernel; flushed first
+        # Ciphertext send_nowait could not hand the kernel, flushed first.
+        self._unsent: bytes | memoryview = b""
         self._closed = False
 
     async def do_handshake(self, pacer: Pacer | None = None) -> None:
@@ -173,7 +174,7 @@ class TLSStream(trio.abc.Stream):
                 pass
         if n == len(out):
             return True
-        self._unsent = out[n:]
+        self._unsent = memoryview(out)[n:]  # a view: a big batch's rest is not copied
         return False
 
     async def wait_send_all_might_not_block(self) -> None:
@@ -186,14 +187,16 @@ class TLSStream(trio.abc.Stream):
             self._send_lock.acquire_nowait()
         try:
             if self._unsent:
-                data, self._unsent = self._unsent + self._outgoing.read(), b""
+                data, self._unsent = self._unsent, b""
+                if self._outgoing.pending:
+                    data = b"".join((data, self._outgoing.read()))
                 await self._send(data)
             elif self._outgoing.pending:
                 await self._send(self._outgoing.read())
         finally:
             self._send_lock.release()
 
-    async def _send(self, data: bytes) -> None:
+    async def _send(self, data: bytes | memoryview) -> None:
         """Hand the kernel what it takes at once without a trip through the scheduler (a
         relay's writer does one per batch); await the rest. A closed socket has fileno -1, so
         a reused descriptor is never written to; errors are left for trio to raise."""

@@ -84,6 +84,11 @@ def header(ftype: int, length: int) -> bytes:
     return _HEADER.pack(ftype, length)
 
 
+# ``pack_header_into(buf, offset, ftype, length)``: ``header`` written in place (the relay's hot
+# path builds each frame in one buffer).
+pack_header_into = _HEADER.pack_into
+
+
 def server_key(public: bytes) -> bytes:
     return frame(FrameType.SERVER_KEY, MAGIC + public)
 

@@ -24,7 +24,6 @@ _KL = wire.KEY_LEN
 class Event(enum.Enum):
     """What a control frame asks of the session beyond this object."""
     WAKE = "wake"  # a frame is now due: wake the writer
-    FORWARD = "forward"  # a mesh peer's ForwardPacket: route it to a local client
     WATCH = "watch"  # enrol as a mesh watcher
     CLOSE_PEER = "close_peer"  # disconnect the key in the frame's payload
 
@@ -68,11 +67,8 @@ class ClientConn:
             if e - s != 1:
                 raise ProtocolError("NotePreferred must carry exactly one byte")
             self._note_preferred(buf[s] != 0, now)
-        elif ftype == FrameType.FORWARD_PACKET:
+        elif ftype == FrameType.FORWARD_PACKET:  # a mesh peer's: the session routes it inline
             self._require_mesh("ForwardPacket")
-            if e - s < 2 * _KL:
-                raise ProtocolError("ForwardPacket shorter than two keys")
-            return Event.FORWARD
         elif ftype == FrameType.WATCH_CONNS:
             self._require_mesh("WatchConns")
             if self.key != self.server_key:  # a node watching itself is not enrolled

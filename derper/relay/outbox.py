@@ -2,8 +2,9 @@
 
 Shared by client sessions (RecvPacket frames) and mesh links (ForwardPacket frames): a reader
 that routes a packet only calls ``deliver``, which never blocks; the writer drains the queues
-and the connection's control frames into one buffer and sends it with one ``send_all`` under
-the write deadline. One shortcut: when a read queued packets for an outbox whose writer is idle
+and the connection's control frames into one buffer and hands it to the socket at once; only
+what the socket does not take is sent with ``send_all`` under the write deadline (arming a
+deadline costs more than most writes). One shortcut: when a read queued packets for an outbox whose writer is idle
 with nothing else to send, the reader offers them to that socket itself (``flush``), without a
 trip through the scheduler; what the socket does not take is left to the writer.
 """
@@ -46,13 +47,16 @@ class Outbox:
     ``ready`` is the server-wide list of outboxes whose idle writer a reader just claimed: that
     reader calls ``flush`` on each (or ``wake`` after an error) before it next awaits.
     ``counts_sent``: written packets count as ``packets_sent`` (client sessions; a mesh link's
-    count ``packets_forwarded_out`` when they are forwarded).
+    count ``packets_forwarded_out`` when they are forwarded). ``direct``: whether ``flush`` may
+    write for the idle writer; a mesh link says no: many clients' readers feed it, and its
+    writer, woken once and run after them, sends what they all queued in one write (one TLS
+    record and one syscall on this node, one read on the peer's, instead of one per reader).
     """
 
     def __init__(self, stream: trio.abc.Stream, stats: Stats, ready: list, *, depth: int,
                  write_timeout: float, overhead: int = RECV_OVERHEAD,
                  counts_sent: bool = True, control: Control | None = None,
-                 back_pressure: bool = False) -> None:
+                 back_pressure: bool = False, direct: bool = True) -> None:
         self.stream = stream
         self.stats = stats
         self.queue = SendQueue(stats, depth, overhead)
@@ -67,9 +71,10 @@ class Outbox:
         self._parked = False  # the writer waits in _lot and nobody has claimed it yet
         self._writing = False  # the writer is in a send (which may wait for the peer)
         self._stopping = False  # the writer returns at its next look (stop_writer)
-        # The stream's non-blocking write (TLS only), for flush; and whether bytes it accepted
-        # are still buffered in the stream, for the writer to push out.
+        # The stream's non-blocking write (TLS only), for flush (if ``direct``) and the writer;
+        # and whether bytes it accepted are still buffered in the stream, for the writer.
         self._send_nowait = getattr(stream, "send_nowait", None)
+        self._direct = direct
         self._carried = False
         # Readers that found the queue full and wait for room (back_pressure outboxes only).
         self.back_pressure = back_pressure
@@ -127,7 +132,8 @@ class Outbox:
         calling reader.
         """
         control = self.control
-        if (self._send_nowait is None or self.closing or not self.stream.can_send_now()
+        if (not self._direct or self._send_nowait is None or self.closing
+                or not self.stream.can_send_now()
                 or (control is not None and control.pending())):
             self._lot.unpark()
             return
@@ -169,6 +175,7 @@ class Outbox:
         stats, stream, queue, control = self.stats, self.stream, self.queue, self.control
         timeout = self.write_timeout
         counts = self.counts_sent
+        send_nowait = self._send_nowait
         batch: list = []
         frames_per_write = stats.buffered_write_frames
         fpw, fpw_cap = frames_per_write.by_value, frames_per_write.cap
@@ -211,17 +218,23 @@ class Outbox:
                     frames_per_write.observe(n)
                 data = batch[0] if n == 1 else b"".join(batch)  # b"": send what was carried
                 batch.clear()
-                if timeout > 0:
-                    deadline.deadline = trio.current_time() + timeout
+                sent = False
                 self._writing = True
                 try:
-                    await stream.send_all(data)
+                    # Most writes go out at once; only one that cannot arms the deadline.
+                    if n and send_nowait is not None and stream.can_send_now():
+                        sent = send_nowait(data)  # what the socket did not take stays in stream
+                        data = b""
+                    if not sent:
+                        if timeout > 0:
+                            deadline.deadline = trio.current_time() + timeout
+                        await stream.send_all(data)
+                        deadline.deadline = math.inf
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     queue.settle_lost()
                     raise
                 finally:
                     self._writing = False
-                deadline.deadline = math.inf
                 self._settle_sent()
                 if control is not None:
                     control.written()

@@ -93,6 +93,7 @@ class Router:
         self.multiforwarder_created = 0
         self.multiforwarder_deleted = 0
         self.forwarder_delete_other = 0  # Go: packet_forwarder_delete_other_value
+        self.departures = 0  # keys that left the region: a change voids callers' note_sent caches
 
     # ---- membership ---------------------------------------------------------------------------
 
@@ -177,6 +178,7 @@ class Router:
 
     def _left_region(self, key: bytes) -> None:
         """``key`` has neither a local connection nor a forwarder any more."""
+        self.departures += 1
         for src in self._senders_to.pop(key, ()):
             receivers = self._receivers_of.get(src)
             if receivers is not None:
@@ -272,8 +274,8 @@ class Router:
     def note_sent(self, src_key: bytes, dst: Client) -> None:
         """Remember that ``dst`` heard from ``src_key``, for PeerGone when ``src_key`` leaves.
 
-        Callers cache the last destination so this runs once per destination change, not per
-        packet.
+        Callers cache the last destination (and source, with ``departures``) so this runs once
+        per change, not per packet.
         """
         receivers = self._receivers_of.get(src_key)
         if receivers is None:

@@ -53,6 +53,9 @@ STEADY_WANTED = frozenset(STEADY_LIMITS) - {FrameType.CLIENT_INFO}
 
 _SEND = int(FrameType.SEND_PACKET)
 _RECV = int(FrameType.RECV_PACKET)
+_FWD = int(FrameType.FORWARD_PACKET)
+_FWD_HEAD = 5 + wire.KEY_LEN  # ForwardPacket = header, source key, then SendPacket's payload
+_pack_header = wire.pack_header_into
 _is_disco = wire.is_disco
 _KL = wire.KEY_LEN
 
@@ -205,7 +208,10 @@ class Session(Outbox):
         self.present_flags = self.conn.present_flags
         self.close_reason = "client closed the connection"
         self.close_is_error = False
-        self._last_dst: object = None
+        self._last_dst: object = None  # note_sent's cache for our packets: the last destination
+        # ... and for a mesh peer's: the last (source, destination), and the router's departure
+        # count when they were noted (a source that left the region and came back is new).
+        self._fwd_noted: tuple = (b"", None, -1)
         self._recv_bucket: TokenBucket | None = None
         self._recv_limit: object = None  # the ReceiveLimit _recv_bucket was made for
         self._unpaced = b""  # read from the client, not yet paid for (see _paced_receive)
@@ -298,12 +304,17 @@ class Session(Outbox):
     # ---- reading ------------------------------------------------------------------------------
 
     async def _read_loop(self, reader: FrameReader) -> None:
+        """Route every frame of every read: SendPacket (and a mesh peer's ForwardPacket)
+        straight into the destination's outbox, the rest through ``ClientConn``."""
         stream = self.stream
         relay = self.relay
         stats = relay.stats
         router = relay.router
         active_get = router.active.get
+        forwarders_get = router.forwarders.get
         my_key = self.key
+        can_mesh = self.can_mesh
+        sibling = self.sibling
         ready = relay.ready
         leftover = reader.buffered > 0  # frames that came with the handshake read
         while True:
@@ -337,7 +348,8 @@ class Session(Outbox):
                         stats.packets_received_disco += 1
                     if view is None:
                         view = memoryview(buf)
-                    dst = active_get(buf[s:ps])
+                    dst_key = buf[s:ps]
+                    dst = active_get(dst_key)
                     if dst is not None:
                         out = bytearray(view[s - 5:e])  # SendPacket → RecvPacket: same length
                         out[0] = _RECV
@@ -346,44 +358,71 @@ class Session(Outbox):
                             router.note_sent(my_key, dst)
                             self._last_dst = dst
                     else:
-                        dst = router.forwarder(buf[s:ps])
-                        if dst is None:
-                            self._unknown_dest(buf[s:ps], disco, n, DropReason.UNKNOWN_DEST)
+                        # No local connection: one hop to the mesh peer whose node has dst
+                        # (spec §4.2 step 2), as ForwardPacket(this client, dst, packet).
+                        fwds = forwarders_get(dst_key)
+                        if fwds is None:
+                            self._unknown_dest(dst_key, disco, n, DropReason.UNKNOWN_DEST)
                             continue
-                        out = self._forward_frame(self.key, view, s, e, dst.sibling)
-                    full = dst.deliver(out, disco)
+                        dst = fwds[0]
+                        if dst.sibling:
+                            stats.packets_to_siblings += 1
+                        else:
+                            stats.packets_forwarded_out += 1
+                        out = bytearray(_FWD_HEAD)  # header and source key go here
+                        out += view[s:e]
+                        _pack_header(out, 0, _FWD, _KL + e - s)
+                        out[5:37] = my_key
+                elif ftype == _FWD and can_mesh:  # from another node, or another worker
+                    ps = s + 2 * _KL
+                    n = e - ps
+                    if n < 0:
+                        raise ProtocolError("ForwardPacket shorter than two keys")
+                    disco = _is_disco(buf, ps, e)
+                    dst_key = buf[s + _KL:ps]
+                    if view is None:
+                        view = memoryview(buf)
+                    if sibling:  # a worker of this host forwards: to our own client, never on
+                        stats.packets_from_siblings += 1
+                        dst = router.local(dst_key)
+                    else:
+                        stats.packets_forwarded_in += 1
+                        dst = active_get(dst_key)
+                    if dst is None:
+                        # From another node, for a client of another worker of this host (the
+                        # region sees the host as one node): one hop more, the frame as it came.
+                        dst = None if sibling else router.sibling_forwarder(dst_key)
+                        if dst is None:
+                            self._unknown_dest(dst_key, disco, n, DropReason.UNKNOWN_DEST_ON_FWD)
+                            continue
+                        stats.packets_to_siblings += 1
+                        out = bytearray(view[s - 5:e])
+                    else:
+                        out = bytearray(view[ps - _KL - 5:e])  # header and source key go here
+                        _pack_header(out, 0, _RECV, _KL + n)
+                        out[5:37] = view[s:s + _KL]
+                        src, noted_dst, departures = self._fwd_noted
+                        if (dst is not noted_dst or departures != router.departures
+                                or not buf.startswith(src, s)):
+                            src = buf[s:s + _KL]
+                            router.note_sent(src, dst)
+                            self._fwd_noted = (src, dst, router.departures)
                 else:
-                    filled = self._control(ftype, buf, s, e)
-                    if filled is None:
-                        continue
-                    dst, disco = filled  # a packet forwarded in filled this queue
-                    full = True
-                while full and yields:  # let its writer take the queue first
-                    if ready:  # (none may wait in ready while we await)
-                        _flush_ready(ready)
-                    elif dst.back_pressure:  # a mesh link: wait, rather than drop
-                        await dst.wait_room()
-                    else:  # the writer may run after us in a batch
-                        yields -= 1
-                        await trio.lowlevel.checkpoint()
-                    full = dst.full(disco)
+                    self._control(ftype, buf, s, e)
+                    continue
+                if dst.deliver(out, disco):  # that filled its queue
+                    while yields:  # let its writer take the queue first
+                        if ready:  # (none may wait in ready while we await)
+                            _flush_ready(ready)
+                        elif dst.back_pressure:  # a mesh link: wait, rather than drop
+                            await dst.wait_room()
+                        else:  # the writer may run after us in a batch
+                            yields -= 1
+                            await trio.lowlevel.checkpoint()
+                        if not dst.full(disco):
+                            break
             if ready:
                 _flush_ready(ready)
-
-    def _forward_frame(self, src, view: memoryview, s: int, e: int,
-                       sibling: bool) -> bytearray:
-        """(dst, packet) at ``view[s:e]`` → ForwardPacket(src, dst, packet), one hop to the
-        mesh peer whose node has dst (spec §4.2 step 2), or to the sibling worker that has it."""
-        stats = self.relay.stats
-        if sibling:
-            stats.packets_to_siblings += 1
-        else:
-            stats.packets_forwarded_out += 1
-        out = bytearray(5 + _KL + e - s)
-        out[0:5] = wire.header(FrameType.FORWARD_PACKET, _KL + e - s)
-        out[5:5 + _KL] = src
-        out[5 + _KL:] = view[s:e]
-        return out
 
     async def _paced_receive(self) -> bytes:
         """The next at most PACE_STEP bytes from the client, once the limits allow them.
@@ -420,47 +459,14 @@ class Session(Outbox):
         if disco and self.conn.not_here(dst_key, trio.current_time()):
             self.wake()
 
-    def _control(self, ftype: int, buf: bytearray, s: int, e: int) -> tuple | None:
-        """Act on a control frame; (destination, disco) if it was a ForwardPacket that filled
-        that destination's queue (the reader then yields to its writer, as for SendPacket)."""
+    def _control(self, ftype: int, buf: bytearray, s: int, e: int) -> None:
+        """Act on a control frame (``ClientConn`` says what it means)."""
         event = self.conn.receive(ftype, buf, s, e, trio.current_time())
         if event is None:
-            return None
+            return
         if event is Event.WAKE:
             self.wake()
-        elif event is Event.FORWARD:
-            return self._forwarded_in(buf, s, e)
         elif event is Event.WATCH:
             self.relay.router.add_watcher(self)
         elif event is Event.CLOSE_PEER:
             self.relay.router.close_key(bytes(buf[s:e]))
-        return None
-
-    def _forwarded_in(self, buf: bytearray, s: int, e: int) -> tuple | None:
-        """A mesh peer relays a packet from one of its clients to one of ours. It is never sent
-        on to another node; from another node it may go one hop more, to the sibling worker of
-        this host that has the key (the region sees the host as one node)."""
-        src, dst_key = buf[s:s + _KL], buf[s + _KL:s + 2 * _KL]
-        ps = s + 2 * _KL
-        n = e - ps
-        disco = _is_disco(buf, ps, e)
-        router = self.relay.router
-        stats = self.relay.stats
-        if self.sibling:
-            stats.packets_from_siblings += 1
-            dst = router.local(dst_key)
-        else:
-            stats.packets_forwarded_in += 1
-            dst = router.active.get(dst_key)
-            if dst is None and (sib := router.sibling_forwarder(dst_key)) is not None:
-                out = self._forward_frame(src, memoryview(buf), s + _KL, e, True)
-                return (sib, disco) if sib.deliver(out, disco) else None
-        if dst is None:
-            self._unknown_dest(dst_key, disco, n, DropReason.UNKNOWN_DEST_ON_FWD)
-            return None
-        out = bytearray(memoryview(buf)[ps - _KL - 5:e])
-        out[0:5] = wire.header(FrameType.RECV_PACKET, _KL + n)
-        out[5:5 + _KL] = src
-        full = dst.deliver(out, disco)
-        router.note_sent(bytes(src), dst)
-        return (dst, disco) if full else None
