@@ -165,9 +165,9 @@ class Decoder:
         if want_mask:  # the fast path: a run of a client's usual frames (one per packet)
             unpack_from = _CLIENT_BINARY.unpack_from
             while end - pos >= 8:
-                head, n, key = unpack_from(buf, pos)
+                first, n, key = unpack_from(buf, pos)  # the first two bytes, as one word
                 stop = pos + 8 + n
-                if head != _CLIENT_BINARY_HEAD or stop > end:
+                if first != _CLIENT_BINARY_HEAD or stop > end:
                     break
                 out.append(mask(buf[pos + 8:stop], key))
                 pos = stop
