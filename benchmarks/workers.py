@@ -212,7 +212,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--storm-conns", type=int, default=3000)
     parser.add_argument("--idle-conns", type=int, default=10000)
-    parser.add_argument("--stun-clients", type=int, default=4)
+    parser.add_argument("--stun-clients", type=int, default=8,
+                        help="STUN load processes, one socket each: the kernel spreads them "
+                             "over the workers by address and port (4 spread lumpily)")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--rate", type=int, default=5000)
     parser.add_argument("--json", type=Path, default=Path("workers_bench.json"))
