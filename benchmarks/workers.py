@@ -62,13 +62,18 @@ def worker_shares(split: list[float] | None) -> list[float]:
     return [round(w / total, 3) if total else 0.0 for w in workers]
 
 
-def storm(workers: int, args) -> dict:
+def conns(workers: int, count: int, args) -> dict:
+    """``derper bench conns`` against a fresh server: ``count`` connections opened and held."""
     server, target = started(workers)
     try:
-        row = run_conns(target, args.storm_conns, args.concurrency, args.procs, server.proc.pid,
-                        tree_rss_bytes(server.proc.pid))
+        return run_conns(target, count, args.concurrency, args.procs, server.proc.pid,
+                         tree_rss_bytes(server.proc.pid))
     finally:
         server.close()
+
+
+def storm(workers: int, args) -> dict:
+    row = conns(workers, args.storm_conns, args)
     return {"connects_per_second": row["connects_per_second"],
             "server_ms_per_conn": row["server_cpu_ms_per_conn"],
             "server_cores": row["server_cores"], "load_cores": row["load_cores"],
@@ -143,12 +148,7 @@ def scrape(text: str, name: str) -> float:
 
 
 def idle(workers: int, args) -> dict:
-    server, target = started(workers)
-    try:
-        row = run_conns(target, args.idle_conns, args.concurrency, args.procs, server.proc.pid,
-                        tree_rss_bytes(server.proc.pid))
-    finally:
-        server.close()
+    row = conns(workers, args.idle_conns, args)
     return {"connected": row["connected"], "rss_per_conn_kb": row["rss_per_conn_kb"],
             "server_rss_mb": row["server_rss_mb"]}
 

@@ -131,30 +131,30 @@ def run(argv: list[str], environ: Mapping[str, str], usage_head: str) -> int:
     gc.freeze()
     gc_tuning.for_many_connections()
     ready = WorkerReady(role.ready_fd) if role else SystemdReady()
-    try:
-        trio.run(partial(server.run, handle_signals=True, task_status=ready))
-    except ConfigError as e:  # at start-up: the certdir did not cooperate
-        print(f"derper: {e}", file=sys.stderr)
+    if not _until_stopped(partial(server.run, handle_signals=True, task_status=ready), config):
         return 1
-    except OSError as e:
-        print(f"derper: {_listen_error(e, config)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        pass
     log.info("stopped", addr=f"{host_literal(server.listen_host)}:{server.main_port}")
     return 0
 
 
 def _supervise(supervisor: Supervisor, config: Config) -> int:
-    try:
-        trio.run(partial(supervisor.run, task_status=SystemdReady()))
-    except ConfigError as e:  # a worker could not start
-        print(f"derper: {e}", file=sys.stderr)
+    if not _until_stopped(partial(supervisor.run, task_status=SystemdReady()), config):
         return 1
-    except OSError as e:
-        print(f"derper: {_listen_error(e, config)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        pass
     log.info("stopped", workers=supervisor.count)
     return 0
+
+
+def _until_stopped(main, config: Config) -> bool:
+    """Run ``main`` under trio until a signal stops it; False (the error printed) if start-up
+    failed: the certdir did not cooperate, a worker could not start, a port cannot be bound."""
+    try:
+        trio.run(main)
+    except ConfigError as e:
+        print(f"derper: {e}", file=sys.stderr)
+        return False
+    except OSError as e:
+        print(f"derper: {_listen_error(e, config)}", file=sys.stderr)
+        return False
+    except KeyboardInterrupt:
+        pass
+    return True
