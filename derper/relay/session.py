@@ -18,7 +18,7 @@ from .. import logs
 from ..admission.limits import TokenBucket
 from ..errors import ProtocolError
 from ..metrics.counters import DropReason
-from ..net.reading import RECV_SIZE, read_more
+from ..net.reading import MESH_RECV_SIZE, RECV_SIZE, read_more
 from ..proto import handshake, wire
 from ..proto.handshake import ClientInfo
 from ..proto.keys import public_text
@@ -279,16 +279,18 @@ class Session(Outbox):
         forwarders_get = router.forwarders.get
         my_key = self.key
         can_mesh = self.can_mesh
+        recv_size = MESH_RECV_SIZE if can_mesh else RECV_SIZE  # a mesh peer carries a node
         ready = relay.ready
         leftover = reader.buffered > 0  # frames that came with the handshake read
         while True:
             if leftover:
                 leftover = False
             else:
-                if relay.pacing or self._unpaced:  # (a reload may lift the limit mid-chunk)
+                # (A reload may lift the limit mid-chunk; mesh peers are never paced.)
+                if (relay.pacing and not can_mesh) or self._unpaced:
                     chunk = await self._paced_receive()
                 else:
-                    chunk = await stream.receive_some(RECV_SIZE)
+                    chunk = await stream.receive_some(recv_size)
                 if not chunk:
                     return
                 self.rx_bytes += len(chunk)
@@ -378,14 +380,14 @@ class Session(Outbox):
         """The next at most PACE_STEP bytes from the client, once the limits allow them.
 
         Meanwhile nothing more is read from this client, so TCP slows it down (spec §4.10:
-        back-pressure, never drops). Mesh peers are exempt, as in Go: they carry a region.
+        back-pressure, never drops). Never for mesh peers, as in Go: they carry a region.
         """
         if not self._unpaced:
             self._unpaced = await self.stream.receive_some(RECV_SIZE)
         else:
             await trio.lowlevel.checkpoint()  # let the writers drain what the last step routed
         step, self._unpaced = self._unpaced[:PACE_STEP], self._unpaced[PACE_STEP:]
-        if step and not self.can_mesh:
+        if step:
             await self._pace(len(step))
         return step
 
