@@ -11,9 +11,6 @@ import trio
 from ..proto.wire import FrameReader
 
 RECV_SIZE = 64 << 10  # one socket read: four full TLS records, or a burst of small packets
-# A mesh peer's connection carries the packets of a whole node's clients, each of which may
-# bring RECV_SIZE per turn of the scheduler: its reader takes this much per turn to keep up.
-MESH_RECV_SIZE = 1 << 20
 
 
 async def read_more(stream: trio.abc.Stream, reader: FrameReader) -> None:

@@ -14,17 +14,16 @@ import ssl
 
 import trio
 
-from .reading import MESH_RECV_SIZE, RECV_SIZE
+from .reading import RECV_SIZE
 
 _READ_CHUNK = 16 << 10  # the largest TLS record plaintext
 # One scratch buffer for every connection of the process: decryption never awaits between
 # filling it and copying out, and trio runs one task at a time.
 _SCRATCH = bytearray(256 << 10)
 _SCRATCH_VIEW = memoryview(_SCRATCH)
-# Socket reads of every connection land here and are copied into that connection's BIO at once;
-# readv's argument for each read size a caller may ask for.
-_RECV_VIEW = memoryview(bytearray(MESH_RECV_SIZE))
-_RECV_BUFS = {RECV_SIZE: (_RECV_VIEW[:RECV_SIZE],), MESH_RECV_SIZE: (_RECV_VIEW,)}
+# Socket reads of every connection land here and are copied into that connection's BIO at once.
+_RECV_VIEW = memoryview(bytearray(RECV_SIZE))
+_RECV_BUFS = (_RECV_VIEW,)
 CLOSE_NOTIFY_TIMEOUT = 0.25
 
 
@@ -67,12 +66,7 @@ class TLSStream(trio.abc.Stream):
             return
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        """Every byte the last socket read decrypted to; ``b""`` at EOF.
-
-        A socket read takes ``MESH_RECV_SIZE`` if that is what the caller asks for, else
-        ``RECV_SIZE``; up to 240 kB are decrypted per call, the rest on the next calls, which
-        do not read the socket again until they have returned it all.
-        """
+        """Every byte the last socket read decrypted to; ``b""`` at EOF."""
         read = self.ssl_object._sslobj.read  # the C method: one call per TLS record
         while True:
             pos = 0
@@ -95,10 +89,10 @@ class TLSStream(trio.abc.Stream):
                 await self._flush()
             if data or eof:
                 return data
-            if not await self._receive(max_bytes):
+            if not await self._receive():
                 return b""  # TCP EOF without close_notify: treat as an ordinary close
 
-    async def _receive(self, max_bytes: int | None = None) -> bool:
+    async def _receive(self) -> bool:
         """One socket read into the incoming BIO; False at EOF.
 
         What trio's ``receive_some`` does, less one scheduler trip: it yields again after a
@@ -106,14 +100,13 @@ class TLSStream(trio.abc.Stream):
         peer that keeps the socket full still cannot hold the loop.
         """
         sock = self.transport.socket
-        bufs = _RECV_BUFS.get(max_bytes) or _RECV_BUFS[RECV_SIZE]
         waited = False
         while True:
             fd = sock.fileno()
             if fd < 0:
                 break  # closed: trio raises the right error below
             try:
-                n = os.readv(fd, bufs)
+                n = os.readv(fd, _RECV_BUFS)
             except BlockingIOError:
                 n = -1  # wait outside the handler: an idle connection keeps no traceback alive
             except OSError:

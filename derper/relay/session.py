@@ -18,7 +18,7 @@ from .. import logs
 from ..admission.limits import TokenBucket
 from ..errors import ProtocolError
 from ..metrics.counters import DropReason
-from ..net.reading import MESH_RECV_SIZE, RECV_SIZE, read_more
+from ..net.reading import RECV_SIZE, read_more
 from ..proto import handshake, wire
 from ..proto.handshake import ClientInfo
 from ..proto.keys import public_text
@@ -279,7 +279,6 @@ class Session(Outbox):
         forwarders_get = router.forwarders.get
         my_key = self.key
         can_mesh = self.can_mesh
-        recv_size = MESH_RECV_SIZE if can_mesh else RECV_SIZE  # a mesh peer carries a node
         ready = relay.ready
         leftover = reader.buffered > 0  # frames that came with the handshake read
         while True:
@@ -290,7 +289,7 @@ class Session(Outbox):
                 if (relay.pacing and not can_mesh) or self._unpaced:
                     chunk = await self._paced_receive()
                 else:
-                    chunk = await stream.receive_some(recv_size)
+                    chunk = await stream.receive_some(RECV_SIZE)
                 if not chunk:
                     return
                 self.rx_bytes += len(chunk)
