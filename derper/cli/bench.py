@@ -40,8 +40,8 @@ BENCH_FLAGS = [
     _flag("server-args", "server_args", "string",
           "extra flags for the started derper, space separated"),
     _flag("server-nice", "server_nice", "int",
-          "niceness added to the started derpers: -5 keeps the load processes and other jobs "
-          "on a shared machine from starving them (below 0 needs root)"),
+          "niceness added to the started derpers (below 0 needs root): -5 lets them run ahead "
+          "of the load processes and other jobs on a shared machine"),
     _flag("recv-url", "recv_url", "string",
           "relay: a second server of the same region for the receivers, so every packet "
           "crosses the mesh (with -url)"),
