@@ -60,6 +60,8 @@ def test_bad_command_lines_exit_2_with_the_reason(capsys):
         (["-url", "derp.example.com"], {}, "-url must be http(s)://host[:port]/derp"),
         ([], {"DERP_BENCH_RATE": "fast"}, "environment variable DERP_BENCH_RATE (for -rate)"),
         (["-server-pid", "999999999"], {}, "-server-pid: no process 999999999 on this machine"),
+        (["-url", "https://derp.example.com/derp", "-server-nice", "5"], {},
+         "-server-nice is for the started derpers; with -url none is started"),
         (["-json", "/nonexistent/out.json"], {},
          "-json: cannot write to '/nonexistent/out.json': /nonexistent is not a writable"),
     ]

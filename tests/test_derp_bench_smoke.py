@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+from derper.cli.bench import StartedServer
 
 TLS_FLOOR = Path(__file__).resolve().parent.parent / "benchmarks" / "tls_floor.py"
 
@@ -28,6 +31,23 @@ def test_relay_smoke_delivers_timestamped_packets_over_tls(tmp_path):
     assert 0 < run["latency_ms"]["p50"] <= run["latency_ms"]["p99"]
     assert run["server_cpu"] is not None
     assert "delivered pkt/s" in stdout
+
+
+def test_mesh_smoke_sends_every_packet_across_two_started_nodes(tmp_path):
+    report, stdout = run_smoke(tmp_path, "-mesh", "-server-nice", "3")
+    [run] = report["runs"]
+    assert " -> " in report["target"] and report["server_nice"] == 3
+    assert run["sent"] > 0 and 0 < run["received"] <= run["sent"]
+    assert run["server_cpu"] is not None  # both nodes'
+
+
+def test_started_server_runs_at_the_niceness_asked_for():
+    server = StartedServer([], nice=3)
+    try:
+        assert os.getpriority(os.PRIO_PROCESS, server.proc.pid) == \
+            min(19, os.getpriority(os.PRIO_PROCESS, 0) + 3)
+    finally:
+        server.close()
 
 
 def test_relay_smoke_over_websocket(tmp_path):

@@ -88,6 +88,28 @@ async def test_forwarded_source_that_left_and_came_back_is_noted_again(start_ser
             assert gone == PeerGoneMessage(sender.public, wire.PeerGoneReason.DISCONNECTED)
 
 
+async def test_mesh_peers_are_never_paced(start_server, ca):
+    """-bandwidth-limit slows a client's sends, never a mesh peer's forwarding (as in Go:
+    a mesh peer carries a whole node's clients)."""
+    server = await start_server(tls=True, mesh_key=MESH_KEY, bandwidth_limit="1mbit")
+    stats = server.relay.stats
+    u = url(server)
+    packets = [bytes(1000)] * 150  # over a second of the 125 kB/s budget
+    async with dc.connect(u, **connect_opts(server, ca)) as local, \
+            dc.connect(u, **connect_opts(server, ca, mesh_key=MESH_KEY)) as mesh:
+        sender = KeyPair.generate().public
+        await mesh.send_frames([wire.forward_packet(sender, local.public_key, p)
+                                for p in packets])
+        for _ in packets:
+            await recv_kind(local, ReceivedPacket)
+        assert stats.bandwidth_limit_waited == 0
+        async with dc.connect(u, **connect_opts(server, ca)) as client:  # the limit is on
+            await client.send_many([(local.public_key, p) for p in packets])
+            for _ in packets:
+                await recv_kind(local, ReceivedPacket)
+        assert stats.bandwidth_limit_waited > 0
+
+
 async def test_wrong_mesh_key_gets_no_privileges(start_server, ca):
     server = await start_server(mesh_key=MESH_KEY)
     async with dc.connect(url(server), **connect_opts(server, ca, mesh_key=os.urandom(32))) as c:

@@ -321,7 +321,8 @@ class Session(Outbox):
             if leftover:
                 leftover = False
             else:
-                if relay.pacing or self._unpaced:  # (a reload may lift the limit mid-chunk)
+                # (A reload may lift the limit mid-chunk; mesh peers are never paced.)
+                if (relay.pacing and not can_mesh) or self._unpaced:
                     chunk = await self._paced_receive()
                 else:
                     chunk = await stream.receive_some(RECV_SIZE)
@@ -428,14 +429,14 @@ class Session(Outbox):
         """The next at most PACE_STEP bytes from the client, once the limits allow them.
 
         Meanwhile nothing more is read from this client, so TCP slows it down (spec §4.10:
-        back-pressure, never drops). Mesh peers are exempt, as in Go: they carry a region.
+        back-pressure, never drops). Never for mesh peers, as in Go: they carry a region.
         """
         if not self._unpaced:
             self._unpaced = await self.stream.receive_some(RECV_SIZE)
         else:
             await trio.lowlevel.checkpoint()  # let the writers drain what the last step routed
         step, self._unpaced = self._unpaced[:PACE_STEP], self._unpaced[PACE_STEP:]
-        if step and not self.can_mesh:
+        if step:
             await self._pace(len(step))
         return step
 
