@@ -28,23 +28,23 @@ import trio
 
 TRIM_INTERVAL = 10.0
 CHECK_INTERVAL = 1.0
-COLLECT_AFTER = 1000  # connections opened since the last full collection
+COLLECT_AFTER = 1000  # connections closed since the last full collection
 COLLECT_MAX_LIVE = 1000  # connections open at most, for its pause to stay short
 
 
 class CollectPolicy:
     """When a full collection is worth its pause (pure: callers pass the counts)."""
 
-    def __init__(self, opened: int) -> None:
-        self._opened = opened  # connections opened by the last full collection
+    def __init__(self, closed: int) -> None:
+        self._closed = closed  # connections closed by the last full collection
 
-    def due(self, opened: int, live: int, trimming: bool) -> bool:
-        """``opened``: connections opened so far; ``live``: open now; ``trimming``: the periodic
+    def due(self, closed: int, live: int, trimming: bool) -> bool:
+        """``closed``: connections closed so far; ``live``: open now; ``trimming``: the periodic
         trim is due. True means collect now (and counts as done): with few connections open,
-        at once after a storm of them, else with the trim if any came since the last one."""
-        since = opened - self._opened
-        if since and live <= COLLECT_MAX_LIVE and (trimming or since >= COLLECT_AFTER):
-            self._opened = opened
+        at once after a storm of closes, else with the trim if any closed since the last one."""
+        since = closed - self._closed
+        if since > 0 and live <= COLLECT_MAX_LIVE and (trimming or since >= COLLECT_AFTER):
+            self._closed = closed
             return True
         return False
 
@@ -57,18 +57,18 @@ def _malloc_trim():
         return None
 
 
-async def trim_forever(opened: Callable[[], int], live: Callable[[], int],
+async def trim_forever(closed: Callable[[], int], live: Callable[[], int],
                        interval: float = TRIM_INTERVAL, check: float = CHECK_INTERVAL) -> None:
     """Trim every ``interval`` seconds, after a full collection when ``CollectPolicy`` says so
     (asked every ``check`` seconds: after a storm, collect and trim at once)."""
     malloc_trim = _malloc_trim()
-    policy = CollectPolicy(opened())
+    policy = CollectPolicy(closed())
     next_trim = trio.current_time() + interval
     while True:
         await trio.sleep(check)
         now = trio.current_time()
         trimming = now >= next_trim
-        if policy.due(opened(), live(), trimming):
+        if policy.due(closed(), live(), trimming):
             gc.collect()
         elif not trimming:
             continue

@@ -260,7 +260,7 @@ class Server:
                                                 alternates=alternates))
                 if self.bootstrap.names:
                     nursery.start_soon(self.bootstrap.refresh_forever)
-                nursery.start_soon(memory.trim_forever, lambda: stats.accepted_connections,
+                nursery.start_soon(memory.trim_forever, self._closed_connections,
                                    self._open_connections)
                 nursery.start_soon(self.relay.loop_lag.sample_forever)
                 if self.mesh is not None:
@@ -317,6 +317,9 @@ class Server:
     def _open_connections(self) -> int:
         """Connections open on the DERP port, roughly: half-open ones and DERP sessions."""
         return self.handshakes.count + self.relay.derp_conns
+
+    def _closed_connections(self) -> int:
+        return self.relay.stats.accepted_connections - self._open_connections()
 
     def _open_metrics(self) -> prom.MetricsListener | None:
         """The /metrics listener; a port that cannot be bound costs the metrics, not the relay."""
@@ -461,8 +464,11 @@ class Server:
         finally:
             if tls_version is not None:
                 stats.tls_active[tls_version] -= 1
-            with trio.CancelScope(shield=True), pacer.measured():
-                await conn.aclose()
+            try:
+                await pacer.turn()  # a flood's closes take turns too (a stopping server: now)
+            finally:
+                with trio.CancelScope(shield=True), pacer.measured():
+                    await conn.aclose()
 
     async def _serve_helper(self, stream: trio.SocketStream) -> None:
         ip, port = peer_address(stream)

@@ -58,14 +58,14 @@ for i in range(300_000):  # what closed connections leave: garbage in cycles, a 
         keep.append(bytes(64))
 del a
 grown = rss_bytes()
-opened = [0]
+closed = [0]
 
 async def main():
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(memory.trim_forever, lambda: opened[0], lambda: 3, 0.05, 0.01)
+        nursery.start_soon(memory.trim_forever, lambda: closed[0], lambda: 3, 0.05, 0.01)
         await trio.sleep(0.3)  # trims, but no storm yet: no collection
         print(rss_bytes())
-        opened[0] = memory.COLLECT_AFTER  # now many connections have come and gone
+        closed[0] = memory.COLLECT_AFTER  # now many connections have come and gone
         await trio.sleep(0.3)
         nursery.cancel_scope.cancel()
 
@@ -87,11 +87,11 @@ def test_after_many_connections_a_collection_frees_what_cycles_held():
 
 
 def test_a_collection_comes_with_the_trim_or_after_a_storm_and_only_with_few_left():
-    policy = memory.CollectPolicy(opened=50)
+    policy = memory.CollectPolicy(closed=50)
     storm = 50 + memory.COLLECT_AFTER
-    assert not policy.due(storm - 1, live=0, trimming=False)  # not yet a storm
+    assert not policy.due(storm - 1, live=0, trimming=False)  # not yet a storm of closes
     assert not policy.due(storm, live=memory.COLLECT_MAX_LIVE + 1, trimming=True)  # too many
     assert policy.due(storm, live=memory.COLLECT_MAX_LIVE, trimming=False)  # at once
-    assert not policy.due(storm, live=0, trimming=True)  # nothing came since
+    assert not policy.due(storm, live=0, trimming=True)  # none closed since
     assert not policy.due(storm + 10, live=0, trimming=False)
     assert policy.due(storm + 10, live=0, trimming=True)  # with the trim
