@@ -1,20 +1,21 @@
 """Give memory back to the system after a connection storm.
 
 Thousands of connections that come and go leave their memory freed but kept: by glibc, which
-keeps freed pages for reuse (``malloc_trim`` returns them; a few milliseconds for a 100 MB
-heap, so every 10 s costs nothing worth measuring), and by Python, which keeps freed objects
-in free lists and frees objects in reference cycles (a closed connection's exceptions and their
-tracebacks) only in a full collection, which the server's collector settings make rare
-(``cli/gc_tuning``). Both kinds sit between the pages still in use, so glibc cannot return
-those pages either. So once many connections have come and gone since the last full
-collection and few are left, the server runs one (its pause grows with what is live: about
-10 ms per 1,000 connections) and then trims; with few open, every periodic trim follows one.
+keeps freed pages for reuse until ``malloc_trim`` returns them, and by Python, which keeps freed
+objects in free lists and frees objects in reference cycles only in a full collection (the
+server's collector settings make those rare, ``cli/gc_tuning``). Both kinds sit between pages
+that are otherwise free, and keep glibc from returning them.
 
-That is enough with glibc's allocator, which returns memory page by page; Python's own
-small-object allocator returns a 1 MiB arena only when nothing at all is left in it, and after
-a storm a few surviving objects pin nearly every arena it grew (``cli/allocator`` runs the server
-on glibc's). Measured: 3,000 DERP sessions opened and closed, RSS 60 -> 188 -> 64 MB (Python's
-allocator: 59 -> 184 -> 103 MB after a collection, 124 MB without).
+So the server trims every 10 s, and sooner after every 200 closed connections: a trim's pause
+grows with what it returns (about 0.35 ms per MB: 68 ms for 190 MB at once), so a storm's memory
+goes back in many short pauses, not one long one. And once many connections have closed since
+the last full collection and few are open, it runs one first (its pause grows with what is
+live: a few milliseconds with a few hundred connections); with few open, every periodic trim
+follows one. That is enough with glibc's allocator, which returns memory page by page; Python's
+own small-object allocator returns a 1 MiB arena only when nothing at all is left in it, and
+after a storm a few surviving objects pin nearly every arena it grew (``cli/allocator`` runs
+the server on glibc's). Measured: 3,000 DERP sessions opened and closed, RSS 60 -> 188 -> 64 MB
+(Python's allocator: 59 -> 184 -> 103 MB after a collection, 124 MB without).
 """
 
 from __future__ import annotations
@@ -27,26 +28,32 @@ from typing import Callable
 import trio
 
 TRIM_INTERVAL = 10.0
-CHECK_INTERVAL = 1.0
+CHECK_INTERVAL = 0.25
+TRIM_AFTER = 200  # connections closed since the last trim
 COLLECT_AFTER = 1000  # connections closed since the last full collection
 COLLECT_MAX_LIVE = 1000  # connections open at most, for its pause to stay short
 
 
-class CollectPolicy:
-    """When a full collection is worth its pause (pure: callers pass the counts)."""
+class Reclaim:
+    """When to collect and when to trim (pure: callers pass the counts and the time)."""
 
-    def __init__(self, closed: int) -> None:
-        self._closed = closed  # connections closed by the last full collection
+    def __init__(self, closed: int, now: float, interval: float = TRIM_INTERVAL) -> None:
+        self.interval = interval
+        self._collected = self._trimmed = closed  # connections closed by the last of each
+        self._next_trim = now + interval
 
-    def due(self, closed: int, live: int, trimming: bool) -> bool:
-        """``closed``: connections closed so far; ``live``: open now; ``trimming``: the periodic
-        trim is due. True means collect now (and counts as done): with few connections open,
-        at once after a storm of closes, else with the trim if any closed since the last one."""
-        since = closed - self._closed
-        if since > 0 and live <= COLLECT_MAX_LIVE and (trimming or since >= COLLECT_AFTER):
-            self._closed = closed
-            return True
-        return False
+    def step(self, closed: int, live: int, now: float) -> tuple[bool, bool]:
+        """(collect, trim) now. ``closed``: connections closed so far; ``live``: open now."""
+        periodic = now >= self._next_trim
+        since = closed - self._collected
+        collect = since > 0 and live <= COLLECT_MAX_LIVE and (periodic or since >= COLLECT_AFTER)
+        trim = collect or periodic or closed - self._trimmed >= TRIM_AFTER
+        if collect:
+            self._collected = closed
+        if trim:
+            self._trimmed = closed
+            self._next_trim = now + self.interval
+        return collect, trim
 
 
 def _malloc_trim():
@@ -59,19 +66,13 @@ def _malloc_trim():
 
 async def trim_forever(closed: Callable[[], int], live: Callable[[], int],
                        interval: float = TRIM_INTERVAL, check: float = CHECK_INTERVAL) -> None:
-    """Trim every ``interval`` seconds, after a full collection when ``CollectPolicy`` says so
-    (asked every ``check`` seconds: after a storm, collect and trim at once)."""
+    """Collect and trim as ``Reclaim`` says, asked every ``check`` seconds."""
     malloc_trim = _malloc_trim()
-    policy = CollectPolicy(closed())
-    next_trim = trio.current_time() + interval
+    policy = Reclaim(closed(), trio.current_time(), interval)
     while True:
         await trio.sleep(check)
-        now = trio.current_time()
-        trimming = now >= next_trim
-        if policy.due(closed(), live(), trimming):
+        collect, trim = policy.step(closed(), live(), trio.current_time())
+        if collect:
             gc.collect()
-        elif not trimming:
-            continue
-        if malloc_trim is not None:
+        if trim and malloc_trim is not None:
             malloc_trim(0)
-        next_trim = now + interval

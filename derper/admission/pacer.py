@@ -57,7 +57,8 @@ class Pacer:
 
     async def _park(self, lot: trio.lowlevel.ParkingLot) -> None:
         self.waited += 1
-        self._idle.unpark()
+        if self._idle:
+            self._idle.unpark()
         await lot.park()
 
     def charge(self, seconds: float) -> None:
