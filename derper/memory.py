@@ -6,12 +6,12 @@ objects in free lists and frees objects in reference cycles only in a full colle
 server's collector settings make those rare, ``cli/gc_tuning``). Both kinds sit between pages
 that are otherwise free, and keep glibc from returning them.
 
-So the server trims every 10 s, and sooner after every 200 closed connections: a trim's pause
-grows with what it returns (about 0.35 ms per MB: 68 ms for 190 MB at once), so a storm's memory
-goes back in many short pauses, not one long one. And once many connections have closed since
-the last full collection and few are open, it runs one first (its pause grows with what is
-live: a few milliseconds with a few hundred connections); with few open, every periodic trim
-follows one. That is enough with glibc's allocator, which returns memory page by page; Python's
+So the server trims every 10 s, and once many connections have closed since the last full
+collection and few are open, it runs one and trims at once (the collection's pause grows with
+what is live: a few milliseconds with a few hundred connections); with few open, every
+periodic trim follows one. A trim's pause grows with what it returns, about 0.35 ms per MB
+(45 ms after 3,000 sessions); trimming while a storm's memory is still being freed costs more,
+not less (43 ms each, walking every free piece between the live ones). That is enough with glibc's allocator, which returns memory page by page; Python's
 own small-object allocator returns a 1 MiB arena only when nothing at all is left in it, and
 after a storm a few surviving objects pin nearly every arena it grew (``cli/allocator`` runs
 the server on glibc's). Measured: 3,000 DERP sessions opened and closed, RSS 60 -> 188 -> 64 MB
@@ -29,7 +29,6 @@ import trio
 
 TRIM_INTERVAL = 10.0
 CHECK_INTERVAL = 0.25
-TRIM_AFTER = 200  # connections closed since the last trim
 COLLECT_AFTER = 1000  # connections closed since the last full collection
 COLLECT_MAX_LIVE = 1000  # connections open at most, for its pause to stay short
 
@@ -39,7 +38,7 @@ class Reclaim:
 
     def __init__(self, closed: int, now: float, interval: float = TRIM_INTERVAL) -> None:
         self.interval = interval
-        self._collected = self._trimmed = closed  # connections closed by the last of each
+        self._collected = closed  # connections closed by the last full collection
         self._next_trim = now + interval
 
     def step(self, closed: int, live: int, now: float) -> tuple[bool, bool]:
@@ -47,13 +46,11 @@ class Reclaim:
         periodic = now >= self._next_trim
         since = closed - self._collected
         collect = since > 0 and live <= COLLECT_MAX_LIVE and (periodic or since >= COLLECT_AFTER)
-        trim = collect or periodic or closed - self._trimmed >= TRIM_AFTER
         if collect:
             self._collected = closed
-        if trim:
-            self._trimmed = closed
+        if collect or periodic:
             self._next_trim = now + self.interval
-        return collect, trim
+        return collect, collect or periodic
 
 
 def _malloc_trim():

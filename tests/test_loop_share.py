@@ -93,6 +93,7 @@ async def test_a_mass_disconnect_is_torn_down_in_turns(start_server, ca):
             await nursery.start(spend, pacer)
         # every client has left at once
         await wait_until(lambda: router.current_connections == 2)
+        await wait_until(lambda: server.open_connections == 2)  # closed too, not only gone
         assert pacer.waited - waited >= 40  # each teardown waited for its turn
         assert traffic.received > before  # and the pair relayed meanwhile
         assert len(server.relay.keepalives.schedule) == 2

@@ -89,18 +89,11 @@ def test_after_many_connections_a_collection_frees_what_cycles_held():
 def test_a_collection_comes_with_the_trim_or_after_a_storm_and_only_with_few_left():
     policy = memory.Reclaim(closed=50, now=0.0, interval=10.0)
     storm = 50 + memory.COLLECT_AFTER
-    assert policy.step(storm - 1, live=0, now=1.0) == (False, True)  # not yet a storm: a trim
-    policy = memory.Reclaim(closed=50, now=0.0, interval=10.0)
-    assert policy.step(storm, live=memory.COLLECT_MAX_LIVE + 1, now=1.0) == (False, True)
-    assert policy.step(storm, live=memory.COLLECT_MAX_LIVE, now=1.5) == (True, True)  # at once
-    assert policy.step(storm, live=0, now=20.0) == (False, True)  # none closed since: a trim
+    assert policy.step(storm - 1, live=0, now=1.0) == (False, False)  # not yet a storm
+    assert policy.step(storm, live=memory.COLLECT_MAX_LIVE + 1, now=1.5) == (False, False)
+    assert policy.step(storm, live=memory.COLLECT_MAX_LIVE, now=2.0) == (True, True)  # at once
+    assert policy.step(storm, live=0, now=11.9) == (False, False)  # 10 s from then
+    assert policy.step(storm, live=0, now=12.0) == (False, True)  # none closed since: a trim
     assert policy.step(storm + 10, live=0, now=21.0) == (False, False)
-    assert policy.step(storm + 10, live=0, now=30.0) == (True, True)  # with the periodic trim
-    assert policy.step(storm + 20, live=memory.COLLECT_MAX_LIVE + 1, now=40.0) == (False, True)
-
-
-def test_a_storm_is_trimmed_as_it_goes_not_all_at_once():
-    policy = memory.Reclaim(closed=0, now=0.0, interval=10.0)
-    trims = [policy.step(closed, live=5000, now=0.25 * i)[1]
-             for i, closed in enumerate(range(50, 5000, 50))]  # 200 closes a second
-    assert sum(trims) == 4950 // memory.TRIM_AFTER  # one per TRIM_AFTER closes, never a pause
+    assert policy.step(storm + 10, live=0, now=22.0) == (True, True)  # with the periodic trim
+    assert policy.step(storm + 20, live=memory.COLLECT_MAX_LIVE + 1, now=32.0) == (False, True)
