@@ -6,10 +6,10 @@ objects in free lists and frees objects in reference cycles only in a full colle
 server's collector settings make those rare, ``cli/gc_tuning``). Both kinds sit between pages
 that are otherwise free, and keep glibc from returning them.
 
-So the server trims every 10 s, and once many connections have closed since the last full
-collection and few are open, it runs one and trims at once (the collection's pause grows with
-what is live: a few milliseconds with a few hundred connections); with few open, every
-periodic trim follows one. A trim's pause grows with what it returns, about 0.35 ms per MB
+So the server trims every 10 s, and when many connections have closed since the last full
+collection (a thousand, or a hundred and the closes have died down) and few are open, it runs
+one and trims at once (the collection's pause grows with what is live: a few milliseconds with
+a few hundred connections); with few open, every periodic trim follows one. A trim's pause grows with what it returns, about 0.35 ms per MB
 (45 ms after 3,000 sessions); trimming while a storm's memory is still being freed costs more,
 not less (43 ms each, walking every free piece between the live ones). That is enough with glibc's allocator, which returns memory page by page; Python's
 own small-object allocator returns a 1 MiB arena only when nothing at all is left in it, and
@@ -29,8 +29,10 @@ import trio
 
 TRIM_INTERVAL = 10.0
 CHECK_INTERVAL = 0.25
-COLLECT_AFTER = 1000  # connections closed since the last full collection
+COLLECT_AFTER = 1000  # connections closed since the last full collection: collect now
 COLLECT_MAX_LIVE = 1000  # connections open at most, for its pause to stay short
+STORM_OVER = 5.0  # closes per second below which a storm of them is over
+COLLECT_MIN = 100  # closes since the last collection worth one when a storm is over
 
 
 class Reclaim:
@@ -40,12 +42,23 @@ class Reclaim:
         self.interval = interval
         self._collected = closed  # connections closed by the last full collection
         self._next_trim = now + interval
+        self._window = (now, closed)  # where the current second of closes began
+        self._calm = False  # until a second of closes says otherwise
 
     def step(self, closed: int, live: int, now: float) -> tuple[bool, bool]:
-        """(collect, trim) now. ``closed``: connections closed so far; ``live``: open now."""
+        """(collect, trim) now. ``closed``: connections closed so far; ``live``: open now.
+
+        A collection needs few connections open, and some closed since the last one: at
+        once after a storm of closes, at the end of a smaller one, or with the periodic trim.
+        """
         periodic = now >= self._next_trim
+        began, closed_then = self._window
+        if now - began >= 1.0:
+            self._calm = closed - closed_then < STORM_OVER * (now - began)
+            self._window = (now, closed)
         since = closed - self._collected
-        collect = since > 0 and live <= COLLECT_MAX_LIVE and (periodic or since >= COLLECT_AFTER)
+        collect = since > 0 and live <= COLLECT_MAX_LIVE and (
+            periodic or since >= COLLECT_AFTER or (self._calm and since >= COLLECT_MIN))
         if collect:
             self._collected = closed
         if collect or periodic:

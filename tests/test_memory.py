@@ -97,3 +97,17 @@ def test_a_collection_comes_with_the_trim_or_after_a_storm_and_only_with_few_lef
     assert policy.step(storm + 10, live=0, now=21.0) == (False, False)
     assert policy.step(storm + 10, live=0, now=22.0) == (True, True)  # with the periodic trim
     assert policy.step(storm + 20, live=memory.COLLECT_MAX_LIVE + 1, now=32.0) == (False, True)
+
+
+def test_a_smaller_storm_is_collected_once_its_closes_die_down():
+    policy = memory.Reclaim(closed=0, now=0.0, interval=10.0)
+    closed = 0
+    for i in range(1, 13):  # 3 s of 200 closes a second, a trickle of 2 a second after
+        closed += 50 if i <= 12 else 0
+        assert policy.step(closed, live=30, now=0.25 * i) == (False, False)
+    got = []
+    for i in range(13, 25):
+        closed += 1 if i % 2 else 0
+        got.append(policy.step(closed, live=30, now=0.25 * i))
+    assert got.count((True, True)) == 1  # within a second of the storm dying down
+    assert got.index((True, True)) <= 4
