@@ -6,15 +6,19 @@ objects in free lists and frees objects in reference cycles only in a full colle
 server's collector settings make those rare, ``cli/gc_tuning``). Both kinds sit between pages
 that are otherwise free, and keep glibc from returning them.
 
-So the server trims every 10 s, and when many connections have closed since the last full
-collection (a thousand, or a hundred and the closes have died down) and few are open, it runs
-one and trims at once (the collection's pause grows with what is live: a few milliseconds with
-a few hundred connections); with few open, every periodic trim follows one. A trim's pause grows with what it returns, about 0.35 ms per MB
-(45 ms after 3,000 sessions); trimming while a storm's memory is still being freed costs more,
-not less (43 ms each, walking every free piece between the live ones). That is enough with glibc's allocator, which returns memory page by page; Python's
-own small-object allocator returns a 1 MiB arena only when nothing at all is left in it, and
-after a storm a few surviving objects pin nearly every arena it grew (``cli/allocator`` runs
-the server on glibc's). Measured: 3,000 DERP sessions opened and closed, RSS 60 -> 188 -> 64 MB
+So the server trims every 10 s; and when many connections have closed since the last full
+collection (a thousand, or a hundred once the closes die down) and few are open, it runs one
+and trims at once; with few open, every periodic trim follows one too. A collection's pause
+grows with what is live, about 0.12 ms per open connection (12 ms with 100, 120 ms with
+1,000), hence "few": a relay that always holds more gets its trims only. A trim's pause grows
+with what it returns, about 0.35 ms per MB (45 ms after 3,000 sessions); trimming while a
+storm's memory is still being freed costs more, not less (43 ms a trim, walking every freed
+piece between the live ones).
+
+This works with glibc's allocator, which returns memory page by page. Python's own
+small-object allocator returns a 1 MiB arena only when nothing at all is left in it, and after
+a storm a few surviving objects pin nearly every arena it grew (``cli/allocator`` runs the
+server on glibc's). Measured, 3,000 DERP sessions opened and closed: RSS 60 -> 188 -> 64 MB
 (Python's allocator: 59 -> 184 -> 103 MB after a collection, 124 MB without).
 """
 
@@ -30,7 +34,7 @@ import trio
 TRIM_INTERVAL = 10.0
 CHECK_INTERVAL = 0.25
 COLLECT_AFTER = 1000  # connections closed since the last full collection: collect now
-COLLECT_MAX_LIVE = 1000  # connections open at most, for its pause to stay short
+COLLECT_MAX_LIVE = 100  # connections open at most: its pause grows by ~0.12 ms with each
 STORM_OVER = 5.0  # closes per second below which a storm of them is over
 COLLECT_MIN = 100  # closes since the last collection worth one when a storm is over
 
