@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import os
 import ssl
+from typing import TYPE_CHECKING
 
 import trio
 
-from ..admission.pacer import Pacer
 from .reading import RECV_SIZE
+
+if TYPE_CHECKING:  # the client side has no pacer: keep the server's modules out of it
+    from ..admission.pacer import Pacer
 
 _READ_CHUNK = 16 << 10  # the largest TLS record plaintext
 # One scratch buffer for every connection of the process: decryption never awaits between
