@@ -6,20 +6,26 @@ without cancelling its writer, or with it if the writer is stuck in a send."""
 from __future__ import annotations
 
 import socket
+import time
 from contextlib import AsyncExitStack
 
 import trio
+from prometheus_client import generate_latest
 
 from derper import client as dc
+from derper.admission.limits import LoopShare
 from derper.admission.pacer import MAX_CHARGE
 from derper.metrics.counters import DropReason
+from derper.metrics.prometheus import registry
 from derper.proto.messages import ReceivedPacket
 from tests.conftest import url
 from tests.relay_helpers import assert_relays, connect_opts, recv_kind, wait_until
 
 
 async def spend(pacer, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Keep the share spent, as if handshakes ran all the time: every step waits its turn."""
+    """Keep the share spent, as if handshakes ran all the time: every step waits its turn (a
+    share of 1 % repays the debt of a slice in 100 ms, longer than any pass of a loaded loop)."""
+    pacer.share = LoopShare(time.perf_counter(), share=0.01)  # the pacer's clock
     task_status.started()
     while True:
         pacer.charge(MAX_CHARGE)
@@ -62,6 +68,8 @@ async def test_a_new_connection_waits_its_turn_while_the_pair_keeps_relaying(sta
         nursery.cancel_scope.cancel()
         assert pacer.waited > waited  # its accept or its handshake waited for the share
         assert during > 0  # and packets went on meanwhile
+    text = generate_latest(registry(server.exposition.metrics)).decode()
+    assert f"derper_loop_turns_waited_total {float(pacer.waited)}" in text
 
 
 async def test_on_a_quiet_relay_nothing_waits(start_server, ca):
