@@ -70,9 +70,11 @@ class HalfOpen:
 
     def __init__(self, slot: HandshakeSlot, scope: trio.CancelScope) -> None:
         self._slot, self._scope = slot, scope
+        self.is_established = False
 
     def established(self) -> None:
         """Handshakes done: the place is free, and no budget runs any more."""
+        self.is_established = True
         if self._slot.release():
             self._scope.deadline = math.inf
 
@@ -137,6 +139,7 @@ class Server:
         self.http_port: int | None = None
         self.stun_port: int | None = None
         self._listeners: list[trio.SocketListener] = []
+        self.open_connections = 0  # accepted and not yet closed (handshaking, relaying, closing)
         self._nursery: trio.Nursery | None = None
         self._shutting_down = False
 
@@ -305,8 +308,8 @@ class Server:
                                                 alternates=alternates))
                 if self.bootstrap.names:
                     nursery.start_soon(self.bootstrap.refresh_forever)
-                nursery.start_soon(memory.trim_forever, lambda: stats.accepted_connections,
-                                   self._open_connections)
+                nursery.start_soon(memory.trim_forever, self._closed_connections,
+                                   lambda: self.open_connections)
                 nursery.start_soon(self.relay.loop_lag.sample_forever)
                 if self.mesh is not None:
                     nursery.start_soon(self.mesh.run)
@@ -388,9 +391,8 @@ class Server:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
-    def _open_connections(self) -> int:
-        """Connections open on the DERP port, roughly: half-open ones and DERP sessions."""
-        return self.handshakes.count + self.relay.derp_conns
+    def _closed_connections(self) -> int:
+        return self.relay.stats.accepted_connections - self.open_connections
 
     def _open_metrics(self) -> prom.MetricsListener | None:
         """The /metrics listener; a port that cannot be bound costs the metrics, not the relay.
@@ -473,9 +475,13 @@ class Server:
         # A proxy's connections carry many clients: not capped as one address.
         from_proxy = self.config.proxy_protocol or (
             self.proxies is not None and self.proxies.trusts(ip))
-        with self._half_open(self.handshakes, stream, ip, capped=not from_proxy) as half_open:
-            if half_open is not None:
-                await self._serve_connection(stream, ip, port, half_open)
+        self.open_connections += 1
+        try:
+            with self._half_open(self.handshakes, stream, ip, capped=not from_proxy) as half_open:
+                if half_open is not None:
+                    await self._serve_connection(stream, ip, port, half_open)
+        finally:
+            self.open_connections -= 1
 
     async def _serve_connection(self, stream: trio.SocketStream, ip: str | None, port: int,
                                 half_open: HalfOpen) -> None:
@@ -536,26 +542,36 @@ class Server:
         finally:
             if tls_version is not None:
                 stats.tls_active[tls_version] -= 1
-            with trio.CancelScope(shield=True), pacer.measured():
-                await conn.aclose()
+            try:  # a flood's closes take turns too (a session took its own; stopping: now)
+                if not half_open.is_established:
+                    await pacer.turn()
+            finally:
+                with trio.CancelScope(shield=True), pacer.measured():
+                    await conn.aclose()
 
     async def _serve_helper(self, stream: trio.SocketStream) -> None:
         ip, port = peer_address(stream)
-        with self._half_open(self.helper_connections, stream, ip) as half_open:
-            if half_open is None:
-                return
-            try:
-                await serve_http(stream, ip, port, head_timeout=self.config.handshake_timeout,
-                                 handle=self._serve_helper_request,
-                                 log_throttle=self.relay.log_throttle,
-                                 on_established=half_open.established,
-                                 pacer=self.relay.pacer)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-            except Exception:
-                self.relay.log_throttle.log(
-                    log, "exception", "internal error on an HTTP helper connection; closed it",
-                    remote=f"{ip}:{port}")
-            finally:
-                with trio.CancelScope(shield=True):
-                    await stream.aclose()
+        self.open_connections += 1
+        try:
+            with self._half_open(self.helper_connections, stream, ip) as half_open:
+                if half_open is not None:
+                    await self._serve_helper_connection(stream, ip, port, half_open)
+        finally:
+            self.open_connections -= 1
+
+    async def _serve_helper_connection(self, stream: trio.SocketStream, ip: str | None,
+                                       port: int, half_open: HalfOpen) -> None:
+        try:
+            await serve_http(stream, ip, port, head_timeout=self.config.handshake_timeout,
+                             handle=self._serve_helper_request,
+                             log_throttle=self.relay.log_throttle,
+                             on_established=half_open.established, pacer=self.relay.pacer)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception:
+            self.relay.log_throttle.log(
+                log, "exception", "internal error on an HTTP helper connection; closed it",
+                remote=f"{ip}:{port}")
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()

@@ -65,42 +65,48 @@ def test_negative_parameters_rejected(rate, burst):
 
 def test_loop_share_holds_nothing_back_on_a_quiet_relay():
     share = LoopShare(now=0.0, share=0.5, slice=0.004, quiet=0.5)
-    for t in range(100):  # nothing relayed: however much is charged, nothing waits
+    for t in range(100):  # nothing relayed: however much is charged, everything runs at once
         share.charge(t * 0.001, 0.01)
-        assert share.wait(t * 0.001, relayed=0) == 0.0
+        assert share.may_run(t * 0.001, relayed=0)
 
 
 def test_loop_share_while_relaying_is_a_slice_then_the_share():
     share = LoopShare(now=0.0, share=0.5, slice=0.004, quiet=0.5)
-    assert share.wait(0.0, relayed=1) == 0.0  # a packet: busy from now on, a full slice
+    assert share.may_run(0.0, relayed=1)  # a packet: busy from now on, with a full slice
     share.charge(0.0, 0.003)
-    assert share.wait(0.0, relayed=1) == 0.0  # 1 ms of the slice is left
-    share.charge(0.0, 0.003)  # into debt: 2 ms, paid back at half the loop's time
-    assert share.wait(0.0, relayed=2) == pytest.approx(0.004)
-    assert share.wait(0.002, relayed=3) == pytest.approx(0.002)
-    assert share.wait(0.004, relayed=4) == 0.0
-    # Over a long busy stretch it gets half the time: 1 s of work in 1 ms pieces
-    now, done = 0.004, 0.0
-    while done < 1.0:
-        wait = share.wait(now, relayed=int(now * 1000) + 5)
-        now += wait
-        if wait == 0.0:
+    assert share.may_run(0.0, relayed=1)  # 1 ms of the slice is left
+    share.charge(0.0, 0.003)  # 2 ms into debt, paid back at half the loop's time
+    assert not share.may_run(0.0, relayed=2)
+    assert not share.may_run(0.0039, relayed=3)
+    assert share.may_run(0.004, relayed=4)
+    # Over a long busy stretch, what runs at once gets half the time: 1 ms pieces
+    now, at_once = 0.004, 0
+    for _ in range(2000):
+        if share.may_run(now, relayed=int(now * 1000) + 5):
             share.charge(now, 0.001)
-            now += 0.001
-            done += 0.001
-    assert now - 0.004 == pytest.approx(2.0, rel=0.01)
+            at_once += 1
+        now += 0.001
+    assert at_once == pytest.approx(1000, abs=5)
+
+
+def test_loop_share_debt_is_at_most_a_slice():
+    share = LoopShare(now=0.0, share=0.5, slice=0.004, quiet=0.5)
+    share.may_run(0.0, relayed=1)
+    share.charge(0.0, 10.0)  # a flood's worth of turns, charged while busy
+    assert not share.may_run(0.0079, relayed=2)
+    assert share.may_run(0.008, relayed=3)  # a slice of debt, paid back at half the time
 
 
 def test_loop_share_quiet_again_after_quiet_seconds_without_a_packet():
     share = LoopShare(now=0.0, share=0.5, slice=0.004, quiet=0.5)
-    share.wait(0.0, relayed=7)
-    share.charge(0.0, 1.0)  # deep in debt
-    assert share.wait(0.4, relayed=7) > 0  # still busy: the last packet was 0.4 s ago
-    assert share.wait(0.5, relayed=7) == 0.0  # quiet: the debt is forgiven
-    assert share.wait(0.6, relayed=8) == 0.0  # busy again, with a fresh slice
+    share.may_run(0.0, relayed=7)
+    share.charge(0.0, 1.0)  # in debt
+    assert not share.may_run(0.004, relayed=7)  # still busy: the last packet was 4 ms ago
+    assert share.may_run(0.5, relayed=7)  # quiet: the debt is forgiven
+    assert share.may_run(0.6, relayed=8)  # busy again, with a fresh slice
 
 
-@pytest.mark.parametrize("value", [0.0, -0.5, 1.5])
+@pytest.mark.parametrize("value", [0.0, -0.5, 1.0, 1.5])
 def test_loop_share_must_be_a_fraction(value):
     with pytest.raises(ValueError):
         LoopShare(now=0.0, share=value)

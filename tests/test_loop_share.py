@@ -6,24 +6,30 @@ without cancelling its writer, or with it if the writer is stuck in a send."""
 from __future__ import annotations
 
 import socket
+import time
 from contextlib import AsyncExitStack
 
 import trio
+from prometheus_client import generate_latest
 
 from derper import client as dc
+from derper.admission.limits import LoopShare
 from derper.admission.pacer import MAX_CHARGE
 from derper.metrics.counters import DropReason
+from derper.metrics.prometheus import registry
 from derper.proto.messages import ReceivedPacket
 from tests.conftest import url
 from tests.relay_helpers import assert_relays, connect_opts, recv_kind, wait_until
 
-DEBT = 0.3  # loop seconds: 0.6 s of waiting at half the loop
 
-
-def spend(pacer, seconds: float = DEBT) -> None:
-    """As if that much handshake work had just run."""
-    for _ in range(round(seconds / MAX_CHARGE)):
+async def spend(pacer, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Keep the share spent, as if handshakes ran all the time: every step waits its turn (a
+    share of 1 % repays the debt of a slice in 100 ms, longer than any pass of a loaded loop)."""
+    pacer.share = LoopShare(time.perf_counter(), share=0.01)  # the pacer's clock
+    task_status.started()
+    while True:
         pacer.charge(MAX_CHARGE)
+        await trio.sleep(0.001)
 
 
 class Traffic:
@@ -55,24 +61,27 @@ async def test_a_new_connection_waits_its_turn_while_the_pair_keeps_relaying(sta
         await nursery.start(traffic.run)
         await wait_until(lambda: traffic.received > 0)
         waited, before = pacer.waited, traffic.received
-        spend(pacer)
+        await nursery.start(spend, pacer)
         async with dc.connect(url(server), **opts) as c:
             during = traffic.received - before
             await assert_relays(c, a)
         nursery.cancel_scope.cancel()
         assert pacer.waited > waited  # its accept or its handshake waited for the share
         assert during > 0  # and packets went on meanwhile
-        assert pacer.charged > DEBT  # its handshake was charged too
+    text = generate_latest(registry(server.exposition.metrics)).decode()
+    assert f"derper_loop_turns_waited_total {float(pacer.waited)}" in text
 
 
 async def test_on_a_quiet_relay_nothing_waits(start_server, ca):
     server = await start_server(tls=True)
     pacer, opts = server.relay.pacer, connect_opts(server, ca)
-    async with dc.connect(url(server), **opts) as a, dc.connect(url(server), **opts) as b:
-        spend(pacer)
+    async with dc.connect(url(server), **opts) as a, dc.connect(url(server), **opts) as b, \
+            trio.open_nursery() as nursery:
+        await nursery.start(spend, pacer)
         async with dc.connect(url(server), **opts):
             pass
         assert pacer.waited == 0
+        nursery.cancel_scope.cancel()
         await assert_relays(a, b)
 
 
@@ -89,9 +98,10 @@ async def test_a_mass_disconnect_is_torn_down_in_turns(start_server, ca):
             await wait_until(lambda: traffic.received > 0)
             await wait_until(lambda: router.current_connections == 42)
             waited, before = pacer.waited, traffic.received
-            spend(pacer)
+            await nursery.start(spend, pacer)
         # every client has left at once
         await wait_until(lambda: router.current_connections == 2)
+        await wait_until(lambda: server.open_connections == 2)  # closed too, not only gone
         assert pacer.waited - waited >= 40  # each teardown waited for its turn
         assert traffic.received > before  # and the pair relayed meanwhile
         assert len(server.relay.keepalives.schedule) == 2

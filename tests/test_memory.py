@@ -58,14 +58,14 @@ for i in range(300_000):  # what closed connections leave: garbage in cycles, a 
         keep.append(bytes(64))
 del a
 grown = rss_bytes()
-opened = [0]
+closed = [0]
 
 async def main():
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(memory.trim_forever, lambda: opened[0], lambda: 3, 0.05, 0.01)
+        nursery.start_soon(memory.trim_forever, lambda: closed[0], lambda: 3, 0.05, 0.01)
         await trio.sleep(0.3)  # trims, but no storm yet: no collection
         print(rss_bytes())
-        opened[0] = memory.COLLECT_AFTER  # now many connections have come and gone
+        closed[0] = memory.COLLECT_AFTER  # now many connections have come and gone
         await trio.sleep(0.3)
         nursery.cancel_scope.cancel()
 
@@ -87,11 +87,27 @@ def test_after_many_connections_a_collection_frees_what_cycles_held():
 
 
 def test_a_collection_comes_with_the_trim_or_after_a_storm_and_only_with_few_left():
-    policy = memory.CollectPolicy(opened=50)
+    policy = memory.Reclaim(closed=50, now=0.0, interval=10.0)
     storm = 50 + memory.COLLECT_AFTER
-    assert not policy.due(storm - 1, live=0, trimming=False)  # not yet a storm
-    assert not policy.due(storm, live=memory.COLLECT_MAX_LIVE + 1, trimming=True)  # too many
-    assert policy.due(storm, live=memory.COLLECT_MAX_LIVE, trimming=False)  # at once
-    assert not policy.due(storm, live=0, trimming=True)  # nothing came since
-    assert not policy.due(storm + 10, live=0, trimming=False)
-    assert policy.due(storm + 10, live=0, trimming=True)  # with the trim
+    assert policy.step(storm - 1, live=0, now=1.0) == (False, False)  # not yet a storm
+    assert policy.step(storm, live=memory.COLLECT_MAX_LIVE + 1, now=1.5) == (False, False)
+    assert policy.step(storm, live=memory.COLLECT_MAX_LIVE, now=2.0) == (True, True)  # at once
+    assert policy.step(storm, live=0, now=11.9) == (False, False)  # 10 s from then
+    assert policy.step(storm, live=0, now=12.0) == (False, True)  # none closed since: a trim
+    assert policy.step(storm + 10, live=0, now=21.0) == (False, False)
+    assert policy.step(storm + 10, live=0, now=22.0) == (True, True)  # with the periodic trim
+    assert policy.step(storm + 20, live=memory.COLLECT_MAX_LIVE + 1, now=32.0) == (False, True)
+
+
+def test_a_smaller_storm_is_collected_once_its_closes_die_down():
+    policy = memory.Reclaim(closed=0, now=0.0, interval=10.0)
+    closed = 0
+    for i in range(1, 13):  # 3 s of 200 closes a second, a trickle of 2 a second after
+        closed += 50 if i <= 12 else 0
+        assert policy.step(closed, live=30, now=0.25 * i) == (False, False)
+    got = []
+    for i in range(13, 25):
+        closed += 1 if i % 2 else 0
+        got.append(policy.step(closed, live=30, now=0.25 * i))
+    assert got.count((True, True)) == 1  # within a second of the storm dying down
+    assert got.index((True, True)) <= 4

@@ -59,53 +59,56 @@ class TokenBucket:
 PRESSURE_DEADLINE = 2.0
 
 # While packets are relayed, work on connections that are not relaying (handshakes, closes)
-# gets this share of the event loop, in slices of at most LOOP_SLICE seconds.
-LOOP_SHARE = 0.5
-LOOP_SLICE = 0.004
-QUIET = 0.5  # no packet relayed for this long: the relay is quiet, nothing is held back
-DEBT_EPSILON = 1e-9  # rounding, not debt
+# runs at once within this share of the event loop, in slices of at most LOOP_SLICE seconds
+# (a TLS handshake step is 0.3-0.5 ms); the rest waits for turns, one per scheduler pass.
+LOOP_SHARE = 0.25
+LOOP_SLICE = 0.001
+QUIET = 0.5  # no packet relayed for this long: the relay is quiet, nothing takes turns
 
 
 class LoopShare:
-    """How much of the event loop may go to connections that are not relaying packets.
+    """Whether work on connections that are not relaying may run at once, or takes its turn.
 
     One event loop runs every connection, one ready task after another: a flood of TLS
     handshakes, HTTP requests or closing sessions would make every relayed packet wait behind
-    all of it. So while packets are being relayed, that work gets ``share`` of the loop's time,
-    in slices of at most ``slice`` seconds (a token bucket of loop seconds, which the work is
-    charged as it runs); a packet then waits for at most about a slice of it. On a quiet relay
-    (no packet for ``quiet`` seconds) nothing is held back: nobody's latency is at stake and
-    reconnecting clients get the whole loop.
+    all of it. While packets are being relayed, such work runs at once only within a budget:
+    ``share`` of the loop's time, in slices of at most ``slice`` seconds (a token bucket of
+    loop seconds, charged as the work runs). Beyond it each piece waits for its turn, one per
+    pass of the scheduler (``admission.pacer``), so a relayed packet waits for at most a slice
+    and a piece; the turns come as fast as the loop goes round, so nothing idles while work
+    waits. On a quiet relay (no packet for ``quiet`` seconds) everything runs at once: nobody's
+    latency is at stake, and reconnecting clients get the whole loop.
     """
 
     __slots__ = ("bucket", "quiet", "_relayed", "_busy_until")
 
     def __init__(self, now: float, share: float = LOOP_SHARE, slice: float = LOOP_SLICE,
                  quiet: float = QUIET) -> None:
-        if not 0 < share <= 1:
-            raise ValueError("the loop share must be in (0, 1]")
+        if not 0 < share < 1:
+            raise ValueError("the loop share must be between 0 and 1")
         self.bucket = TokenBucket(share, slice, now)
         self.quiet = quiet
         self._relayed = 0
         self._busy_until = -math.inf
 
-    def wait(self, now: float, relayed: int) -> float:
-        """Seconds until the next piece of that work may run (0: now). ``relayed``: packets
-        relayed so far, any counter that grows with them."""
+    def may_run(self, now: float, relayed: int) -> bool:
+        """Whether the next piece may run at once. ``relayed``: packets relayed so far (any
+        counter that grows with them)."""
         bucket = self.bucket
         if relayed != self._relayed:
             self._relayed = relayed
             self._busy_until = now + self.quiet
         if now >= self._busy_until:
             bucket.tokens, bucket.last = bucket.burst, now
-            return 0.0
+            return True
         bucket.refill(now)
-        debt = -bucket.tokens
-        return debt / bucket.rate if debt > DEBT_EPSILON else 0.0
+        return bucket.tokens >= 0
 
     def charge(self, now: float, seconds: float) -> None:
-        """Work that just ran took ``seconds`` of the loop (it may go into debt)."""
-        self.bucket.take(now, seconds)
+        """Work that just ran took ``seconds`` of the loop: into debt, up to a slice."""
+        bucket = self.bucket
+        bucket.take(now, seconds)
+        bucket.tokens = max(bucket.tokens, -bucket.burst)
 
 
 def source_key(ip: str | None) -> str:

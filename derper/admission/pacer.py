@@ -2,10 +2,11 @@
 
 The shell around ``limits.LoopShare``. Such work asks for a ``turn`` before each step (a TLS
 handshake step, an HTTP request, the DERP handshake, a session's teardown) and is charged the
-loop time the step took; when the share is spent it waits, first come first served, while the
-relaying sessions run. The accept loops wait behind every step under way (``admit``): new
-connections queue in the kernel's accept queue, which costs the relay nothing, and work already
-started is finished first.
+loop time the step took. Beyond the share, steps wait in line and ``run`` lets one go per pass
+of the scheduler: between two of them every relaying session that has something to do gets its
+turn. The accept loops wait behind every step under way (``admit``): new connections queue in
+the kernel's accept queue, which costs the relay nothing, and work already started is finished
+first.
 """
 
 from __future__ import annotations
@@ -37,25 +38,27 @@ class Pacer:
         self.charged = 0.0  # loop seconds charged so far
         self.waited = 0  # turns that had to wait
 
-    def _wait(self) -> float:
-        return self.share.wait(self._clock(), self._relayed())
+    def _may_run(self) -> bool:
+        return self.share.may_run(self._clock(), self._relayed())
 
     async def turn(self) -> None:
         """Before a step of work under way: returns at once (no checkpoint) if the share
         allows it and nobody is waiting, else waits in line."""
-        if not self._steps and self._wait() <= 0:
+        if not self._steps and self._may_run():
             return
         await self._park(self._steps)
 
     async def admit(self) -> None:
-        """Before accepting a connection: after every step waiting, when the share allows."""
-        if not self._steps and not self._admits and self._wait() <= 0:
+        """Before accepting a connection: at once if the share allows it and nobody waits,
+        else after every step waiting."""
+        if not self._steps and not self._admits and self._may_run():
             return
         await self._park(self._admits)
 
     async def _park(self, lot: trio.lowlevel.ParkingLot) -> None:
         self.waited += 1
-        self._idle.unpark()
+        if self._idle:
+            self._idle.unpark()
         await lot.park()
 
     def charge(self, seconds: float) -> None:
@@ -78,17 +81,13 @@ class Pacer:
             self.charge(self._clock() - start)
 
     async def run(self) -> None:
-        """Hand out turns: one per pass of the scheduler, while the share allows."""
+        """Hand out turns, one per pass of the scheduler: steps first, then accepts."""
         while True:
             if not (self._steps or self._admits):
                 await self._idle.park()
                 continue
-            wait = self._wait()
-            if wait > 0:
-                await trio.sleep(wait)
-                continue
             (self._steps if self._steps else self._admits).unpark()
-            await trio.lowlevel.checkpoint()  # it runs, and is charged, before the next turn
+            await trio.lowlevel.checkpoint()  # the next turn in the next pass
 
 
 class _Measured:
