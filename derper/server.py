@@ -544,7 +544,7 @@ class Server:
                 stats.tls_active[tls_version] -= 1
             try:  # a flood's closes take turns too (a session took its own; stopping: now)
                 if not half_open.is_established:
-                    await pacer.turn()
+                    await pacer.close_turn()
             finally:
                 with trio.CancelScope(shield=True), pacer.measured():
                     await conn.aclose()

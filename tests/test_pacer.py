@@ -1,6 +1,7 @@
 """Turns on the event loop for work that is not relaying (``admission.pacer``), on trio's mock
 clock: nothing waits on a quiet relay; while relaying, steps beyond the share wait in line, one
-per pass of the scheduler (never idling the loop), and accepts wait behind every step."""
+per pass of the scheduler (never idling the loop), accepts wait behind every step, and closes
+take turns with both."""
 
 from __future__ import annotations
 
@@ -100,6 +101,36 @@ def test_steps_go_in_order_and_accepts_after_every_step():
             await trio.testing.wait_all_tasks_blocked()
             nursery.cancel_scope.cancel()
         assert order == ["step 0", "step 1", "step 2", "accept"]
+
+    run(main)
+
+
+def test_closes_take_turns_with_steps_and_never_hold_up_a_newcomer():
+    """Thousands of sessions closing at once must not keep a new client's handshake (or its
+    accept) waiting behind all of them: the lines take turns."""
+    async def main():
+        pacer = Pacer(Relaying(), clock=trio.current_time)
+        order = []
+        pacer.charge(MAX_CHARGE)
+
+        async def wait(kind, name):
+            await {"close": pacer.close_turn, "step": pacer.turn, "accept": pacer.admit}[kind]()
+            order.append(name)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(50):
+                nursery.start_soon(wait, "close", f"close {i}")
+                await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(wait, "accept", "accept")
+            await trio.testing.wait_all_tasks_blocked()
+            for i in range(2):
+                nursery.start_soon(wait, "step", f"step {i}")
+                await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(pacer.run)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        assert order[:6] == ["step 0", "close 0", "step 1", "close 1", "accept", "close 2"]
+        assert order[6:] == [f"close {i}" for i in range(3, 50)]
 
     run(main)
 

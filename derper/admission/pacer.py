@@ -4,9 +4,12 @@ The shell around ``limits.LoopShare``. Such work asks for a ``turn`` before each
 handshake step, an HTTP request, the DERP handshake, a session's teardown) and is charged the
 loop time the step took. Beyond the share, steps wait in line and ``run`` lets one go per pass
 of the scheduler: between two of them every relaying session that has something to do gets its
-turn. The accept loops wait behind every step under way (``admit``): new connections queue in
-the kernel's accept queue, which costs the relay nothing, and work already started is finished
-first.
+turn. There are three lines, served in rotation so none waits behind another's flood: steps of
+connections on their way in (handshakes, requests), closes (``close_turn``), and the accept
+loops (``admit``), which also wait behind every step of a connection on its way in: new
+connections queue in the kernel's accept queue, which costs the relay nothing, and work already
+started is finished first. A newcomer's handshake thus never waits behind thousands of sessions
+closing at once.
 """
 
 from __future__ import annotations
@@ -32,8 +35,11 @@ class Pacer:
         self._relayed = relayed
         self._clock = clock
         self.share = LoopShare(clock(), **share)
-        self._steps = trio.lowlevel.ParkingLot()  # work under way, in order
+        self._steps = trio.lowlevel.ParkingLot()  # connections on their way in, in order
+        self._closes = trio.lowlevel.ParkingLot()  # connections closing, in order
         self._admits = trio.lowlevel.ParkingLot()  # accept loops: after every step
+        self._lines = (self._steps, self._closes, self._admits)
+        self._next = 0  # the line ``run`` looks at first
         self._idle = trio.lowlevel.ParkingLot()  # ``run``, while nobody waits
         self.charged = 0.0  # loop seconds charged so far
         self.waited = 0  # turns that had to wait
@@ -47,6 +53,12 @@ class Pacer:
         if not self._steps and self._may_run():
             return
         await self._park(self._steps)
+
+    async def close_turn(self) -> None:
+        """Before closing a connection: as ``turn``, in the line of closes."""
+        if not self._closes and self._may_run():
+            return
+        await self._park(self._closes)
 
     async def admit(self) -> None:
         """Before accepting a connection: at once if the share allows it and nobody waits,
@@ -81,12 +93,20 @@ class Pacer:
             self.charge(self._clock() - start)
 
     async def run(self) -> None:
-        """Hand out turns, one per pass of the scheduler: steps first, then accepts."""
+        """Hand out turns, one per pass of the scheduler, to the lines in rotation; an accept
+        only while no step is waiting."""
+        lines = self._lines
         while True:
-            if not (self._steps or self._admits):
+            steps = bool(self._steps)
+            for k in range(3):
+                i = (self._next + k) % 3
+                if lines[i] and (i != 2 or not steps):
+                    lines[i].unpark()
+                    self._next = i + 1
+                    break
+            else:
                 await self._idle.park()
                 continue
-            (self._steps if self._steps else self._admits).unpark()
             await trio.lowlevel.checkpoint()  # the next turn in the next pass
 
 

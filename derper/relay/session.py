@@ -273,7 +273,7 @@ class Session(Outbox):
                     dst.wake()
                 ready.clear()
             self.closing = True  # packets for it are dropped from now on
-            await self.relay.pacer.turn()
+            await self.relay.pacer.close_turn()
             if not self.stop_writer():
                 scope.cancel()
 
