@@ -60,7 +60,9 @@ BENCH_FLAGS = [
     _flag("seconds", "seconds", "float", "relay: measured seconds"),
     _flag("warmup", "warmup", "float", "relay: seconds sent before measuring"),
     _flag("drain", "drain", "float", "relay: seconds receivers keep reading after the senders"),
-    _flag("procs", "procs", "int", "load processes"),
+    _flag("procs", "procs", "int",
+          "load processes: one per CPU this process may use (more only take turns on the "
+          "cores, and the servers' latency shows it)"),
     _flag("repeat", "repeat", "int", "runs; the median run is reported"),
     _flag("suite", "suite", "bool", "relay: the 8 x 5k, 8 x 10k and flood rows"),
     _flag("conns", "conns", "int", "conns: connections to open and hold"),
@@ -71,7 +73,7 @@ BENCH_FLAGS = [
 DEFAULTS = {"url": "", "cert_pin": "", "ca_file": "", "server_pid": 0, "server_args": "",
             "server_nice": 0, "recv_url": "", "recv_cert_pin": "", "mesh": False,
             "clients": 8, "size": 1280, "rate": 10000, "websocket": False, "coalesce": False, "seconds": 5.0,
-            "warmup": 1.0, "drain": 1.0, "procs": 4, "repeat": 1, "suite": False,
+            "warmup": 1.0, "drain": 1.0, "procs": len(os.sched_getaffinity(0)), "repeat": 1, "suite": False,
             "conns": 1000, "concurrency": 64, "json": "derp_bench.json", "smoke": False}
 
 SUITE = [  # (label, rate per sender): the rows of the README's performance table
