@@ -47,6 +47,16 @@ class Host:
                 await trio.sleep(0.02)
         return int(m.group(1))
 
+    async def settled(self, *names: str) -> dict[str, float]:
+        """These metrics once two scrapes a snapshot period apart agree (traffic has stopped
+        and every worker's snapshot shows it)."""
+        with trio.fail_after(15):
+            while True:
+                first = {name: await self.metric(name) for name in names}
+                await trio.sleep(1.2)
+                if first == {name: await self.metric(name) for name in names}:
+                    return first
+
     def scrape(self, path: str = "/metrics", port: int | None = None) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{port or self.metrics_port}{path}",
                                     timeout=5) as r:
@@ -69,17 +79,17 @@ async def host(tmp_path: Path, *flags: str):
         yield Host(proc, port, metrics_port)
 
 
-async def clients_on_both(stack: AsyncExitStack, h: Host, n: int = CLIENTS, barrier=True):
+async def clients_on_both(stack: AsyncExitStack, h: Host, n: int = CLIENTS):
     """At least ``n`` clients and the worker each landed on: more until both workers have
-    some (the kernel's hash decides; 64 all on one would be a broken spread). With
-    ``barrier``, return once each worker knows the other's clients (two packets relayed)."""
+    some (the kernel's hash decides; 64 all on one would be a broken spread). Returns once
+    each worker knows the other's clients (two packets relayed, or more if one missed)."""
     clients, workers = [], []
     while len(clients) < n or set(workers) != {0, 1}:
         assert len(clients) < 64, f"every client on one worker: {workers}"
         c = await stack.enter_async_context(dc.connect(h.url, KeyPair.generate()))
         clients.append(c)
         workers.append(await h.worker_of(c.public_key))
-    for w in (0, 1) if barrier else ():  # the other worker knows w's newest, so all of w's
+    for w in (0, 1):  # the other worker knows w's newest, so all of w's
         newest = clients[len(workers) - 1 - workers[::-1].index(w)]
         await delivered(clients[workers.index(1 - w)], newest, b"barrier")
     return clients, workers
@@ -99,7 +109,11 @@ async def delivered(src: dc.DerpClient, dst: dc.DerpClient, payload: bytes) -> N
 
 async def test_clients_on_different_workers_relay_to_each_other_and_metrics_add_up(tmp_path):
     async with host(tmp_path) as h, AsyncExitStack() as stack:
-        clients, workers = await clients_on_both(stack, h, barrier=False)  # counts exact
+        clients, workers = await clients_on_both(stack, h)
+        counted = ("derp_packets_received_total", "derp_packets_sent_total",
+                   'derper_worker_packets_total{direction="out"}',
+                   'derper_worker_packets_total{direction="in"}')
+        base = await h.settled(*counted)  # the barrier's packets
         n = len(clients)
         crossing = 0
         for i, c in enumerate(clients):  # a ring: each sends to the next
@@ -112,12 +126,11 @@ async def test_clients_on_different_workers_relay_to_each_other_and_metrics_add_
             assert m.source == clients[(i - 1) % n].public_key
         assert crossing > 0
         # One /metrics for the host: every worker's counts, summed exactly.
+        expected = dict(zip(counted, (n, n, crossing, crossing)))
         with trio.fail_after(10):
-            while (await h.metric("derp_packets_received_total") != n
-                   or await h.metric("derp_packets_sent_total") != n
-                   or await h.metric('derper_worker_packets_total{direction="out"}') != crossing):
+            while [await h.metric(name) for name in counted] != \
+                    [base[name] + expected[name] for name in counted]:
                 await trio.sleep(0.2)
-        assert await h.metric('derper_worker_packets_total{direction="in"}') == crossing
         assert await h.metric("derp_clients_local") >= n  # (+ each worker's sibling link)
         assert await h.metric("derp_clients_remote") == 0  # the other worker is this host
         assert await h.metric("derper_workers_reporting") == 2
@@ -125,17 +138,20 @@ async def test_clients_on_different_workers_relay_to_each_other_and_metrics_add_
             assert await h.metric(f'derper_worker_connections{{worker="{w}"}}') >= \
                 workers.count(w)
         # So does the status page (worker 0 serves it).
+        packets_in = base["derp_packets_received_total"] + n
         with trio.fail_after(10):
             while True:
                 status = json.loads(await trio.to_thread.run_sync(h.scrape, "/status.json"))
-                if status["traffic"]["packets_in_total"] == n:
+                if status["traffic"]["packets_in_total"] == packets_in:
                     break
                 await trio.sleep(0.2)
-        assert status["traffic"]["packets_out_total"] == n
+        assert status["traffic"]["packets_out_total"] == base["derp_packets_sent_total"] + n
         assert status["clients"]["local"] >= n
         # /debug/varz on the DERP port, whichever worker answers, sums the host too.
-        varz = await trio.to_thread.run_sync(h.scrape, "/debug/varz", h.port)
-        assert f"derp_packets_received {n}\n" in varz
+        with trio.fail_after(10):
+            while (f"derp_packets_received {packets_in:.0f}\n"
+                   not in await trio.to_thread.run_sync(h.scrape, "/debug/varz", h.port)):
+                await trio.sleep(0.2)
 
 
 async def test_duplicate_key_across_workers_last_writer_wins(tmp_path):
