@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import stat
@@ -189,3 +190,38 @@ def test_help_lists_every_flag_with_its_environment_variable():
                  "(default 10m0s)", "-tcp-user-timeout", "-tcp-write-timeout", "(default 2s)",
                  "-accept-connection-limit", "-accept-connection-burst", "derper -dev"):
         assert text in result.stdout, text
+
+
+async def test_kill_9_under_load_then_restart_brings_clients_back_with_the_same_key(tmp_path):
+    """What systemd's Restart= does after a crash: the same key and certificate from disk, and
+    clients (reconnecting as Tailscale's do) relaying again within seconds."""
+    port = free_port()
+    args = ["-hostname", "127.0.0.1", "-certmode", "manual", "-certdir", str(tmp_path / "certs"),
+            "-a", f"127.0.0.1:{port}", "-http-port", "-1", "-stun-port", "-1",
+            "-metrics-addr", "off", "-c", str(tmp_path / "derper.key")]
+    url = f"https://127.0.0.1:{port}/derp"
+    keys = KeyPair.generate(), KeyPair.generate()
+    async with derper(args, tmp_path) as proc:
+        pin = re.search(r"sha256-raw:[0-9a-f]{64}", proc.stdout).group(0)
+        async with dc.connect(url, keys[0], cert_pin=pin) as a, \
+                dc.connect(url, keys[1], cert_pin=pin) as b:
+            identity = a.server_key
+            with pytest.raises((dc.DerpClientError, trio.BrokenResourceError, EOFError)):
+                for seq in range(1000):  # 200 packets a second, killed after 100
+                    if seq == 100:
+                        proc.signal(signal.SIGKILL)
+                    await a.send(b.public_key, b"%d" % seq)
+                    await trio.sleep(0.005)
+                    if seq > 100:
+                        await b.recv()  # the dead server's socket: fails soon
+    async with derper(args, tmp_path):
+        with trio.fail_after(5):  # back within seconds
+            while True:
+                try:
+                    async with dc.connect(url, keys[0], cert_pin=pin) as a, \
+                            dc.connect(url, keys[1], cert_pin=pin) as b:
+                        await assert_relays(a, b, b"back")
+                        assert a.server_key == identity
+                        break
+                except dc.DerpClientError:
+                    await trio.sleep(0.05)
