@@ -34,47 +34,56 @@ from stun.message import tailscale_request  # noqa: E402
 
 
 def _load(target: tuple[str, int], cpus: set[int], start: float, warmup: float, seconds: float,
-          window: int) -> dict[str, int]:
-    """One load process: ``window`` requests in flight, valid replies counted while measuring."""
+          window: int, sockets: int = 1) -> dict[str, int]:
+    """One load process: ``window`` requests in flight on each of ``sockets`` client sockets
+    (one per source port: with ``-workers`` the kernel spreads them by address and port),
+    valid replies counted while measuring."""
     os.sched_setaffinity(0, cpus)
     family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    sock.connect(target)
-    sock.setblocking(False)
+    socks = []
+    for _ in range(sockets):
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.connect(target)
+        sock.setblocking(False)
+        socks.append(sock)
     txid = os.urandom(12)
     request = tailscale_request(txid)
-    send, recv_into = sock.send, sock.recv_into
     buf = bytearray(2048)
     view = memoryview(buf)
     counted = invalid = refills = 0
     measure_from, stop = start + warmup, start + warmup + seconds
     time.sleep(max(0.0, start - time.monotonic()))
-    for _ in range(window):
-        send(request)
+    for sock in socks:
+        for _ in range(window):
+            sock.send(request)
     now = last_reply = time.monotonic()
     while now < stop:  # busy-polls: a halted load core adds wake-up latency that caps the server
         got = 0
-        while True:
-            try:
-                n = recv_into(buf)
-            except BlockingIOError:
-                break
-            if n >= 32 and view[:2] == b"\x01\x01" and view[8:20] == txid:
-                got += 1
-            else:
-                invalid += 1
-            send(request)
+        for sock in socks:
+            send, recv_into = sock.send, sock.recv_into
+            while True:
+                try:
+                    n = recv_into(buf)
+                except BlockingIOError:
+                    break
+                if n >= 32 and view[:2] == b"\x01\x01" and view[8:20] == txid:
+                    got += 1
+                else:
+                    invalid += 1
+                send(request)
         now = time.monotonic()
         if got:
             last_reply = now
             if now >= measure_from:
                 counted += got
-        elif now - last_reply > 0.05:  # everything in flight was lost: refill the window
+        elif now - last_reply > 0.05:  # everything in flight was lost: refill the windows
             refills += 1
             last_reply = now
-            for _ in range(window):
-                send(request)
-    sock.close()
+            for sock in socks:
+                for _ in range(window):
+                    sock.send(request)
+    for sock in socks:
+        sock.close()
     return {"responses": counted, "invalid": invalid, "refills": refills}
 
 
