@@ -94,6 +94,20 @@ async def derper(args: list[str], workdir: Path, env: dict | None = None,
         proc.close()
 
 
+@asynccontextmanager
+async def notified_derper(args: list[str], workdir: Path):
+    """A derper told to notify a socket of ours as systemd's (``NOTIFY_SOCKET``): yields the
+    process and that socket, to read what it tells systemd. Killed on exit."""
+    path = str(workdir / "notify")
+    with trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        await sock.bind(path)
+        proc = DerperProcess(args, workdir, env={"NOTIFY_SOCKET": path})
+        try:
+            yield proc, sock
+        finally:
+            proc.close()
+
+
 def run_derper(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
     """Run derper to completion (for commands that must exit at once)."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("DERP_")}

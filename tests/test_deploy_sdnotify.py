@@ -7,7 +7,7 @@ import socket
 import trio
 
 from derper.cli import sdnotify
-from tests.process import DerperProcess, free_port
+from tests.process import free_port, notified_derper
 
 
 def test_notify_sends_to_the_socket_and_is_a_no_op_without_one(tmp_path, monkeypatch):
@@ -24,18 +24,11 @@ def test_notify_sends_to_the_socket_and_is_a_no_op_without_one(tmp_path, monkeyp
 
 
 async def test_derper_reports_ready_after_binding(tmp_path):
-    path = str(tmp_path / "notify")
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    with sock:
-        await sock.bind(path)
-        port = free_port()
-        proc = DerperProcess(["-dev", "-a", f"127.0.0.1:{port}", "-stun=false"], tmp_path,
-                             env={"NOTIFY_SOCKET": path})
-        try:
-            with trio.fail_after(15):
-                assert await sock.recv(100) == b"READY=1"
-            assert "derper listening" in proc.log  # ready only once the port is bound
-            with socket.create_connection(("127.0.0.1", port), timeout=5):
-                pass
-        finally:
-            proc.close()
+    port = free_port()
+    async with notified_derper(["-dev", "-a", f"127.0.0.1:{port}", "-stun=false"],
+                               tmp_path) as (proc, sock):
+        with trio.fail_after(15):
+            assert await sock.recv(100) == b"READY=1"
+        assert "derper listening" in proc.log  # ready only once the port is bound
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass

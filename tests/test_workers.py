@@ -17,7 +17,7 @@ import trio
 from derper import client as dc
 from derper.proto.keys import KeyPair, public_text
 from derper.proto.messages import ReceivedPacket, RestartingMessage
-from tests.process import DerperProcess, derper, free_port
+from tests.process import DerperProcess, derper, free_port, notified_derper
 from tests.relay_helpers import recv_kind
 
 READY = 'msg="derper listening" workers='
@@ -355,29 +355,21 @@ async def test_workers_host_meshes_with_another_node_as_one_node(nursery, tmp_pa
 
 
 async def test_ready_once_after_both_workers_listen_and_sighup_reaches_both(tmp_path):
-    path = str(tmp_path / "notify")
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    with sock:
-        await sock.bind(path)
-        port = free_port()
-        proc = DerperProcess(["-dev", "-a", f"127.0.0.1:{port}", "-workers", "2", "-stun-port",
-                              "-1", "-metrics-addr", "off"], tmp_path,
-                             env={"NOTIFY_SOCKET": path})
-        try:
-            with trio.fail_after(20):
-                assert await sock.recv(100) == b"READY=1"
-            for w in (0, 1):  # ready only once every worker listens
-                assert re.search(rf'msg="derper listening" .* worker={w}', proc.log)
-            proc.signal(signal.SIGHUP)
-            with trio.fail_after(10):
-                while not all(re.search(rf"SIGHUP: reloading .* worker={w}", proc.log)
-                              for w in (0, 1)):
-                    await trio.sleep(0.05)
-            with trio.move_on_after(1):
-                await sock.recv(100)
-                pytest.fail("a second notification")
-        finally:
-            proc.close()
+    args = ["-dev", "-a", f"127.0.0.1:{free_port()}", "-workers", "2", "-stun-port", "-1",
+            "-metrics-addr", "off"]
+    async with notified_derper(args, tmp_path) as (proc, sock):
+        with trio.fail_after(20):
+            assert await sock.recv(100) == b"READY=1"
+        for w in (0, 1):  # ready only once every worker listens
+            assert re.search(rf'msg="derper listening" .* worker={w}', proc.log)
+        proc.signal(signal.SIGHUP)
+        with trio.fail_after(10):
+            while not all(re.search(rf"SIGHUP: reloading .* worker={w}", proc.log)
+                          for w in (0, 1)):
+                await trio.sleep(0.05)
+        with trio.move_on_after(1):
+            await sock.recv(100)
+            pytest.fail("a second notification")
 
 
 async def test_host_wide_limits_and_process_figures_are_the_hosts(tmp_path):
