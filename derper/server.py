@@ -139,7 +139,10 @@ class Server:
         self.http_port: int | None = None
         self.stun_port: int | None = None
         self._listeners: list[trio.SocketListener] = []
-        self.open_connections = 0  # accepted and not yet closed (handshaking, relaying, closing)
+        # Main-port and helper connections accepted and not yet closed (handshaking, relaying,
+        # closing), and those closed since start: what the memory reclaimer goes by.
+        self.open_connections = 0
+        self.closed_connections = 0
         self._nursery: trio.Nursery | None = None
         self._shutting_down = False
 
@@ -308,7 +311,7 @@ class Server:
                                                 alternates=alternates))
                 if self.bootstrap.names:
                     nursery.start_soon(self.bootstrap.refresh_forever)
-                nursery.start_soon(memory.trim_forever, self._closed_connections,
+                nursery.start_soon(memory.trim_forever, lambda: self.closed_connections,
                                    lambda: self.open_connections)
                 nursery.start_soon(self.relay.loop_lag.sample_forever)
                 if self.mesh is not None:
@@ -391,8 +394,15 @@ class Server:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
-    def _closed_connections(self) -> int:
-        return self.relay.stats.accepted_connections - self.open_connections
+    @contextmanager
+    def _counted(self):
+        """A connection counts as open from here until it is closed."""
+        self.open_connections += 1
+        try:
+            yield
+        finally:
+            self.open_connections -= 1
+            self.closed_connections += 1
 
     def _open_metrics(self) -> prom.MetricsListener | None:
         """The /metrics listener; a port that cannot be bound costs the metrics, not the relay.
@@ -475,13 +485,10 @@ class Server:
         # A proxy's connections carry many clients: not capped as one address.
         from_proxy = self.config.proxy_protocol or (
             self.proxies is not None and self.proxies.trusts(ip))
-        self.open_connections += 1
-        try:
-            with self._half_open(self.handshakes, stream, ip, capped=not from_proxy) as half_open:
-                if half_open is not None:
-                    await self._serve_connection(stream, ip, port, half_open)
-        finally:
-            self.open_connections -= 1
+        with self._counted(), \
+                self._half_open(self.handshakes, stream, ip, capped=not from_proxy) as half_open:
+            if half_open is not None:
+                await self._serve_connection(stream, ip, port, half_open)
 
     async def _serve_connection(self, stream: trio.SocketStream, ip: str | None, port: int,
                                 half_open: HalfOpen) -> None:
@@ -551,13 +558,9 @@ class Server:
 
     async def _serve_helper(self, stream: trio.SocketStream) -> None:
         ip, port = peer_address(stream)
-        self.open_connections += 1
-        try:
-            with self._half_open(self.helper_connections, stream, ip) as half_open:
-                if half_open is not None:
-                    await self._serve_helper_connection(stream, ip, port, half_open)
-        finally:
-            self.open_connections -= 1
+        with self._counted(), self._half_open(self.helper_connections, stream, ip) as half_open:
+            if half_open is not None:
+                await self._serve_helper_connection(stream, ip, port, half_open)
 
     async def _serve_helper_connection(self, stream: trio.SocketStream, ip: str | None,
                                        port: int, half_open: HalfOpen) -> None:
