@@ -9,13 +9,21 @@ and dumped after the exchange: the figure covers the relay path only.
     python benchmarks/derp_instructions.py                  # this checkout
     python benchmarks/derp_instructions.py --tree /tmp/old  # a checkout to compare with
     python benchmarks/derp_instructions.py --conns 200      # per new TLS + DERP connection
+    python benchmarks/derp_instructions.py --conns 200 --workers 2  # the same, summed over
+                                                            # a -workers supervisor and workers
     python benchmarks/derp_instructions.py --websocket      # DERP over WebSocket (TLS)
     python benchmarks/derp_instructions.py --client [--websocket]  # the load generator's
     python benchmarks/derp_instructions.py --mesh           # across two meshed nodes
     python benchmarks/derp_instructions.py --mesh --pairs 4  # four clients share the link
 
 ``--conns N`` counts instead what N new connections cost (TLS handshake, HTTP upgrade, DERP
-handshake, registration), opened one after another and all held open until the dump.
+handshake, registration), opened one after another and all held open until the dump. With
+``--workers N`` the server is a ``-workers N`` host, every process of it under callgrind, and
+the figure is their sum: what the workers' own machinery (sibling links and the presence
+notes over them, metric snapshots, the supervisor) adds to a connection, without the
+scheduling noise of CPU time on a machine whose cores the load generator shares. Work done
+by the clock (metric snapshots, samplers) grows with callgrind's slowness, so it is also
+counted over as long again with the connections held idle, and a second figure leaves it out.
 ``--client`` counts the other side: the two clients (``derper bench``'s, sending and receiving)
 run under callgrind against a plain server, twice, with ``--rounds`` / 5 and ``--rounds``
 rounds; the difference over the extra packets leaves start-up and handshakes out.
@@ -42,6 +50,7 @@ import trio  # noqa: E402
 
 from derper.bench.loadgen import connect_target  # noqa: E402
 from derper.cli.bench import StartedServer, started_region  # noqa: E402
+from derper.metrics.procstat import process_tree  # noqa: E402
 from derper.proto import wire  # noqa: E402
 
 
@@ -122,9 +131,15 @@ async def connect_many(target: dict, conns: int, between) -> None:
         for _ in range(5):  # warm every path once
             await nursery.start(hold)
         await trio.to_thread.run_sync(between, "--zero")
+        start = trio.current_time()
         for _ in range(conns):
             await nursery.start(hold)
         await trio.sleep(0.5)  # the server's last steps after its ServerInfo write
+        span = trio.current_time() - start
+        await trio.to_thread.run_sync(between, "--dump")
+        # As long again with every connection held and nothing new: what the server does by
+        # the clock (metric snapshots, samplers), which callgrind's slowness stretches.
+        await trio.sleep(span)
         await trio.to_thread.run_sync(between, "--dump")
         nursery.cancel_scope.cancel()
 
@@ -139,6 +154,8 @@ def main() -> None:
                         help="sender/receiver pairs, all sending at once each round")
     parser.add_argument("--conns", type=int, default=0,
                         help="count N new connections instead of relayed packets")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="with --conns: a -workers N server, its processes' sum counted")
     parser.add_argument("--websocket", action="store_true",
                         help="DERP over WebSocket, one message per packet")
     parser.add_argument("--allocator", default="malloc",
@@ -155,6 +172,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--keep", action="store_true", help="keep the callgrind dump")
     args = parser.parse_args()
+    if args.workers > 1 and not args.conns:
+        parser.error("--workers counts connections: give --conns N")
     if args.count_clients:
         url, pin = args.count_clients
         target = {"url": url, "cert_pin": pin, "ca_file": None, "websocket": args.websocket}
@@ -173,16 +192,21 @@ def main() -> None:
         report(args, instructions, packets, "load generator")
         return
     wrapper = ["env", f"PYTHONMALLOC={args.allocator}", "valgrind", "--tool=callgrind",
-               "--dump-line=no",
-               "--callgrind-out-file=%q{PWD}/callgrind.out.%p"]
+               "--dump-line=no", "--callgrind-out-file=%q{PWD}/callgrind.out.%p"]
+    extra = []
+    if args.workers > 1:  # the supervisor's workers too, not the helpers ctypes runs at import
+        wrapper[-1:-1] = ["--trace-children=yes", "--trace-children-skip=" + ",".join(
+            ("*ldconfig*", "*gcc*", "*collect2", "*/ld", "*objdump"))]
+        extra = ["-workers", str(args.workers)]
     servers = (started_region([], wrapper=wrapper, cwd=args.tree) if args.mesh
-               else [StartedServer([], wrapper=wrapper, cwd=args.tree)])
+               else [StartedServer(extra, wrapper=wrapper, cwd=args.tree)])
     folder = Path(args.tree or ".")
     kept: list[Path] = []
+    counted = [_derpers(process_tree(s.proc.pid)) for s in servers]  # every worker
     try:
         def control(option: str) -> None:
-            for server in servers:
-                subprocess.run(["callgrind_control", option, str(server.proc.pid)],
+            for pid in (p for tree in counted for p in tree):
+                subprocess.run(["callgrind_control", option, str(pid)],
                                check=True, capture_output=True)
 
         targets = [{"url": s.url, "cert_pin": s.pin, "ca_file": None,
@@ -192,15 +216,20 @@ def main() -> None:
         else:
             trio.run(lockstep, (targets[0], targets[-1]), args.rounds, args.batch, args.size,
                      control, not args.mesh, args.pairs)
-        kept = [sorted(folder.glob(f"callgrind.out.{s.proc.pid}.*"))[-1] for s in servers]
-        counts = [int(re.search(r"^summary: (\d+)", f.read_text(), re.M).group(1))
-                  for f in kept]
+        dumps = [[_dumps(folder, p) for p in tree] for tree in counted]
+        kept = [f for tree in dumps for files in tree for f in files]
+        # Per tree, the sum over its processes of each one's last dump (the only one, or with
+        # --conns the held-idle span) and the one before it (--conns: the connections).
+        last = [sum(_summary(files[-1]) for files in tree) for tree in dumps]
+        counts = ([sum(_summary(files[-2]) for files in tree) for tree in dumps]
+                  if args.conns else last)
     finally:
         for server in servers:
             server.close()
-            for f in folder.glob(f"callgrind.out.{server.proc.pid}*"):
-                if not (args.keep and f in kept):
-                    f.unlink()
+        for f in (f for tree in counted for p in tree
+                  for f in [*_dumps(folder, p), folder / f"callgrind.out.{p}"]):
+            if not (args.keep and f in kept):
+                f.unlink(missing_ok=True)
     if args.mesh:
         packets = args.rounds * args.batch * args.pairs
         result = {"tree": args.tree or ".", "packets": packets, "batch": args.batch,
@@ -220,14 +249,42 @@ def main() -> None:
         return
     instructions = counts[0]
     if args.conns:
-        result = {"tree": args.tree or ".", "conns": args.conns, "instructions": instructions,
-                  "instructions_per_conn": round(instructions / args.conns)}
+        by_clock = last[0]
+        result = {"tree": args.tree or ".", "conns": args.conns, "workers": args.workers,
+                  "instructions": instructions, "instructions_by_clock": by_clock,
+                  "instructions_per_conn": round(instructions / args.conns),
+                  "instructions_per_conn_less_clock": round((instructions - by_clock)
+                                                            / args.conns)}
         if args.json:
             args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"{result['instructions_per_conn']:,} server instructions per new connection "
-              f"({args.conns} TLS + DERP connections; {result['tree']})")
+        host = (f", summed over the supervisor and {args.workers} workers"
+                if args.workers > 1 else "")
+        print(f"{result['instructions_per_conn']:,} server instructions per new connection, "
+              f"{result['instructions_per_conn_less_clock']:,} less what the server does by "
+              f"the clock over as long idle ({args.conns} TLS + DERP connections{host}; "
+              f"{result['tree']})")
         return
     report(args, instructions, 2 * args.rounds * args.batch * args.pairs, "server")
+
+
+def _derpers(pids: list[int]) -> list[int]:
+    """The derper processes (not a helper one starts for a moment, such as ``ldconfig`` for
+    ctypes, which callgrind follows too)."""
+    out = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if "\0-m\0derper\0" in Path(f"/proc/{pid}/cmdline").read_text():
+                out.append(pid)
+    return out
+
+
+def _dumps(folder: Path, pid: int) -> list[Path]:
+    """A process's callgrind dumps, oldest first."""
+    return sorted(folder.glob(f"callgrind.out.{pid}.*"), key=lambda f: int(f.suffix[1:]))
+
+
+def _summary(dump: Path) -> int:
+    return int(re.search(r"^summary: (\d+)", dump.read_text(), re.M).group(1))
 
 
 def report(args: argparse.Namespace, instructions: int, packets: int, side: str) -> None:

@@ -25,7 +25,6 @@ server on glibc's). Measured, 3,000 DERP sessions opened and closed: RSS 60 -> 1
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 from typing import Callable
 
@@ -71,9 +70,11 @@ class Reclaim:
 
 
 def _malloc_trim():
-    """glibc's ``malloc_trim``, or None on a libc without it (musl: nothing to do)."""
+    """glibc's ``malloc_trim``, or None on a libc without it (musl: nothing to do). Looked up
+    in the symbols the interpreter already has (its libc among them): ``find_library`` would
+    run ``ldconfig``, and on some systems ``gcc``, ``ld`` and ``objdump``, at every start."""
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        return ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 from hypothesis import given, strategies as st
 
@@ -85,6 +87,30 @@ def test_packet_encoders_enforce_64k_limit(encode):
 ], ids=["51-v4mapped", "51-v6", "51-zero-ip", "50-no-flags", "32-old", "37", "55-future"])
 def test_parse_peer_present(payload, expected):
     assert wire.parse_peer_present(payload) == expected
+
+
+@pytest.mark.parametrize("ip", ["192.0.2", "not an address", "2001:db8::g", "192.0.2.1.5"])
+def test_peer_present_refuses_what_is_no_address(ip):
+    """IPv4 goes through the C parser, the rest through ``ipaddress``: both refuse alike."""
+    with pytest.raises(ValueError):
+        wire.peer_present(K, ip, 1, 1)
+
+
+@given(st.one_of(
+    st.lists(st.integers(0, 300).map(str) | st.sampled_from(["00", "01", "007", "", "+1", "１"]),
+             min_size=3, max_size=5).map(".".join),
+    st.text(alphabet="0123456789.:abcdef ", min_size=1, max_size=20)))  # "": no address
+def test_peer_present_reads_addresses_as_ipaddress_does(ip):
+    """IPv4 has a fast path of its own; what it accepts and encodes is what ``ipaddress``
+    would (no leading zeros, no non-ASCII digits, octets up to 255)."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        with pytest.raises(ValueError):
+            wire.peer_present(K, ip, 1, 1)
+        return
+    mapped = addr.packed if addr.version == 6 else b"\0" * 10 + b"\xff\xff" + addr.packed
+    assert wire.peer_present(K, ip, 1, 1)[5 + 32:5 + 48] == mapped
 
 
 @pytest.mark.parametrize("ip, port, flags", [("198.51.100.7", 41641, 1), ("2001:db8::1", 3, 15),
