@@ -251,6 +251,7 @@ def main() -> None:
     if args.conns:
         by_clock = last[0]
         result = {"tree": args.tree or ".", "conns": args.conns, "workers": args.workers,
+                  "processes": len(counted[0]),
                   "instructions": instructions, "instructions_by_clock": by_clock,
                   "instructions_per_conn": round(instructions / args.conns),
                   "instructions_per_conn_less_clock": round((instructions - by_clock)

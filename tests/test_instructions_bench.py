@@ -23,8 +23,11 @@ def test_instructions_per_connection_summed_over_the_workers(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["workers"] == 2 and result["conns"] == 4
-    # A TLS + DERP handshake is millions of instructions; the clock's share is apart.
-    assert result["instructions_per_conn"] > result["instructions_per_conn_less_clock"] > 10**6
+    assert result["processes"] == 3  # the supervisor and both workers, each under callgrind
+    # A TLS + DERP handshake is millions of instructions. The clock's share is counted apart;
+    # with 4 connections one garbage collection or snapshot more or less in either span moves
+    # the difference by as much as the connections themselves, so only 200 give a figure.
+    assert result["instructions_per_conn"] > 10**6
     assert result["instructions_by_clock"] > 0
     assert "summed over the supervisor and 2 workers" in proc.stdout
     assert not list(Path(SCRIPT.parent.parent).glob("callgrind.out.*"))  # nothing left behind
