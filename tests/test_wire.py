@@ -91,7 +91,8 @@ def test_parse_peer_present(payload, expected):
 
 @pytest.mark.parametrize("ip", ["192.0.2", "not an address", "2001:db8::g", "192.0.2.1.5"])
 def test_peer_present_refuses_what_is_no_address(ip):
-    """IPv4 goes through the C parser, the rest through ``ipaddress``: both refuse alike."""
+    """IPv4 goes through a fast path of its own, the rest through ``ipaddress``: both
+    refuse alike."""
     with pytest.raises(ValueError):
         wire.peer_present(K, ip, 1, 1)
 

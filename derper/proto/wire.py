@@ -141,11 +141,8 @@ def peer_present(key: bytes, ip: str | None, port: int, flags: int) -> bytes:
     ip16 = bytes(16)
     if ip:
         v4 = _ipv4_packed(ip)
-        if v4 is None:
-            addr = ipaddress.ip_address(ip)  # IPv6, or a ValueError for what is no address
-            ip16 = _V4_MAPPED + addr.packed if addr.version == 4 else addr.packed
-        else:
-            ip16 = _V4_MAPPED + v4
+        # Not IPv4 (which the fast path reads whole): IPv6, or a ValueError for no address.
+        ip16 = ipaddress.IPv6Address(ip).packed if v4 is None else _V4_MAPPED + v4
     return frame(FrameType.PEER_PRESENT, key + ip16 + struct.pack(">HB", port, flags))
 
 
